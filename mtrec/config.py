@@ -1,0 +1,478 @@
+"""Typed experiment configuration loaded from YAML.
+
+An experiment is one YAML file (optionally ``extends:`` a base file) validated
+into the dataclasses below. Every error is a :class:`ConfigError` naming the
+file, the key path, what was expected and, for typos, the closest valid key.
+
+Example::
+
+    cfg = load_config("configs/census_kdd/mmoe.yaml", overrides=["training.epochs=3"])
+    cfg.model.multitask.num_experts  # -> 4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DatasetConfig",
+    "EmbeddingConfig",
+    "ExperimentConfig",
+    "FeatureConfig",
+    "ModelConfig",
+    "MultiTaskConfig",
+    "TaskConfig",
+    "TrainingConfig",
+    "config_to_dict",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names file, key path and the fix."""
+
+
+FeatureKind = Literal["categorical", "multi_hot", "numeric"]
+NumericTransform = Literal["none", "log1p", "standardize", "log1p_standardize"]
+DataFormat = Literal["parquet", "csv", "criteo"]
+
+
+@dataclass
+class FeatureConfig:
+    """One input feature.
+
+    ``column`` defaults to ``name``. Categorical values (string or integer) and
+    multi-hot tokens are turned into stable int64 ids (see ``mtrec.data.hashing``).
+    """
+
+    name: str
+    kind: FeatureKind
+    column: str | None = None
+    # numeric only
+    transform: NumericTransform = "standardize"
+    # multi_hot only: split string columns on this delimiter (list columns need none)
+    delimiter: str | None = None
+    pooling: Literal["sum", "mean"] = "sum"
+    # per-feature hash buckets of the baseline embedding (None: model.embedding.buckets)
+    buckets: int | None = None
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+@dataclass
+class TaskConfig:
+    """A binary task: ``label`` column with values in {0, 1}."""
+
+    name: str
+    label: str | None = None
+    weight: float = 1.0
+    # column holding the true probability (planted synthetic data) for oracle AUC
+    true_prob: str | None = None
+
+    @property
+    def source(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class DatasetConfig:
+    """Where the data lies. Paths may use ``${MTREC_DATA_DIR}`` and are resolved
+    relative to the YAML file that sets them."""
+
+    format: DataFormat = "parquet"
+    train: str = ""
+    valid: str | None = None
+    test: str | None = None
+    # what to do with NaN / inf / null in numeric columns
+    nan_policy: Literal["fail", "fill"] = "fail"
+    fill_value: float = 0.0
+    # rows per chunk read from disk by the streaming batcher
+    chunk_rows: int = 262144
+    # CSV only
+    csv_separator: str = ","
+
+
+@dataclass
+class EmbeddingConfig:
+    """Sparse feature embeddings (``type: per_feature`` is one hashed table per feature)."""
+
+    type: Literal["per_feature"] = "per_feature"
+    dim: int = 16
+    # default hash buckets per categorical / multi-hot feature
+    buckets: int = 100000
+    # row-wise Adagrad (FBGEMM fused) on the embedding rows
+    learning_rate: float = 0.05
+    eps: float = 1e-8
+
+
+@dataclass
+class MultiTaskConfig:
+    """Multi-task block over the flattened field embeddings."""
+
+    type: Literal["mmoe", "shared_bottom"] = "mmoe"
+    num_experts: int = 4
+    expert_hidden: list[int] = field(default_factory=lambda: [128, 64])
+    tower_hidden: list[int] = field(default_factory=lambda: [64])
+    activation: Literal["relu", "silu", "gelu"] = "relu"
+    dropout: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 1024
+    eval_batch_size: int = 8192
+    epochs: int = 10
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    # stop after this many epochs without a better mean validation AUC (0: never)
+    early_stopping_patience: int = 2
+    # CPU threads for torch intra-op work
+    threads: int = 2
+    # keep the encoded training split in memory after the first pass (fast epochs);
+    # off: stream it from disk every epoch with a bounded shuffle buffer
+    cache_in_memory: bool = True
+    # stop an epoch after this many batches (0: full epoch); for smoke runs
+    max_steps_per_epoch: int = 0
+    log_every_steps: int = 50
+    progress: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: data, features, tasks, model and training."""
+
+    dataset: DatasetConfig
+    features: list[FeatureConfig]
+    tasks: list[TaskConfig]
+    name: str = "experiment"
+    seed: int = 2026
+    # column used to group rows for GAUC (e.g. user id)
+    group_key: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def features_of(self, *kinds: str) -> list[FeatureConfig]:
+        return [f for f in self.features if f.kind in kinds]
+
+
+# --------------------------------------------------------------------------- loading
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_PATH_KEYS = ("train", "valid", "test")
+
+
+def _default_data_dir() -> str:
+    # ../shared/data relative to the repository root (where this package lives)
+    return str(Path(__file__).resolve().parent.parent.parent / "shared" / "data")
+
+
+def _expand(value: str) -> str:
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name == "MTREC_DATA_DIR":
+            return os.environ.get(name, _default_data_dir())
+        if name not in os.environ:
+            raise KeyError(name)
+        return os.environ[name]
+
+    return _ENV_PATTERN.sub(repl, value)
+
+
+def _read_yaml(path: Path, where: str) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: config file {path} does not exist") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; expected a mapping of experiment keys")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve_dataset_paths(raw: dict[str, Any], base_dir: Path, path: Path) -> None:
+    ds = raw.get("dataset")
+    if not isinstance(ds, dict):
+        return
+    for key in _PATH_KEYS:
+        value = ds.get(key)
+        if isinstance(value, str) and value:
+            try:
+                expanded = _expand(value)
+            except KeyError as exc:
+                raise ConfigError(
+                    f"{path}: dataset.{key}: environment variable {exc.args[0]} is not set"
+                ) from None
+            p = Path(expanded)
+            ds[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
+
+
+def _load_raw(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"{path}: extends: circular chain {cycle}")
+    where = str(chain[-1]) if chain else "config"
+    raw = _read_yaml(path, where)
+    _resolve_dataset_paths(raw, path.parent, path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(
+            f"{path}: extends: expected a file path (str), got {type(parent).__name__}"
+        )
+    parent_path = Path(parent)
+    if not parent_path.is_absolute():
+        parent_path = path.parent / parent_path
+    if not parent_path.exists():
+        raise ConfigError(f"{path}: extends: base file {parent_path} does not exist")
+    return _deep_merge(_load_raw(parent_path, (*chain, path)), raw)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected key.path=value")
+    key, _, text = override.partition("=")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"--set {override!r}: {'.'.join(parts[: i + 1])} is not a mapping, cannot set {key}"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(
+    path: str | os.PathLike[str], overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """Load, merge (``extends:``), override (``key.path=value``) and validate a YAML experiment."""
+    path = Path(path)
+    raw = _load_raw(path)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    cfg = _build(ExperimentConfig, raw, source, "")
+    _check_semantics(cfg, source)
+    return cfg
+
+
+# ----------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"mapping of {_type_name(k)} to {_type_name(v)}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _fail(source: str, key: str, tp: Any, value: Any) -> ConfigError:
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return ConfigError(f"{source}: {key or '<top>'}: expected {_type_name(tp)}, got {shown}")
+
+
+def _build(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _fail(source, key, tp, value)
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        kwargs: dict[str, Any] = {}
+        for name, item in value.items():
+            sub = f"{key}.{name}" if key else str(name)
+            if name not in fields:
+                close = difflib.get_close_matches(str(name), list(fields), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                valid = ", ".join(fields)
+                raise ConfigError(f"{source}: {sub}: unknown key{hint} (valid keys: {valid})")
+            kwargs[name] = _build(hints[name], item, source, sub)
+        for name, f in fields.items():
+            missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if missing and name not in kwargs:
+                sub = f"{key}.{name}" if key else name
+                raise ConfigError(
+                    f"{source}: {sub}: required key is missing (expected {_type_name(hints[name])})"
+                )
+        return tp(**kwargs)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _build(arg, value, source, key)
+            except ConfigError:
+                continue
+        raise _fail(source, key, tp, value)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            close = difflib.get_close_matches(
+                str(value), [str(a) for a in typing.get_args(tp)], n=1
+            )
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise _fail(source, key, tp, value)
+        (item_tp,) = typing.get_args(tp)
+        return [_build(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _fail(source, key, tp, value)
+        k_tp, v_tp = typing.get_args(tp)
+        return {
+            _build(k_tp, k, source, f"{key}.{k}"): _build(v_tp, v, source, f"{key}.{k}")
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _fail(source, key, tp, value)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(source, key, tp, value)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(source, key, tp, value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _fail(source, key, tp, value)
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported schema type {tp!r}")  # pragma: no cover
+
+
+def _positive(source: str, key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{source}: {key}: must be > 0, got {value}")
+
+
+def _check_semantics(cfg: ExperimentConfig, source: str) -> None:
+    if not cfg.dataset.train:
+        raise ConfigError(
+            f"{source}: dataset.train: required key is missing (expected a file path)"
+        )
+    if not cfg.features:
+        raise ConfigError(f"{source}: features: at least one feature is required")
+    if not cfg.tasks:
+        raise ConfigError(f"{source}: tasks: at least one task is required")
+    seen: set[str] = set()
+    for i, f in enumerate(cfg.features):
+        if f.name in seen:
+            raise ConfigError(f"{source}: features[{i}].name: duplicate feature name {f.name!r}")
+        seen.add(f.name)
+        if f.buckets is not None:
+            _positive(source, f"features[{i}].buckets", f.buckets)
+        if f.kind != "multi_hot" and f.delimiter is not None:
+            raise ConfigError(
+                f"{source}: features[{i}].delimiter: only multi_hot features take a delimiter"
+            )
+    task_seen: set[str] = set()
+    for i, t in enumerate(cfg.tasks):
+        if t.name in task_seen:
+            raise ConfigError(f"{source}: tasks[{i}].name: duplicate task name {t.name!r}")
+        task_seen.add(t.name)
+        if t.weight < 0:
+            raise ConfigError(f"{source}: tasks[{i}].weight: must be >= 0, got {t.weight}")
+    tr, emb, mt = cfg.training, cfg.model.embedding, cfg.model.multitask
+    for key, value in (
+        ("training.batch_size", tr.batch_size),
+        ("training.eval_batch_size", tr.eval_batch_size),
+        ("training.epochs", tr.epochs),
+        ("training.learning_rate", tr.learning_rate),
+        ("training.threads", tr.threads),
+        ("model.embedding.dim", emb.dim),
+        ("model.embedding.buckets", emb.buckets),
+        ("model.embedding.learning_rate", emb.learning_rate),
+        ("model.multitask.num_experts", mt.num_experts),
+        ("dataset.chunk_rows", cfg.dataset.chunk_rows),
+    ):
+        _positive(source, key, value)
+    if not 0.0 <= mt.dropout < 1.0:
+        raise ConfigError(f"{source}: model.multitask.dropout: must be in [0, 1), got {mt.dropout}")
+    if not mt.expert_hidden:
+        raise ConfigError(
+            f"{source}: model.multitask.expert_hidden: at least one layer is required"
+        )
+    for i, h in enumerate(mt.expert_hidden):
+        _positive(source, f"model.multitask.expert_hidden[{i}]", h)
+    for i, h in enumerate(mt.tower_hidden):
+        _positive(source, f"model.multitask.tower_hidden[{i}]", h)
+    if cfg.dataset.format == "criteo":
+        # the Criteo layout fixes its own column names
+        pass
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Plain dict (YAML-safe) of a validated config; ``parse_config`` round-trips it."""
+    return dataclasses.asdict(cfg)

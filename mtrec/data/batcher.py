@@ -1,0 +1,130 @@
+"""The streaming batcher: data files → encoded chunks → :class:`Batch` objects.
+
+Memory is bounded by the chunk size (``dataset.chunk_rows``), not the file
+size: polars streams the file in chunks, each chunk is encoded to tensors and
+cut into batches. For training, rows are shuffled within a chunk (the chunk is
+the shuffle buffer) and chunks are visited in file order; with
+``training.cache_in_memory`` the encoded split is kept and shuffled globally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mtrec.data.batch import Batch
+from mtrec.data.encode import EncodedChunk, encode_chunk
+from mtrec.data.errors import DataError
+from mtrec.data.readers import iter_chunks, read_schema
+from mtrec.data.spec import FeatureSpec
+
+__all__ = ["encoded_chunks", "iter_batches", "load_encoded", "to_batch"]
+
+
+def to_batch(chunk: EncodedChunk, spec: FeatureSpec) -> Batch:
+    """Assemble a Batch (KJT in ``spec.sparse`` order) from encoded rows."""
+    b = chunk.rows
+    kinds = [f.kind for f in spec.sparse]
+    if "multi_hot" not in kinds:
+        # single-valued features only: one transpose gives the feature-major values
+        values = chunk.cat_ids.t().reshape(-1)
+        lengths = torch.ones(values.numel(), dtype=torch.int32)
+    else:
+        vals, lens = [], []
+        ci = mi = 0
+        for kind in kinds:
+            if kind == "categorical":
+                vals.append(chunk.cat_ids[:, ci])
+                lens.append(torch.ones(b, dtype=torch.int32))
+                ci += 1
+            else:
+                offsets = chunk.multi_offsets[mi]
+                vals.append(chunk.multi_values[mi])
+                lens.append((offsets[1:] - offsets[:-1]).to(torch.int32))
+                mi += 1
+        values = torch.cat(vals) if vals else torch.zeros(0, dtype=torch.int64)
+        lengths = torch.cat(lens) if lens else torch.zeros(0, dtype=torch.int32)
+    sparse = KeyedJaggedTensor(keys=spec.sparse_names, values=values, lengths=lengths, stride=b)
+    return Batch(
+        sparse=sparse,
+        dense=chunk.dense,
+        labels=chunk.labels,
+        true_probs=chunk.true_probs,
+        groups=chunk.groups,
+    )
+
+
+def encoded_chunks(
+    spec: FeatureSpec, path: str | Path, chunk_rows: int, need_labels: bool = True
+) -> Iterator[EncodedChunk]:
+    """Stream a data file as encoded chunks of about ``chunk_rows`` rows."""
+    lf = spec.scan(path)
+    spec.check_schema(read_schema(lf, path), path, need_labels=need_labels)
+    columns = [f.source for f in spec.sparse + spec.numeric]
+    if need_labels:
+        columns += [t.source for t in spec.tasks]
+        columns += [t.true_prob for t in spec.tasks if t.true_prob]
+    if spec.group_key:
+        columns.append(spec.group_key)
+    columns = list(dict.fromkeys(columns))
+    offset, seen = 0, False
+    for df in iter_chunks(lf.select(columns), path, chunk_rows):
+        seen = True
+        yield encode_chunk(df, spec, str(path), row_offset=offset, need_labels=need_labels)
+        offset += df.height
+    if not seen:
+        raise DataError(f"{path}: file has no rows; expected at least one")
+
+
+def load_encoded(spec: FeatureSpec, path: str | Path, chunk_rows: int) -> EncodedChunk:
+    """The whole file encoded in memory (for splits that fit)."""
+    return EncodedChunk.concat(list(encoded_chunks(spec, path, chunk_rows)))
+
+
+def _batches_of(
+    chunk: EncodedChunk, spec: FeatureSpec, batch_size: int, generator: torch.Generator | None
+) -> Iterator[Batch]:
+    if generator is not None:
+        order = torch.randperm(chunk.rows, generator=generator)
+        for start in range(0, chunk.rows, batch_size):
+            yield to_batch(chunk.take(order[start : start + batch_size]), spec)
+    else:
+        for start in range(0, chunk.rows, batch_size):
+            yield to_batch(chunk.slice(start, min(start + batch_size, chunk.rows)), spec)
+
+
+def iter_batches(
+    source: EncodedChunk | str | Path,
+    spec: FeatureSpec,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    chunk_rows: int = 262144,
+) -> Iterator[Batch]:
+    """Batches from an in-memory encoded split or by streaming a file.
+
+    ``shuffle`` permutes rows with a generator seeded by ``seed`` (pass e.g.
+    ``seed + epoch`` for a new, reproducible order each epoch). When streaming,
+    rows left over at the end of a chunk roll into the next one, so every batch
+    but the last has exactly ``batch_size`` rows.
+    """
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    if isinstance(source, EncodedChunk):
+        yield from _batches_of(source, spec, batch_size, generator)
+        return
+    carry: EncodedChunk | None = None
+    for chunk in encoded_chunks(spec, source, chunk_rows):
+        if carry is not None:
+            chunk = EncodedChunk.concat([carry, chunk])
+        if generator is not None:
+            chunk = chunk.take(torch.randperm(chunk.rows, generator=generator))
+        full = chunk.rows - chunk.rows % batch_size
+        for start in range(0, full, batch_size):
+            yield to_batch(chunk.slice(start, start + batch_size), spec)
+        carry = chunk.slice(full, chunk.rows) if full < chunk.rows else None
+    if carry is not None:
+        yield to_batch(carry, spec)

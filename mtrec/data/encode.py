@@ -1,0 +1,212 @@
+"""Encode polars chunks into tensors: stable ids, raw numeric values, labels.
+
+An :class:`EncodedChunk` holds N rows column-wise as tensors so that batches
+are cheap slices (or gathers, when shuffling). Numeric values stay raw (NaN
+for missing): the model's normaliser applies the fitted statistics, so
+training and serving share one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from mtrec.data.errors import DataError
+from mtrec.data.hashing import hash_series
+from mtrec.data.spec import FeatureSpec
+
+__all__ = ["EncodedChunk", "encode_chunk"]
+
+
+@dataclass
+class EncodedChunk:
+    """N encoded rows.
+
+    Attributes:
+        cat_ids: N x F_cat int64 ids of single-valued categorical features.
+        multi_values: per multi-hot feature, int64 ids of all tokens (row-major).
+        multi_offsets: per multi-hot feature, int64 [N + 1] row offsets into its values.
+        dense: N x F_num float32 raw numeric values (NaN = missing).
+        labels: N x T float32.
+        true_probs: N x T float32 or None.
+        groups: N int64 or None.
+    """
+
+    cat_ids: torch.Tensor
+    multi_values: list[torch.Tensor]
+    multi_offsets: list[torch.Tensor]
+    dense: torch.Tensor
+    labels: torch.Tensor
+    true_probs: torch.Tensor | None
+    groups: torch.Tensor | None
+
+    @property
+    def rows(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, index: torch.Tensor) -> EncodedChunk:
+        """Rows ``index`` (int64 [K]) as a new chunk."""
+        multi_values, multi_offsets = [], []
+        for values, offsets in zip(self.multi_values, self.multi_offsets):
+            v, o = _jagged_take(values, offsets, index)
+            multi_values.append(v)
+            multi_offsets.append(o)
+        return EncodedChunk(
+            cat_ids=self.cat_ids.index_select(0, index),
+            multi_values=multi_values,
+            multi_offsets=multi_offsets,
+            dense=self.dense.index_select(0, index),
+            labels=self.labels.index_select(0, index),
+            true_probs=None if self.true_probs is None else self.true_probs.index_select(0, index),
+            groups=None if self.groups is None else self.groups.index_select(0, index),
+        )
+
+    def slice(self, start: int, end: int) -> EncodedChunk:
+        multi_values, multi_offsets = [], []
+        for values, offsets in zip(self.multi_values, self.multi_offsets):
+            o = offsets[start : end + 1]
+            multi_values.append(values[int(o[0]) : int(o[-1])])
+            multi_offsets.append(o - o[0])
+        return EncodedChunk(
+            cat_ids=self.cat_ids[start:end],
+            multi_values=multi_values,
+            multi_offsets=multi_offsets,
+            dense=self.dense[start:end],
+            labels=self.labels[start:end],
+            true_probs=None if self.true_probs is None else self.true_probs[start:end],
+            groups=None if self.groups is None else self.groups[start:end],
+        )
+
+    @staticmethod
+    def concat(chunks: list[EncodedChunk]) -> EncodedChunk:
+        if len(chunks) == 1:
+            return chunks[0]
+        first = chunks[0]
+        multi_values, multi_offsets = [], []
+        for i in range(len(first.multi_values)):
+            multi_values.append(torch.cat([c.multi_values[i] for c in chunks]))
+            parts, base = [torch.zeros(1, dtype=torch.int64)], 0
+            for c in chunks:
+                parts.append(c.multi_offsets[i][1:] + base)
+                base += int(c.multi_offsets[i][-1])
+            multi_offsets.append(torch.cat(parts))
+        return EncodedChunk(
+            cat_ids=torch.cat([c.cat_ids for c in chunks]),
+            multi_values=multi_values,
+            multi_offsets=multi_offsets,
+            dense=torch.cat([c.dense for c in chunks]),
+            labels=torch.cat([c.labels for c in chunks]),
+            true_probs=None
+            if first.true_probs is None
+            else torch.cat([c.true_probs for c in chunks]),  # type: ignore[misc]
+            groups=None if first.groups is None else torch.cat([c.groups for c in chunks]),  # type: ignore[misc]
+        )
+
+
+def _jagged_take(
+    values: torch.Tensor, offsets: torch.Tensor, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = offsets[index]
+    lengths = offsets[index + 1] - starts
+    new_offsets = torch.zeros(index.numel() + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=new_offsets[1:])
+    total = int(new_offsets[-1])
+    if total == 0:
+        return values[:0], new_offsets
+    # position of each output token in ``values``: row start + rank within the row
+    shift = torch.repeat_interleave(starts - new_offsets[:-1], lengths, output_size=total)
+    return values[torch.arange(total) + shift], new_offsets
+
+
+def _first_bad_row(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _encode_multi_hot(
+    df: pl.DataFrame, column: str, delimiter: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    s = df.get_column(column)
+    if s.dtype == pl.String:
+        s = s.str.split(delimiter or ",")
+        s = s.list.eval(pl.element().filter(pl.element().str.len_bytes() > 0))
+    lengths = s.list.len().fill_null(0).to_numpy().astype(np.int64)
+    flat = s.explode().drop_nulls()
+    if flat.len() != lengths.sum():  # null tokens inside lists are dropped too
+        s = s.list.drop_nulls()
+        lengths = s.list.len().fill_null(0).to_numpy().astype(np.int64)
+        flat = s.explode().drop_nulls()
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return hash_series(flat), offsets
+
+
+def encode_chunk(
+    df: pl.DataFrame, spec: FeatureSpec, path: str, row_offset: int = 0, need_labels: bool = True
+) -> EncodedChunk:
+    """Encode one polars chunk; ``row_offset`` is the chunk's first row in the file (for errors)."""
+    n = df.height
+    cat = [f for f in spec.sparse if f.kind == "categorical"]
+    cat_ids = np.empty((n, len(cat)), dtype=np.int64)
+    for j, f in enumerate(cat):
+        cat_ids[:, j] = hash_series(df.get_column(f.source))
+    multi_values, multi_offsets = [], []
+    for f in spec.sparse:
+        if f.kind == "multi_hot":
+            v, o = _encode_multi_hot(df, f.source, f.delimiter)
+            multi_values.append(torch.from_numpy(v))
+            multi_offsets.append(torch.from_numpy(o))
+
+    dense = np.empty((n, len(spec.numeric)), dtype=np.float32)
+    for j, f in enumerate(spec.numeric):
+        col = df.get_column(f.source).cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        if spec.nan_policy == "fail":
+            bad = ~np.isfinite(col)
+            if bad.any():
+                i = _first_bad_row(bad)
+                raise DataError(
+                    f"{path}: column '{f.source}' (numeric feature '{f.name}') has a non-finite "
+                    f"value ({col[i]}) at row {row_offset + i}; clean the data or set "
+                    "`dataset.nan_policy: fill` to replace null/NaN/inf with `dataset.fill_value`"
+                )
+        dense[:, j] = col
+
+    labels = np.zeros((n, len(spec.tasks)), dtype=np.float32)
+    true_probs = np.empty((n, len(spec.tasks)), dtype=np.float32) if spec.has_true_probs else None
+    if need_labels:
+        for j, t in enumerate(spec.tasks):
+            s = df.get_column(t.source)
+            if s.null_count():
+                i = _first_bad_row(s.is_null().to_numpy())
+                raise DataError(
+                    f"{path}: label column '{t.source}' (task '{t.name}') is null at row "
+                    f"{row_offset + i}; labels must be 0 or 1"
+                )
+            col = s.cast(pl.Float64).to_numpy()
+            bad = (col != 0.0) & (col != 1.0)
+            if bad.any():
+                i = _first_bad_row(bad)
+                raise DataError(
+                    f"{path}: label column '{t.source}' (task '{t.name}') has value {col[i]} at "
+                    f"row {row_offset + i}; labels must be 0 or 1"
+                )
+            labels[:, j] = col
+            if true_probs is not None:
+                true_probs[:, j] = df.get_column(t.true_prob).cast(pl.Float64).to_numpy()  # type: ignore[arg-type]
+    elif true_probs is not None and not all(t.true_prob in df.columns for t in spec.tasks):
+        true_probs = None
+
+    groups = None
+    if spec.group_key and spec.group_key in df.columns:
+        groups = torch.from_numpy(hash_series(df.get_column(spec.group_key)))
+    return EncodedChunk(
+        cat_ids=torch.from_numpy(cat_ids),
+        multi_values=multi_values,
+        multi_offsets=multi_offsets,
+        dense=torch.from_numpy(dense),
+        labels=torch.from_numpy(labels),
+        true_probs=None if true_probs is None else torch.from_numpy(true_probs),
+        groups=groups,
+    )

@@ -1,0 +1,199 @@
+"""FeatureSpec: what the model reads from a data file, and how.
+
+Built from an :class:`~mtrec.config.ExperimentConfig`. It fixes the order of
+sparse features (the KJT keys), numeric features (dense columns) and tasks,
+validates a file's schema against it, and holds the numeric normalisation
+statistics fitted on the training split (stored in the run directory as
+``feature_stats.json``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from mtrec.config import ExperimentConfig, FeatureConfig, TaskConfig
+from mtrec.data.errors import DataError
+from mtrec.data.readers import iter_chunks, read_schema, scan
+
+__all__ = ["FeatureSpec", "NumericStats"]
+
+
+@dataclass
+class NumericStats:
+    """Normalisation of one numeric feature: ``(f(x) - mean) / std`` with ``f`` the transform."""
+
+    transform: str
+    mean: float = 0.0
+    std: float = 1.0
+
+
+@dataclass
+class FeatureSpec:
+    sparse: list[FeatureConfig]
+    numeric: list[FeatureConfig]
+    tasks: list[TaskConfig]
+    group_key: str | None = None
+    data_format: str = "parquet"
+    csv_separator: str = ","
+    nan_policy: str = "fail"
+    fill_value: float = 0.0
+    numeric_stats: dict[str, NumericStats] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> FeatureSpec:
+        return cls(
+            sparse=cfg.features_of("categorical", "multi_hot"),
+            numeric=cfg.features_of("numeric"),
+            tasks=list(cfg.tasks),
+            group_key=cfg.group_key,
+            data_format=cfg.dataset.format,
+            csv_separator=cfg.dataset.csv_separator,
+            nan_policy=cfg.dataset.nan_policy,
+            fill_value=cfg.dataset.fill_value,
+        )
+
+    # ------------------------------------------------------------------ names
+
+    @property
+    def sparse_names(self) -> list[str]:
+        return [f.name for f in self.sparse]
+
+    @property
+    def numeric_names(self) -> list[str]:
+        return [f.name for f in self.numeric]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def has_true_probs(self) -> bool:
+        return all(t.true_prob for t in self.tasks)
+
+    @property
+    def field_names(self) -> list[str]:
+        """Model fields in token order: sparse features, then numeric features."""
+        return self.sparse_names + self.numeric_names
+
+    # ------------------------------------------------------------- validation
+
+    def scan(self, path: str | Path) -> pl.LazyFrame:
+        return scan(path, self.data_format, self.csv_separator)
+
+    def check_schema(self, schema: pl.Schema, path: str | Path, need_labels: bool = True) -> None:
+        """Raise :class:`DataError` if a column is missing or of the wrong dtype."""
+        present = list(schema.names())
+
+        def need(column: str, role: str) -> pl.DataType:
+            if column not in schema:
+                close = difflib.get_close_matches(column, present, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise DataError(
+                    f"{path}: column '{column}' ({role}) is missing.{hint} "
+                    f"Columns present: {', '.join(present[:40])}"
+                    + (" ..." if len(present) > 40 else "")
+                )
+            return schema[column]
+
+        for f in self.sparse:
+            dt = need(f.source, f"{f.kind} feature '{f.name}'")
+            if f.kind == "categorical":
+                ok = (
+                    dt.is_integer()
+                    or dt.is_float()
+                    or dt in (pl.String, pl.Categorical, pl.Null)
+                    or isinstance(dt, pl.Enum)
+                )
+                expected = "string, integer or float values"
+            else:
+                inner = dt.inner if isinstance(dt, pl.List) else None
+                ok = (inner is not None and (inner.is_integer() or inner == pl.String)) or (
+                    dt == pl.String and f.delimiter is not None
+                )
+                expected = "a list of strings/integers, or a string with `delimiter:` set"
+            if not ok:
+                raise DataError(
+                    f"{path}: column '{f.source}' (feature '{f.name}') has dtype {dt}; "
+                    f"expected {expected}"
+                )
+        for f in self.numeric:
+            dt = need(f.source, f"numeric feature '{f.name}'")
+            if not (dt.is_numeric() or dt in (pl.Boolean, pl.Null)):
+                raise DataError(
+                    f"{path}: column '{f.source}' (numeric feature '{f.name}') has dtype {dt}; "
+                    "expected a numeric column (int or float). Declare it `kind: categorical` "
+                    "if its values are categories."
+                )
+        if need_labels:
+            for t in self.tasks:
+                dt = need(t.source, f"label of task '{t.name}'")
+                if not (dt.is_numeric() or dt == pl.Boolean):
+                    raise DataError(
+                        f"{path}: label column '{t.source}' (task '{t.name}') has dtype {dt}; "
+                        "expected 0/1 integers, floats or booleans"
+                    )
+                if t.true_prob:
+                    need(t.true_prob, f"true probability of task '{t.name}'")
+        if self.group_key:
+            need(self.group_key, "group key for GAUC")
+
+    # ------------------------------------------------------ numeric statistics
+
+    def fit_numeric_stats(self, path: str | Path, chunk_rows: int = 1 << 20) -> None:
+        """Fit mean/std of each numeric feature's transformed value on ``path`` (streaming)."""
+        if not self.numeric:
+            self.numeric_stats = {}
+            return
+        lf = self.scan(path)
+        self.check_schema(read_schema(lf, path), path, need_labels=False)
+        exprs = []
+        for f in self.numeric:
+            x = pl.col(f.source).cast(pl.Float64)
+            if f.transform in ("log1p", "log1p_standardize"):
+                x = x.sign() * x.abs().log1p()
+            x = pl.when(x.is_finite()).then(x).otherwise(None)
+            exprs += [
+                x.sum().alias(f"{f.name}__s"),
+                (x * x).sum().alias(f"{f.name}__q"),
+                x.count().alias(f"{f.name}__n"),
+            ]
+        totals: dict[str, float] = {}
+        for chunk in iter_chunks(lf.select(exprs), path, chunk_rows):
+            for k, v in chunk.row(0, named=True).items():
+                totals[k] = totals.get(k, 0.0) + float(v or 0.0)
+        stats: dict[str, NumericStats] = {}
+        for f in self.numeric:
+            n = totals.get(f"{f.name}__n", 0.0)
+            if f.transform in ("standardize", "log1p_standardize") and n > 0:
+                mean = totals[f"{f.name}__s"] / n
+                var = max(totals[f"{f.name}__q"] / n - mean * mean, 0.0)
+                std = math.sqrt(var) if var > 1e-12 else 1.0
+            else:
+                mean, std = 0.0, 1.0
+            stats[f.name] = NumericStats(transform=f.transform, mean=mean, std=std)
+        self.numeric_stats = stats
+
+    def stats_dict(self) -> dict[str, Any]:
+        return {name: asdict(s) for name, s in self.numeric_stats.items()}
+
+    def save_stats(self, path: str | Path) -> None:
+        from mtrec.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.stats_dict(), indent=2) + "\n")
+
+    def load_stats(self, path: str | Path) -> None:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path}: cannot read numeric statistics: {exc}") from None
+        missing = [f.name for f in self.numeric if f.name not in raw]
+        if missing:
+            raise DataError(f"{path}: numeric statistics lack features {missing}")
+        self.numeric_stats = {k: NumericStats(**v) for k, v in raw.items()}

@@ -1,0 +1,1 @@
+"""Offline evaluation: scoring splits and writing reports."""

@@ -1,0 +1,53 @@
+"""Score a split with a model, streaming, and compute per-task metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtrec.data.batcher import iter_batches
+from mtrec.data.encode import EncodedChunk
+from mtrec.data.spec import FeatureSpec
+from mtrec.metrics import ScoreCollector
+
+__all__ = ["collect_scores", "evaluate_split"]
+
+
+@torch.no_grad()
+def collect_scores(
+    model: nn.Module,
+    spec: FeatureSpec,
+    source: EncodedChunk | str | Path,
+    batch_size: int,
+    chunk_rows: int = 262144,
+) -> ScoreCollector:
+    """Run ``model`` over ``source`` (in memory or streamed); collect labels and probabilities."""
+    was_training = model.training
+    model.eval()
+    collector = ScoreCollector()
+    try:
+        for batch in iter_batches(source, spec, batch_size, chunk_rows=chunk_rows):
+            probs = torch.sigmoid(model(batch.sparse, batch.dense))
+            collector.add(
+                labels=batch.labels.numpy(),
+                probs=probs.numpy(),
+                true_probs=None if batch.true_probs is None else batch.true_probs.numpy(),
+                groups=None if batch.groups is None else batch.groups.numpy(),
+            )
+    finally:
+        model.train(was_training)
+    return collector
+
+
+def evaluate_split(
+    model: nn.Module,
+    spec: FeatureSpec,
+    source: EncodedChunk | str | Path,
+    batch_size: int,
+    chunk_rows: int = 262144,
+) -> dict[str, dict[str, Any]]:
+    """Per-task metrics ({task: {"auc", "logloss", ...}}) of ``model`` on ``source``."""
+    return collect_scores(model, spec, source, batch_size, chunk_rows).compute(spec.task_names)

@@ -1,0 +1,1 @@
+"""TorchScript export for serving, and batch prediction through the exported file."""

@@ -1,0 +1,1 @@
+"""Feature interaction layers (AutoInt)."""

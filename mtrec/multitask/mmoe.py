@@ -1,0 +1,103 @@
+"""MMoE (Ma et al., KDD 2018) and the shared-bottom baseline."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+from mtrec.multitask.layers import GroupedLinear, activation
+
+__all__ = ["MMoE", "SharedBottom"]
+
+
+class MMoE(nn.Module):
+    """Multi-gate mixture of experts: ``f_t = Σ_i softmax(W_t v)_i E_i(v)``.
+
+    The first layer of all E experts and the T gates is one GEMM on v (they
+    share the input); deeper expert layers run as one batched matmul.
+
+    Args:
+        in_features: |v|.
+        num_tasks: T.
+        num_experts: E.
+        expert_hidden: expert MLP widths; the last is the task representation size.
+        act: expert activation.
+        dropout: dropout after each expert layer.
+
+    Example::
+
+        block = MMoE(64, num_tasks=2, num_experts=4, expert_hidden=[32, 16])
+        [r.shape for r in block(torch.randn(8, 64))]  # [torch.Size([8, 16])] * 2
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_tasks: int,
+        num_experts: int,
+        expert_hidden: list[int],
+        act: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.num_experts = num_experts
+        self.first_width = expert_hidden[0]
+        self.out_features = expert_hidden[-1]
+        self.input_layer = nn.Linear(
+            in_features, num_experts * expert_hidden[0] + num_tasks * num_experts
+        )
+        self.deep_layers = nn.ModuleList(
+            [GroupedLinear(num_experts, a, b) for a, b in pairwise(expert_hidden)]
+        )
+        self.act = activation(act)
+        self.dropout = nn.Dropout(dropout)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """B x |v| → B x T x E gate weights (rows sum to 1)."""
+        split = self.num_experts * self.first_width
+        logits = self.input_layer(x)[:, split:]
+        return torch.softmax(logits.view(-1, self.num_tasks, self.num_experts), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """B x |v| → T tensors of B x expert_hidden[-1]."""
+        b = x.shape[0]
+        split = self.num_experts * self.first_width
+        fused = self.input_layer(x)
+        h = fused[:, :split].view(b, self.num_experts, self.first_width).transpose(0, 1)
+        h = self.dropout(self.act(h))  # E x B x h1
+        for layer in self.deep_layers:
+            h = self.dropout(self.act(layer(h)))
+        gate = torch.softmax(fused[:, split:].reshape(b, self.num_tasks, self.num_experts), dim=-1)
+        # T x B: for each sample, mix expert outputs with its task gates
+        mixed = torch.bmm(gate, h.transpose(0, 1))  # B x T x h_last
+        return list(mixed.unbind(1))
+
+
+class SharedBottom(nn.Module):
+    """One shared MLP whose output every task reads (the classic baseline).
+
+    Shapes: B x |v| → T tensors of B x hidden[-1].
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_tasks: int,
+        hidden: list[int],
+        act: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.out_features = hidden[-1]
+        layers: list[nn.Module] = []
+        for a, b in zip([in_features, *hidden[:-1]], hidden):
+            layers += [nn.Linear(a, b), activation(act), nn.Dropout(dropout)]
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = self.mlp(x)
+        return [h for _ in range(self.num_tasks)]

@@ -1,0 +1,1 @@
+"""Training: losses, optimizers, checkpoints and the local loop."""

@@ -1,0 +1,290 @@
+"""The local (single-process) training loop.
+
+One epoch = one pass over the training split in a seeded order (the order and
+dropout depend only on ``seed`` and the epoch number, so a resumed run
+reproduces an uninterrupted one). After each epoch: validation, a line in
+``metrics.jsonl``, ``checkpoints/last.pt``, and ``checkpoints/best.pt`` when
+the mean validation AUC improved; training stops early after
+``training.early_stopping_patience`` epochs without improvement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from mtrec.config import ExperimentConfig, config_to_dict, load_config
+from mtrec.data.batcher import iter_batches, load_encoded
+from mtrec.data.encode import EncodedChunk
+from mtrec.data.readers import read_schema
+from mtrec.data.spec import FeatureSpec
+from mtrec.evaluate.predict import evaluate_split
+from mtrec.io import atomic_write_text
+from mtrec.model import MultiTaskModel, build_model
+from mtrec.train.checkpoint import (
+    CheckpointError,
+    best_path,
+    last_path,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mtrec.train.losses import WeightedBCELoss
+from mtrec.train.optim import fuse_sparse_optimizer, make_dense_optimizer, sparse_optimizers
+from mtrec.train.progress import Progress
+
+__all__ = ["RunError", "config_hash", "load_run_config", "load_trained_model", "train"]
+
+
+class RunError(RuntimeError):
+    """A problem with a run directory (exists, mismatched, incomplete)."""
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """Hash of the resolved config, ignoring keys that do not change the result."""
+    raw = config_to_dict(cfg)
+    for key in ("progress", "log_every_steps"):
+        raw["training"].pop(key, None)
+    blob = json.dumps(raw, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_run_config(run_dir: str | Path) -> ExperimentConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise RunError(f"{run_dir}: not a run directory (no config.yaml)")
+    return load_config(path)
+
+
+def _mean_auc(metrics: dict[str, dict[str, Any]]) -> float:
+    aucs = [m["auc"] for m in metrics.values() if not math.isnan(m["auc"])]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def _short(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    keys = ("auc", "logloss", "oracle_auc")
+    return {t: {k: round(float(m[k]), 6) for k in keys if k in m} for t, m in metrics.items()}
+
+
+@dataclass
+class _State:
+    epoch: int = 0  # epochs completed
+    best_epoch: int = -1
+    best_auc: float = -math.inf
+    best_valid: dict[str, Any] | None = None
+    bad_epochs: int = 0
+    train_samples: int = 0
+    train_seconds: float = 0.0
+
+
+def _prepare_run_dir(cfg: ExperimentConfig, out: Path, resume: bool) -> dict[str, Any] | None:
+    """Create the run dir or check it for a resume; returns the checkpoint to resume from."""
+    if last_path(out).exists():
+        if not resume:
+            raise RunError(
+                f"{out}: already holds a training run; pass --resume to continue it or choose "
+                "another --out (nothing was changed)"
+            )
+        state = load_checkpoint(last_path(out))
+        if state.get("config_hash") != config_hash(cfg):
+            raise RunError(
+                f"{out}: the checkpoint was trained with a different config "
+                f"({state.get('config_hash')} != {config_hash(cfg)}); use another --out"
+            )
+        return state
+    if out.exists() and any(p.name != "data" for p in out.iterdir()) and not resume:
+        raise RunError(f"{out}: directory exists and is not empty; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def train(
+    cfg: ExperimentConfig,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    stop_after_epochs: int | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` locally; returns the run summary (also the CLI's last stdout line).
+
+    ``stop_after_epochs`` ends this invocation after that many epochs (used to
+    test resuming); the run can continue with ``resume=True``.
+    """
+    wall_start = time.perf_counter()
+    tr = cfg.training
+    out = Path(out) if out else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    torch.set_num_threads(tr.threads)
+
+    spec = FeatureSpec.from_config(cfg)
+    # validate the data before touching the run directory
+    for split in ("train", "valid"):
+        path = getattr(cfg.dataset, split)
+        if path:
+            spec.check_schema(read_schema(spec.scan(path), path), path)
+    resume_state = _prepare_run_dir(cfg, out, resume)
+    stats_file = out / "feature_stats.json"
+    if resume_state is not None:
+        spec.load_stats(stats_file)
+    else:
+        spec.fit_numeric_stats(cfg.dataset.train)
+        spec.save_stats(stats_file)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, spec)
+    fuse_sparse_optimizer(model, cfg)
+    dense_opt = make_dense_optimizer(model, cfg)
+    fused = sparse_optimizers(model)
+    loss_fn = WeightedBCELoss([t.weight for t in cfg.tasks])
+    st = _State()
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        dense_opt.load_state_dict(resume_state["dense_optimizer"])
+        for name, module in fused.items():
+            module.fused_optimizer().load_state_dict(resume_state["sparse_optimizer"][name])
+        st = _State(**resume_state["loop"])
+
+    chunk_rows = cfg.dataset.chunk_rows
+    train_source: EncodedChunk | str = cfg.dataset.train
+    if tr.cache_in_memory:
+        train_source = load_encoded(spec, cfg.dataset.train, chunk_rows)
+    valid_source: EncodedChunk | None = None
+    if cfg.dataset.valid:
+        valid_source = load_encoded(spec, cfg.dataset.valid, chunk_rows)
+
+    metrics_file = out / "metrics.jsonl"
+    epochs_this_call = 0
+    stopped_early = False
+    while st.epoch < tr.epochs:
+        if st.bad_epochs >= tr.early_stopping_patience > 0:
+            stopped_early = True
+            break
+        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+            break
+        epoch = st.epoch
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout stream of this epoch
+        model.train()
+        seen, steps = 0, 0
+        t0 = time.perf_counter()
+        total_rows = train_source.rows if isinstance(train_source, EncodedChunk) else None
+        bar = Progress(f"epoch {epoch + 1}/{tr.epochs}", total=total_rows, enabled=tr.progress)
+        for batch in iter_batches(
+            train_source,
+            spec,
+            tr.batch_size,
+            shuffle=True,
+            seed=cfg.seed * 1000 + epoch,
+            chunk_rows=chunk_rows,
+        ):
+            logits = model(batch.sparse, batch.dense)
+            loss = loss_fn(logits, batch.labels)
+            dense_opt.zero_grad(set_to_none=True)
+            loss.backward()  # fused embedding rows update here
+            dense_opt.step()
+            steps += 1
+            seen += batch.batch_size
+            loss_value = None
+            if steps % tr.log_every_steps == 0 or steps == 1:
+                # reading the loss syncs; do it every few steps, not every step
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"training loss is {loss_value} at epoch {epoch + 1} step {steps}; "
+                        "lower training.learning_rate or check the data"
+                    )
+            bar.update(batch.batch_size, loss_value)
+            if tr.max_steps_per_epoch and steps >= tr.max_steps_per_epoch:
+                break
+        bar.close()
+        epoch_seconds = time.perf_counter() - t0
+        st.train_samples += seen
+        st.train_seconds += epoch_seconds
+        st.epoch = epoch + 1
+        epochs_this_call += 1
+
+        record: dict[str, Any] = {
+            "epoch": st.epoch,
+            "train_rows": seen,
+            "train_seconds": round(epoch_seconds, 3),
+            "samples_per_s": round(seen / max(epoch_seconds, 1e-9), 1),
+            "loss": round(float(loss.detach()), 6),
+        }
+        improved = True
+        if valid_source is not None:
+            valid = evaluate_split(model, spec, valid_source, tr.eval_batch_size)
+            mean_auc = _mean_auc(valid)
+            record["valid"] = _short(valid)
+            record["valid_mean_auc"] = round(mean_auc, 6)
+            improved = mean_auc > st.best_auc
+            if improved:
+                st.best_auc, st.best_valid = mean_auc, _short(valid)
+        if improved:
+            st.best_epoch, st.bad_epochs = st.epoch, 0
+            save_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "epoch": st.epoch,
+                    "config_hash": config_hash(cfg),
+                    "valid": st.best_valid,
+                },
+                best_path(out),
+            )
+        else:
+            st.bad_epochs += 1
+        save_checkpoint(
+            {
+                "model": model.state_dict(),
+                "dense_optimizer": dense_opt.state_dict(),
+                "sparse_optimizer": {n: m.fused_optimizer().state_dict() for n, m in fused.items()},
+                "loop": st.__dict__.copy(),
+                "config_hash": config_hash(cfg),
+            },
+            last_path(out),
+        )
+        with open(metrics_file, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(f"[mtrec] epoch {st.epoch}: " + json.dumps(record), flush=True)
+
+    if st.best_epoch < 0:
+        raise CheckpointError(f"{out}: no epoch completed; nothing to summarise")
+    return {
+        "run_dir": str(out),
+        "best_epoch": st.best_epoch,
+        "epochs_run": st.epoch,
+        "stopped_early": stopped_early,
+        "valid": st.best_valid or {},
+        "samples_per_s": round(st.train_samples / max(st.train_seconds, 1e-9), 1),
+        "wall_s": round(time.perf_counter() - wall_start, 2),
+    }
+
+
+def load_trained_model(run_dir: str | Path) -> tuple[ExperimentConfig, FeatureSpec, MultiTaskModel]:
+    """The best model of a run (plain, unfused modules) in eval mode."""
+    cfg = load_run_config(run_dir)
+    spec = FeatureSpec.from_config(cfg)
+    spec.load_stats(Path(run_dir) / "feature_stats.json")
+    state = load_checkpoint(best_path(run_dir))
+    if state.get("config_hash") != config_hash(cfg):
+        raise CheckpointError(
+            f"{best_path(run_dir)}: checkpoint does not match {run_dir}/config.yaml "
+            "(config hash differs); the run directory was modified"
+        )
+    model = build_model(cfg, spec)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{best_path(run_dir)}: weights do not fit the model of config.yaml: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    model.eval()
+    return cfg, spec, model

@@ -1,0 +1,53 @@
+"""Optimizers: FBGEMM-fused row-wise Adagrad for embeddings, Adam for dense parameters.
+
+Embedding rows are updated inside the backward pass by FBGEMM's table-batched
+kernel (only the rows a batch touched); an unfused ``EmbeddingBagCollection``
+with a dense optimizer would rewrite every row of every table each step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+from torchrec.optim import RowWiseAdagrad
+
+from mtrec.config import ExperimentConfig
+
+__all__ = ["fuse_sparse_optimizer", "make_dense_optimizer", "sparse_optimizers"]
+
+
+def fuse_sparse_optimizer(model: nn.Module, cfg: ExperimentConfig) -> nn.Module:
+    """Swap every ``EmbeddingBagCollection`` in ``model`` for a fused one, keeping its weights."""
+    emb = cfg.model.embedding
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, EmbeddingBagCollection):
+                fused = FusedEmbeddingBagCollection(
+                    child.embedding_bag_configs(),
+                    optimizer_type=RowWiseAdagrad,
+                    optimizer_kwargs={"lr": emb.learning_rate, "eps": emb.eps},
+                    device=torch.device("cpu"),
+                )
+                fused.load_state_dict(child.state_dict())
+                setattr(parent, name, fused)
+    return model
+
+
+def sparse_optimizers(model: nn.Module) -> dict[str, FusedEmbeddingBagCollection]:
+    """The fused embedding modules of ``model`` by their module path."""
+    return {
+        name: m for name, m in model.named_modules() if isinstance(m, FusedEmbeddingBagCollection)
+    }
+
+
+def make_dense_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    fused_prefixes = tuple(f"{name}." for name in sparse_optimizers(model))
+    params = [
+        p
+        for name, p in model.named_parameters()
+        if p.requires_grad and not name.startswith(fused_prefixes)
+    ]
+    tr = cfg.training
+    return torch.optim.Adam(params, lr=tr.learning_rate, weight_decay=tr.weight_decay, foreach=True)
