@@ -19,6 +19,10 @@ from typing import Any
 __all__ = ["main"]
 
 
+class UsageError(ValueError):
+    """A command-line argument that cannot work; the message says which and why."""
+
+
 def _emit(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, default=str), flush=True)
 
@@ -26,27 +30,30 @@ def _emit(summary: dict[str, Any]) -> None:
 def _cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
     from mtrec.data.synthetic import synthesize
 
-    return synthesize(
-        args.out,
-        rows=args.rows,
-        seed=args.seed,
-        preset=args.preset,
-        vocab_scale=args.vocab_scale,
-        num_tasks=args.tasks,
-        progress=True,
-    )
+    try:
+        return synthesize(
+            args.out,
+            rows=args.rows,
+            seed=args.seed,
+            preset=args.preset,
+            vocab_scale=args.vocab_scale,
+            num_tasks=args.tasks,
+            progress=True,
+        )
+    except ValueError as exc:  # the generator's argument checks
+        raise UsageError(f"data synth: {exc}") from None
 
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from mtrec.config import load_config
     from mtrec.train.loop import train
 
-    cfg = load_config(args.config, overrides=args.set)
-    if args.workers and args.workers > 1:
-        raise SystemExit(
-            "mtrec: error: --workers > 1 needs distributed training under Ray Train, "
-            "which is not part of this release yet; use --workers 1"
+    if args.workers != 1:
+        raise UsageError(
+            f"--workers {args.workers}: distributed training under Ray Train is not part of "
+            "this release yet; use --workers 1"
         )
+    cfg = load_config(args.config, overrides=args.set)
     return train(cfg, args.out, resume=args.resume)
 
 
@@ -86,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--preset", choices=["default", "criteo-like"], default="default")
     s.add_argument("--vocab-scale", type=float, default=1.0)
-    s.add_argument("--tasks", type=int, default=4, help="number of tasks (default preset)")
+    s.add_argument(
+        "--tasks", type=int, default=None, help="number of tasks (preset default: 4 or 2)"
+    )
     s.set_defaults(fn=_cmd_synth)
 
     t = sub.add_parser("train", help="train a model from a YAML experiment")
@@ -142,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         summary = args.fn(args)
-    except (ConfigError, DataError, RunError, CheckpointError, ExportError) as exc:
+    except (ConfigError, DataError, RunError, CheckpointError, ExportError, UsageError) as exc:
         print(f"mtrec: error: {exc}", file=sys.stderr)
         return 2
     _emit(summary)

@@ -2,7 +2,8 @@
 
 The file carries its contract as the TorchScript extra file ``signature.json``
 (features in input order, kinds, numeric normalisation, tasks, the stable-hash
-definition, mtrec version, config hash); the same JSON is written beside it.
+definition, mtrec version, config hash); the same JSON is written beside it as
+``<model stem>.signature.json``.
 Loading needs ``torch`` plus ``import fbgemm_gpu`` (torchrec's KeyedJaggedTensor
 uses fbgemm operators inside the scripted graph).
 """
@@ -64,6 +65,11 @@ def signature_of(spec: FeatureSpec, cfg_hash: str) -> dict[str, Any]:
     }
 
 
+def _signature_path(model_path: Path) -> Path:
+    """``model.pt`` → ``model.signature.json`` beside it (one per exported file)."""
+    return model_path.with_name(model_path.stem + ".signature.json")
+
+
 def _parity_batch(spec: FeatureSpec, path: str, rows: int) -> Any:
     for chunk in encoded_chunks(spec, path, rows, need_labels=False):
         return to_batch(chunk.slice(0, min(rows, chunk.rows)), spec)
@@ -102,10 +108,10 @@ def export_run(
             again = reloaded(kjt.values(), kjt.lengths(), batch.dense)
         if float((again - script_out).abs().max()) > PARITY_TOLERANCE:
             raise ExportError(f"{out}: the saved file does not reproduce the scripted model")
-    atomic_write_text(out.with_name("signature.json"), sig_text)
+    atomic_write_text(_signature_path(out), sig_text)
     return {
         "model": str(out),
-        "signature": str(out.with_name("signature.json")),
+        "signature": str(_signature_path(out)),
         "parity_max_abs_diff": diff,
         "parity_rows": batch.batch_size,
         "wall_s": round(time.perf_counter() - t0, 2),

@@ -55,6 +55,7 @@ class MMoE(nn.Module):
         self.act = activation(act)
         self.dropout = nn.Dropout(dropout)
 
+    @torch.jit.export
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """B x |v| → B x T x E gate weights (rows sum to 1)."""
         split = self.num_experts * self.first_width

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +25,7 @@ import torch
 import yaml
 
 from mtrec.config import ExperimentConfig, config_to_dict, load_config
-from mtrec.data.batcher import iter_batches, load_encoded
+from mtrec.data.batcher import iter_batches, load_encoded, validate_values
 from mtrec.data.encode import EncodedChunk
 from mtrec.data.readers import read_schema
 from mtrec.data.spec import FeatureSpec
@@ -125,12 +126,58 @@ def train(
     torch.set_num_threads(tr.threads)
 
     spec = FeatureSpec.from_config(cfg)
-    # validate the data before touching the run directory
+    # Validate the data (schema and values) before touching the run directory. Encoding
+    # does not depend on the numeric statistics: the model normalises raw values itself.
     for split in ("train", "valid"):
         path = getattr(cfg.dataset, split)
         if path:
             spec.check_schema(read_schema(spec.scan(path), path), path)
+    chunk_rows = cfg.dataset.chunk_rows
+    train_source: EncodedChunk | str = cfg.dataset.train
+    if tr.cache_in_memory:
+        train_source = load_encoded(spec, cfg.dataset.train, chunk_rows)
+    else:
+        validate_values(spec, cfg.dataset.train, chunk_rows)
+    valid_source: EncodedChunk | None = None
+    if cfg.dataset.valid:
+        valid_source = load_encoded(spec, cfg.dataset.valid, chunk_rows)
+
+    existed = out.exists()
     resume_state = _prepare_run_dir(cfg, out, resume)
+    try:
+        return _train_in(
+            cfg,
+            spec,
+            out,
+            resume_state,
+            train_source,
+            valid_source,
+            stop_after_epochs,
+            wall_start,
+        )
+    except BaseException:
+        if resume_state is None and not last_path(out).exists():
+            # this call created the run and completed no epoch: leave no half-made run behind
+            for name in ("config.yaml", "feature_stats.json", "metrics.jsonl"):
+                (out / name).unlink(missing_ok=True)
+            for sub in (out / "checkpoints", out):
+                if sub.exists() and not any(sub.iterdir()) and (sub != out or not existed):
+                    sub.rmdir()
+        raise
+
+
+def _train_in(
+    cfg: ExperimentConfig,
+    spec: FeatureSpec,
+    out: Path,
+    resume_state: dict[str, Any] | None,
+    train_source: EncodedChunk | str,
+    valid_source: EncodedChunk | None,
+    stop_after_epochs: int | None,
+    wall_start: float,
+) -> dict[str, Any]:
+    tr = cfg.training
+    chunk_rows = cfg.dataset.chunk_rows
     stats_file = out / "feature_stats.json"
     if resume_state is not None:
         spec.load_stats(stats_file)
@@ -152,14 +199,6 @@ def train(
         for name, module in fused.items():
             module.fused_optimizer().load_state_dict(resume_state["sparse_optimizer"][name])
         st = _State(**resume_state["loop"])
-
-    chunk_rows = cfg.dataset.chunk_rows
-    train_source: EncodedChunk | str = cfg.dataset.train
-    if tr.cache_in_memory:
-        train_source = load_encoded(spec, cfg.dataset.train, chunk_rows)
-    valid_source: EncodedChunk | None = None
-    if cfg.dataset.valid:
-        valid_source = load_encoded(spec, cfg.dataset.valid, chunk_rows)
 
     metrics_file = out / "metrics.jsonl"
     epochs_this_call = 0
@@ -252,7 +291,7 @@ def train(
         )
         with open(metrics_file, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        print(f"[mtrec] epoch {st.epoch}: " + json.dumps(record), flush=True)
+        print(f"[mtrec] epoch {st.epoch}: " + json.dumps(record), file=sys.stderr, flush=True)
 
     if st.best_epoch < 0:
         raise CheckpointError(f"{out}: no epoch completed; nothing to summarise")

@@ -1,0 +1,159 @@
+"""Small data, small configs and a shared trained run for the model/train/export/CLI tests.
+
+Everything here is sized for 2 CPU cores: a few thousand planted rows with tiny
+vocabularies, embedding tables of at most a few hundred rows, a two-expert MMoE
+with narrow layers, and no progress bars. Builders that are expensive (data,
+the trained run) are cached per test session through ``tmp_path_factory``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from mtrec.config import ExperimentConfig, load_config
+from mtrec.data.batch import Batch
+from mtrec.data.batcher import iter_batches, load_encoded
+from mtrec.data.spec import FeatureSpec
+
+MAX_BUCKETS = 256
+
+SMALL_MODEL: dict[str, Any] = {
+    "embedding": {"dim": 8, "buckets": MAX_BUCKETS, "learning_rate": 0.05},
+    "multitask": {"num_experts": 2, "expert_hidden": [16, 8], "tower_hidden": [8]},
+}
+
+SMALL_TRAINING: dict[str, Any] = {
+    "batch_size": 256,
+    "eval_batch_size": 4096,
+    "epochs": 2,
+    "learning_rate": 0.01,
+    "early_stopping_patience": 0,
+    # one intra-op thread: these models are tiny, and two threads on a busy 2-core
+    # machine spin against each other (observed: 0.4 s vs 50 s for the same run)
+    "threads": 1,
+    "progress": False,
+}
+
+_CACHE: dict[str, Path] = {}
+
+
+def make_small_data(out: Path, rows: int = 4000, seed: int = 3, num_tasks: int = 2) -> Path:
+    """Planted data with tiny vocabularies (``vocab_scale=0.05``) and its config.yaml."""
+    from mtrec.data.synthetic import synthesize
+
+    synthesize(out, rows=rows, seed=seed, vocab_scale=0.05, num_tasks=num_tasks)
+    return out
+
+
+def write_small_config(
+    data_dir: Path,
+    dest: Path,
+    training: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    **top: Any,
+) -> Path:
+    """A YAML experiment at ``dest`` extending ``data_dir/config.yaml`` with small buckets.
+
+    Features are a list, so they are replaced whole (each ``buckets`` capped at
+    :data:`MAX_BUCKETS`); ``model`` / ``training`` / ``top`` keys are merged over the
+    small defaults.
+    """
+    base = data_dir / "config.yaml"
+    raw = yaml.safe_load(base.read_text())
+    features = []
+    for f in raw["features"]:
+        f = dict(f)
+        if "buckets" in f:
+            f["buckets"] = min(int(f["buckets"]), MAX_BUCKETS)
+        features.append(f)
+    doc: dict[str, Any] = {
+        "extends": str(base.resolve()),
+        "features": features,
+        "model": _merge(SMALL_MODEL, model or {}),
+        "training": {**SMALL_TRAINING, **(training or {})},
+        **top,
+    }
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return dest
+
+
+def small_config(
+    data_dir: Path, tmp: Path, overrides: list[str] | None = None, **kw: Any
+) -> ExperimentConfig:
+    """Write :func:`write_small_config` into ``tmp`` and load it with ``overrides``."""
+    path = write_small_config(data_dir, tmp / "small.yaml", **kw)
+    return load_config(path, overrides=overrides)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def fitted_spec(cfg: ExperimentConfig) -> FeatureSpec:
+    spec = FeatureSpec.from_config(cfg)
+    spec.fit_numeric_stats(cfg.dataset.train)
+    return spec
+
+
+def first_batch(
+    cfg: ExperimentConfig, spec: FeatureSpec, split: str = "valid", rows: int = 64
+) -> Batch:
+    chunk = load_encoded(spec, getattr(cfg.dataset, split), cfg.dataset.chunk_rows)
+    return next(iter_batches(chunk, spec, rows))
+
+
+# ------------------------------------------------------------------ session-cached builders
+
+
+def small_data_dir(factory: pytest.TempPathFactory) -> Path:
+    """4000 planted rows, 2 tasks, tiny vocabularies; built once per session."""
+    if "data" not in _CACHE:
+        _CACHE["data"] = make_small_data(factory.mktemp("small") / "data")
+    return _CACHE["data"]
+
+
+def trained_run(factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-epoch run on :func:`small_data_dir`; built once per session.
+
+    Tests that modify a run must work on a copy (:func:`copy_run`).
+    """
+    if "run" not in _CACHE:
+        from mtrec.train.loop import train
+
+        data = small_data_dir(factory)
+        root = factory.mktemp("trained")
+        cfg = small_config(data, root)
+        train(cfg, root / "run")
+        _CACHE["run"] = root / "run"
+    return _CACHE["run"]
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative path → bytes)."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
