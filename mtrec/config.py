@@ -67,6 +67,9 @@ class FeatureConfig:
     pooling: Literal["sum", "mean"] = "sum"
     # per-feature hash buckets of the baseline embedding (None: model.embedding.buckets)
     buckets: int | None = None
+    # values seen fewer times in the training split share one "rare" embedding
+    # (None: model.embedding.min_count)
+    min_count: int | None = None
 
     @property
     def source(self) -> str:
@@ -117,6 +120,10 @@ class EmbeddingConfig:
     # row-wise Adagrad (FBGEMM fused) on the embedding rows
     learning_rate: float = 0.05
     eps: float = 1e-8
+    # default frequency filter of categorical / multi-hot features: values seen fewer than
+    # this many times in the training split map to one shared "rare" id inside the model
+    # (0: off). Stops embeddings of rare values from memorising their few labels.
+    min_count: int = 0
 
 
 @dataclass
@@ -433,6 +440,14 @@ def _check_semantics(cfg: ExperimentConfig, source: str) -> None:
         seen.add(f.name)
         if f.buckets is not None:
             _positive(source, f"features[{i}].buckets", f.buckets)
+        if f.min_count is not None:
+            if f.kind == "numeric":
+                raise ConfigError(
+                    f"{source}: features[{i}].min_count: only categorical and multi_hot "
+                    "features take a min_count"
+                )
+            if f.min_count < 0:
+                raise ConfigError(f"{source}: features[{i}].min_count: must be >= 0")
         if f.kind != "multi_hot" and f.delimiter is not None:
             raise ConfigError(
                 f"{source}: features[{i}].delimiter: only multi_hot features take a delimiter"
@@ -458,6 +473,8 @@ def _check_semantics(cfg: ExperimentConfig, source: str) -> None:
         ("dataset.chunk_rows", cfg.dataset.chunk_rows),
     ):
         _positive(source, key, value)
+    if emb.min_count < 0:
+        raise ConfigError(f"{source}: model.embedding.min_count: must be >= 0, got {emb.min_count}")
     if not 0.0 <= mt.dropout < 1.0:
         raise ConfigError(f"{source}: model.multitask.dropout: must be in [0, 1), got {mt.dropout}")
     if not mt.expert_hidden:

@@ -79,16 +79,22 @@ class MultiTaskModel(nn.Module):
 
 
 def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
-    """Build the model of ``cfg``; ``spec`` must carry fitted numeric statistics."""
+    """Build the model of ``cfg``; ``spec`` must carry the fitted numeric statistics and
+    (for features with ``min_count``) the fitted kept ids."""
     emb_cfg, mt_cfg = cfg.model.embedding, cfg.model.multitask
     d = emb_cfg.dim
     sparse = None
     if spec.sparse:
+        kept = [
+            torch.from_numpy(spec.kept_ids[f.name]) if f.name in spec.kept_ids else None
+            for f in spec.sparse
+        ]
         sparse = PerFeatureEmbedding(
             spec.sparse_names,
             [f.buckets or emb_cfg.buckets for f in spec.sparse],
             d,
             [f.pooling for f in spec.sparse],
+            kept_ids=kept,
         )
     normalizer = numeric = None
     if spec.numeric:

@@ -4,7 +4,7 @@
 set -euo pipefail
 OUT="${1:-demo_out}"
 MTREC="${MTREC:-.venv/bin/mtrec}"
-ROWS="${DEMO_ROWS:-200000}"
+ROWS="${DEMO_ROWS:-1000000}"
 RUN="$OUT/run-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
 

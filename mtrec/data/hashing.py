@@ -12,9 +12,11 @@ re-implement it in a few lines):
 3. ``h = fmix64(h)`` (MurmurHash3's 64-bit finaliser, for avalanche):
    ``h ^= h >> 33; h *= 0xff51afd7ed558ccd; h ^= h >> 33;
    h *= 0xc4ceb9fe1a85ec53; h ^= h >> 33`` (all mod 2**64).
-4. ``id = h >> 1`` (a non-negative int64); an id of 0 becomes 1.
+4. ``id = h >> 1`` (a non-negative int64); an id of 0 or 1 becomes 2.
 
-A missing value (null / None) has the reserved id :data:`MISSING_ID` = 0.
+Two ids are reserved: :data:`MISSING_ID` = 0 for a missing value (null / None),
+and :data:`RARE_ID` = 1, which the model substitutes for values seen fewer than
+``min_count`` times in training (clients never send it).
 
 The implementation below is vectorised NumPy over Arrow string buffers; it
 does not depend on the polars version, the process or the machine. Golden
@@ -28,9 +30,10 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
-__all__ = ["MISSING_ID", "hash_series", "hash_value", "hash_values"]
+__all__ = ["MISSING_ID", "RARE_ID", "hash_series", "hash_value", "hash_values"]
 
 MISSING_ID = 0
+RARE_ID = 1
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
@@ -58,7 +61,7 @@ def hash_value(value: str | int | None) -> int:
     h = (h * 0xC4CEB9FE1A85EC53) & _MASK64
     h ^= h >> 33
     out = h >> 1
-    return out if out != 0 else 1
+    return out if out > RARE_ID else 2
 
 
 def _fnv1a_buffers(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
@@ -96,7 +99,7 @@ def _finalise(h: np.ndarray) -> np.ndarray:
     h = h * _M2
     h = h ^ (h >> _S33)
     ids = (h >> np.uint64(1)).astype(np.int64)
-    ids[ids == 0] = 1
+    ids[ids <= RARE_ID] = 2
     return ids
 
 

@@ -44,7 +44,10 @@ class FeatureSpec:
     csv_separator: str = ","
     nan_policy: str = "fail"
     fill_value: float = 0.0
+    default_min_count: int = 0
     numeric_stats: dict[str, NumericStats] = field(default_factory=dict)
+    # sorted ids seen >= min_count times in training, per filtered feature (mtrec.data.vocab)
+    kept_ids: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> FeatureSpec:
@@ -57,7 +60,15 @@ class FeatureSpec:
             csv_separator=cfg.dataset.csv_separator,
             nan_policy=cfg.dataset.nan_policy,
             fill_value=cfg.dataset.fill_value,
+            default_min_count=cfg.model.embedding.min_count,
         )
+
+    def min_count_of(self, name: str) -> int:
+        """The frequency threshold of a sparse feature (0 or 1: no filter)."""
+        for f in self.sparse:
+            if f.name == name:
+                return self.default_min_count if f.min_count is None else f.min_count
+        raise KeyError(name)
 
     # ------------------------------------------------------------------ names
 

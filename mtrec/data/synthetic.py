@@ -126,15 +126,15 @@ _CRITEO_CLICK_RATE, _CRITEO_CONV_RATE = 0.22, 0.04
 _CRITEO_SIGMAS = (1.4, 1.2)
 
 # effects are defined for the HEAD most frequent values; value rank r gets an effect of
-# standard deviation (1 + r / DECAY)^-1 (rarer values carry little), ranks >= HEAD none.
+# standard deviation (1 + r / DECAY)^-POWER (rarer values carry little), ranks >= HEAD none.
 # The decay keeps the planted signal on values frequent enough to be learnt from the
 # default 200k rows (a value must be seen ~100+ times before its effect on a 5%-positive
 # task rises above the sampling noise), so a good model can approach the oracle.
 _EFFECT_HEAD = 5_000
-_EFFECT_DECAY = 20.0
-_EFFECT_POWER = 1.0
+_EFFECT_DECAY = 5.0
+_EFFECT_POWER = 1.5
 _CROSS_HEAD = 1_000
-_CROSS_DECAY = 10.0
+_CROSS_DECAY = 5.0
 _CROSS_RANK = 4
 _CALIBRATION_ROWS = 65_536
 _PRESET_CODE = {"default": 1, "criteo-like": 2}
@@ -787,7 +787,16 @@ def _config_dict(preset_name: str, preset: _Preset, seed: int) -> dict[str, Any]
         "tasks": [{"name": t, "label": t, "true_prob": f"p_{t}"} for t in preset.tasks],
     }
     cfg["model"] = {
-        "embedding": {"type": "per_feature", "dim": 16, "buckets": 100_000, "learning_rate": 0.05},
+        "embedding": {
+            "type": "per_feature",
+            "dim": 16,
+            "buckets": 100_000,
+            "learning_rate": 0.05,
+            # Zipf tails: values seen < 20 times in training share one embedding instead of
+            # memorising their few labels (measured: mean AUC gap to the oracle 0.058 -> 0.037
+            # at 200k rows)
+            "min_count": 20,
+        },
         "multitask": {
             "type": "mmoe",
             "num_experts": 4,

@@ -8,7 +8,52 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-__all__ = ["PerFeatureEmbedding"]
+__all__ = ["FrequencyFilter", "PerFeatureEmbedding"]
+
+RARE_ID = 1  # mtrec.data.hashing.RARE_ID (kept local: serving code needs no data imports)
+
+
+class FrequencyFilter(nn.Module):
+    """Replaces ids outside each feature's kept set by ``RARE_ID`` (missing ids pass).
+
+    All kept sets live in ONE sorted int64 tensor of keys ``id XOR salt[feature]`` so one
+    ``searchsorted`` filters a whole batch. Within a feature the key is a bijection of the
+    id (no collisions); across features a false match needs two 63-bit hash ids to differ
+    by exactly the XOR of two salts.
+
+    Shapes: values [N] int64, feature_of [N] int64 → [N] int64.
+    """
+
+    def __init__(self, num_features: int, kept_ids: list[torch.Tensor | None] | None) -> None:
+        super().__init__()
+        mask = (1 << 62) - 1  # salts below 2**62 keep keys of non-negative ids non-negative
+        salts = [((f + 1) * 0x9E3779B97F4A7C15) & mask for f in range(num_features)]
+        filtered = [False] * num_features
+        keys: list[torch.Tensor] = []
+        for f, ids in enumerate(kept_ids or []):
+            if ids is None:
+                continue
+            filtered[f] = True
+            keys.append(ids.to(torch.int64) ^ salts[f])
+        key_tensor = torch.cat(keys).sort().values if keys else torch.zeros(0, dtype=torch.int64)
+        # rebuilt from the run's feature_vocab.pt, so not part of the state dict
+        self.register_buffer("keys", key_tensor, persistent=False)
+        self.register_buffer("salts", torch.tensor(salts, dtype=torch.int64), persistent=False)
+        self.register_buffer("filtered", torch.tensor(filtered, dtype=torch.bool), persistent=False)
+        self.active = any(filtered)
+        self.rare_id = RARE_ID
+
+    def forward(self, values: torch.Tensor, feature_of: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return values
+        key = values ^ self.salts[feature_of]
+        if self.keys.numel() > 0:
+            pos = torch.searchsorted(self.keys, key).clamp(max=self.keys.numel() - 1)
+            known = self.keys[pos] == key
+        else:
+            known = torch.zeros_like(values, dtype=torch.bool)
+        rare = self.filtered[feature_of] & ~known & (values != 0)
+        return torch.where(rare, torch.full_like(values, self.rare_id), values)
 
 
 class PerFeatureEmbedding(nn.Module):
@@ -23,6 +68,9 @@ class PerFeatureEmbedding(nn.Module):
         buckets: rows of each feature's table.
         dim: embedding dim d.
         poolings: "sum" or "mean" per feature (multi-hot pooling).
+        kept_ids: per feature, the sorted ids seen at least ``min_count`` times in
+            training, or None for no frequency filter. Other ids of a filtered
+            feature become ``RARE_ID`` before hashing, so rare values share one row.
 
     Example::
 
@@ -33,7 +81,12 @@ class PerFeatureEmbedding(nn.Module):
     """
 
     def __init__(
-        self, feature_names: list[str], buckets: list[int], dim: int, poolings: list[str]
+        self,
+        feature_names: list[str],
+        buckets: list[int],
+        dim: int,
+        poolings: list[str],
+        kept_ids: list[torch.Tensor | None] | None = None,
     ) -> None:
         super().__init__()
         self.feature_names = list(feature_names)
@@ -51,15 +104,19 @@ class PerFeatureEmbedding(nn.Module):
         ]
         self.ebc = EmbeddingBagCollection(tables=tables)
         self.register_buffer("buckets", torch.tensor(buckets, dtype=torch.int64), persistent=False)
+        self.value_filter = FrequencyFilter(len(feature_names), kept_ids)
 
     def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """KJT of raw ids (keys = ``feature_names``) → B x F x d."""
         lengths = sparse.lengths()
         per_key = lengths.view(self.num_features, -1).sum(1)
-        modulus = torch.repeat_interleave(self.buckets, per_key)
+        feature_of = torch.repeat_interleave(
+            torch.arange(self.num_features, device=lengths.device), per_key
+        )
+        values = self.value_filter(sparse.values(), feature_of)
         hashed = KeyedJaggedTensor(
             keys=self.feature_names,
-            values=torch.remainder(sparse.values(), modulus),
+            values=torch.remainder(values, self.buckets[feature_of]),
             lengths=lengths,
             stride=sparse.stride(),
         )

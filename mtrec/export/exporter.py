@@ -23,7 +23,7 @@ from mtrec.data.hashing import __doc__ as HASH_DOC
 from mtrec.data.spec import FeatureSpec
 from mtrec.export.serving import ServingModule
 from mtrec.io import atomic_path, atomic_write_text
-from mtrec.train.loop import config_hash, load_trained_model
+from mtrec.train.loop import load_trained_model, run_config_hash
 
 __all__ = ["ExportError", "export_run", "load_exported", "signature_of"]
 
@@ -98,7 +98,7 @@ def export_run(
             f"{run_dir}: scripted and eager models differ by {diff:.3g} > {PARITY_TOLERANCE} on "
             f"{batch.batch_size} rows of {held_out}; nothing was written"
         )
-    signature = signature_of(spec, config_hash(cfg))
+    signature = signature_of(spec, run_config_hash(run_dir))
     sig_text = json.dumps(signature, indent=2) + "\n"
     with atomic_path(out) as tmp:
         torch.jit.save(scripted, str(tmp), _extra_files={"signature.json": sig_text})

@@ -25,10 +25,11 @@ import torch
 import yaml
 
 from mtrec.config import ExperimentConfig, config_to_dict, load_config
-from mtrec.data.batcher import iter_batches, load_encoded, validate_values
+from mtrec.data.batcher import encoded_chunks, iter_batches, load_encoded, validate_values
 from mtrec.data.encode import EncodedChunk
 from mtrec.data.readers import read_schema
 from mtrec.data.spec import FeatureSpec
+from mtrec.data.vocab import fit_kept_ids, load_kept_ids, save_kept_ids
 from mtrec.evaluate.predict import evaluate_split
 from mtrec.io import atomic_write_text
 from mtrec.model import MultiTaskModel, build_model
@@ -43,20 +44,41 @@ from mtrec.train.losses import WeightedBCELoss
 from mtrec.train.optim import fuse_sparse_optimizer, make_dense_optimizer, sparse_optimizers
 from mtrec.train.progress import Progress
 
-__all__ = ["RunError", "config_hash", "load_run_config", "load_trained_model", "train"]
+__all__ = [
+    "RunError",
+    "config_hash",
+    "load_run_config",
+    "load_trained_model",
+    "run_config_hash",
+    "train",
+]
+
+
+VOCAB_FILE = "feature_vocab.pt"
 
 
 class RunError(RuntimeError):
     """A problem with a run directory (exists, mismatched, incomplete)."""
 
 
-def config_hash(cfg: ExperimentConfig) -> str:
-    """Hash of the resolved config, ignoring keys that do not change the result."""
-    raw = config_to_dict(cfg)
-    for key in ("progress", "log_every_steps"):
-        raw["training"].pop(key, None)
+def config_hash(cfg: ExperimentConfig | dict[str, Any]) -> str:
+    """Hash of a resolved config, ignoring keys that do not change the result.
+
+    A run's checkpoints carry the hash of the dict written to its ``config.yaml``;
+    checks hash that file's dict as stored (not re-parsed), so a later mtrec that
+    adds config keys with defaults still reads older runs.
+    """
+    raw = config_to_dict(cfg) if isinstance(cfg, ExperimentConfig) else dict(cfg)
+    raw["training"] = {
+        k: v for k, v in raw.get("training", {}).items() if k not in ("progress", "log_every_steps")
+    }
     blob = json.dumps(raw, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def run_config_hash(run_dir: str | Path) -> str:
+    """Hash of the config stored in ``run_dir/config.yaml``, as written at training time."""
+    return config_hash(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
 
 
 def load_run_config(run_dir: str | Path) -> ExperimentConfig:
@@ -158,7 +180,7 @@ def train(
     except BaseException:
         if resume_state is None and not last_path(out).exists():
             # this call created the run and completed no epoch: leave no half-made run behind
-            for name in ("config.yaml", "feature_stats.json", "metrics.jsonl"):
+            for name in ("config.yaml", "feature_stats.json", VOCAB_FILE, "metrics.jsonl"):
                 (out / name).unlink(missing_ok=True)
             for sub in (out / "checkpoints", out):
                 if sub.exists() and not any(sub.iterdir()) and (sub != out or not existed):
@@ -181,9 +203,18 @@ def _train_in(
     stats_file = out / "feature_stats.json"
     if resume_state is not None:
         spec.load_stats(stats_file)
+        spec.kept_ids = load_kept_ids(out / VOCAB_FILE, spec)
     else:
         spec.fit_numeric_stats(cfg.dataset.train)
         spec.save_stats(stats_file)
+        chunks = (
+            [train_source]
+            if isinstance(train_source, EncodedChunk)
+            else encoded_chunks(spec, train_source, chunk_rows)
+        )
+        spec.kept_ids = fit_kept_ids(spec, chunks)
+        if spec.kept_ids:
+            save_kept_ids(spec.kept_ids, out / VOCAB_FILE)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     torch.manual_seed(cfg.seed)
@@ -311,8 +342,9 @@ def load_trained_model(run_dir: str | Path) -> tuple[ExperimentConfig, FeatureSp
     cfg = load_run_config(run_dir)
     spec = FeatureSpec.from_config(cfg)
     spec.load_stats(Path(run_dir) / "feature_stats.json")
+    spec.kept_ids = load_kept_ids(Path(run_dir) / VOCAB_FILE, spec)
     state = load_checkpoint(best_path(run_dir))
-    if state.get("config_hash") != config_hash(cfg):
+    if state.get("config_hash") != run_config_hash(run_dir):
         raise CheckpointError(
             f"{best_path(run_dir)}: checkpoint does not match {run_dir}/config.yaml "
             "(config hash differs); the run directory was modified"
