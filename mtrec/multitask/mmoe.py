@@ -60,21 +60,23 @@ class MMoE(nn.Module):
         """B x |v| → B x T x E gate weights (rows sum to 1)."""
         split = self.num_experts * self.first_width
         logits = self.input_layer(x)[:, split:]
-        return torch.softmax(logits.view(-1, self.num_tasks, self.num_experts), dim=-1)
+        return torch.softmax(logits.reshape(-1, self.num_tasks, self.num_experts), dim=-1)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """B x |v| → T tensors of B x expert_hidden[-1]."""
         b = x.shape[0]
-        split = self.num_experts * self.first_width
-        fused = self.input_layer(x)
-        h = fused[:, :split].view(b, self.num_experts, self.first_width).transpose(0, 1)
+        # split (not slicing) keeps the backward from zero-filling two B x width buffers
+        expert_in, gate_logits = self.input_layer(x).split(
+            [self.num_experts * self.first_width, self.num_tasks * self.num_experts], dim=1
+        )
+        h = expert_in.reshape(b, self.num_experts, self.first_width).transpose(0, 1)
         h = self.dropout(self.act(h))  # E x B x h1
         for layer in self.deep_layers:
             h = self.dropout(self.act(layer(h)))
-        gate = torch.softmax(fused[:, split:].reshape(b, self.num_tasks, self.num_experts), dim=-1)
-        # T x B: for each sample, mix expert outputs with its task gates
-        mixed = torch.bmm(gate, h.transpose(0, 1))  # B x T x h_last
-        return list(mixed.unbind(1))
+        gate = torch.softmax(gate_logits.reshape(b, self.num_tasks, self.num_experts), dim=-1)
+        # f_t = Σ_i g_t,i E_i: a weighted sum over E experts per task (T and E are small;
+        # cheaper than B tiny T x E @ E x h matmuls)
+        return [(gate[:, t].t().unsqueeze(-1) * h).sum(0) for t in range(self.num_tasks)]
 
 
 class SharedBottom(nn.Module):
