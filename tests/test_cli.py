@@ -289,3 +289,22 @@ def test_console_script_exit_status(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     assert str(missing) in one_error_line(proc.stderr)
+
+
+def test_pipeline_entry_points_wrap_the_cli() -> None:
+    """`ray job submit -- python pipelines/<cmd>.py ...` takes the CLI's arguments."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for cmd in ("train", "evaluate", "export"):
+        proc = subprocess.run(
+            [sys.executable, str(root / "pipelines" / f"{cmd}.py"), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert f"mtrec {cmd}" in proc.stdout

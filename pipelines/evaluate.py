@@ -1,0 +1,14 @@
+"""Ray job entry point: `ray job submit --working-dir . -- python pipelines/evaluate.py ...`.
+
+Takes the same arguments as `mtrec evaluate` and prints the same final JSON line.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the job's working dir
+
+from mtrec.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))
