@@ -385,6 +385,15 @@ def _cross_table(rng: np.random.Generator, vocab: int) -> np.ndarray:
     return table
 
 
+def _cross_term(
+    rng: np.random.Generator, comp: int, cat_names: list[str], vocab_of: dict[str, int]
+) -> _Term:
+    """A low-rank pairwise cross between two distinct random categorical features."""
+    fa, fb = (cat_names[i] for i in rng.choice(len(cat_names), 2, replace=False))
+    table_a, table_b = _cross_table(rng, vocab_of[fa]), _cross_table(rng, vocab_of[fb])
+    return _Term("cross", comp, 0.8, fa, fb, table=table_a, table_b=table_b)
+
+
 def _num_params(rng: np.random.Generator) -> tuple[float, ...]:
     return (
         float(rng.normal()),  # sine amplitude
@@ -573,14 +582,7 @@ def _build_default(seed: int, vocab_scale: float, num_tasks: int) -> _Preset:
         if not own or rng.random() < 0.5:
             table = _effect_table(rng, vocabs["tags"], with_null=False)
             terms.append(_Term("tags", comp, 0.7, table=table))
-        for _ in range(n_cross):
-            fa, fb = (cat_names[i] for i in rng.choice(len(cat_names), 2, replace=False))
-            terms.append(
-                _Term(
-                    "cross", comp, 0.8, fa, fb,
-                    table=_cross_table(rng, vocab_of[fa]), table_b=_cross_table(rng, vocab_of[fb]),
-                )
-            )  # fmt: skip
+        terms += [_cross_term(rng, comp, cat_names, vocab_of) for _ in range(n_cross)]
 
     rates = np.array([_DEFAULT_RATES[t % 4] for t in range(num_tasks)])
     sigmas = np.array([_DEFAULT_SIGMAS[t % 4] for t in range(num_tasks)])
@@ -635,14 +637,7 @@ def _build_criteo_like(seed: int, vocab_scale: float, num_tasks: int) -> _Preset
         for i in rng.choice(len(nums), n_num, replace=False):
             w = float(rng.uniform(0.3, 0.8))
             terms.append(_Term("num", comp, w, nums[i].name, params=_num_params(rng)))
-        for _ in range(n_cross):
-            fa, fb = (cat_names[i] for i in rng.choice(len(cats), 2, replace=False))
-            terms.append(
-                _Term(
-                    "cross", comp, 0.8, fa, fb,
-                    table=_cross_table(rng, vocab_of[fa]), table_b=_cross_table(rng, vocab_of[fb]),
-                )
-            )  # fmt: skip
+        terms += [_cross_term(rng, comp, cat_names, vocab_of) for _ in range(n_cross)]
 
     def solve(z: np.ndarray) -> np.ndarray:
         b_click = _bias_for_rates(z[:, :1], np.array([_CRITEO_CLICK_RATE]))
