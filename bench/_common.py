@@ -223,45 +223,33 @@ def stream_split(config: str | Path, split: str = "train", threads: int = 2) -> 
 
 
 class Trainer:
-    """Model + optimizers + loss of ``cfg``, stepping exactly like ``mtrec.train.loop``.
-
-    Embeddings are fused (FBGEMM row-wise Adagrad, updated inside backward), dense
-    parameters use Adam, the loss is the weighted BCE over tasks.
-    """
+    """``mtrec.train.step.TrainStep`` (exactly what ``mtrec train`` runs) at ``threads``."""
 
     def __init__(self, cfg: Any, spec: Any, threads: int = 2, seed: int | None = None) -> None:
+        import dataclasses
+
         import torch
 
-        from mtrec.model import build_model
-        from mtrec.train.losses import WeightedBCELoss
-        from mtrec.train.optim import fuse_sparse_optimizer, make_dense_optimizer
+        from mtrec.train.step import TrainStep
 
         torch.set_num_threads(threads)
-        torch.manual_seed(cfg.seed if seed is None else seed)
+        if seed is not None:
+            cfg = dataclasses.replace(cfg, seed=seed)
         self.cfg, self.spec = cfg, spec
-        self.model = build_model(cfg, spec)
-        fuse_sparse_optimizer(self.model, cfg)
-        self.dense_opt = make_dense_optimizer(self.model, cfg)
-        self.loss_fn = WeightedBCELoss([t.weight for t in cfg.tasks])
-        self.model.train()
+        self._step = TrainStep(cfg, spec)
+        # the pieces, for the per-phase timing
+        self.model, self.loss_fn, self.dense_opt = (
+            self._step.model,
+            self._step.loss_fn,
+            self._step.dense_opt,
+        )
 
     def step(self, batch: Any) -> Any:
         """One training step; returns the (unread) loss tensor."""
-        logits = self.model(batch.sparse, batch.dense)
-        loss = self.loss_fn(logits, batch.labels)
-        self.dense_opt.zero_grad(set_to_none=True)
-        loss.backward()  # fused embedding rows update here
-        self.dense_opt.step()
-        return loss
+        return self._step.step(batch)
 
     def embedding_rows(self) -> int:
-        """Total rows over every embedding table of the model."""
-        total = 0
-        for m in self.model.modules():
-            configs = getattr(m, "embedding_bag_configs", None)
-            if callable(configs):
-                total += sum(c.num_embeddings for c in configs())
-        return total
+        return self._step.embedding_rows()
 
     def batches(self, source: Any, batch_size: int | None = None, seed: int = 0) -> Iterator[Any]:
         """Shuffled batches of an in-memory encoded split (as the loop builds them)."""

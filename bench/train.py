@@ -200,7 +200,10 @@ def bench_census(args: argparse.Namespace) -> None:
             "holding census-kdd/, default ../shared/data)"
         )
         return
-    cfg, spec = C.load_experiment(CENSUS_CONFIG, overrides=[f"training.threads={args.threads}"])
+    cfg, spec = C.load_experiment(
+        CENSUS_CONFIG,
+        overrides=[f"training.threads={args.threads}", f"training.precision={args.precision}"],
+    )
     batch_size = cfg.training.batch_size
     enc = C.load_train_split(cfg, spec)
     trainer = C.Trainer(cfg, spec, threads=args.threads)
@@ -248,6 +251,7 @@ def bench_census(args: argparse.Namespace) -> None:
         steps_per_epoch=timing["steps_per_epoch"],
         batch_size=batch_size,
         threads=args.threads,
+        precision=args.precision,
         gemm_calls_per_step=len(calls),
         gemm_ms_per_step_at_peak=round(peak["best_ms"], 3),
         step_ms=round(1000 * timing["epoch_s"] / timing["steps_per_epoch"], 3),
@@ -258,7 +262,7 @@ def bench_census(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------- criteo-like
 
 
-def _criteo_experiment(data_dir: Path) -> tuple[Any, Any]:
+def _criteo_experiment(data_dir: Path, precision: str = "fp32") -> tuple[Any, Any]:
     config = data_dir / "config.yaml"
     cfg, _ = C.load_experiment(config, fit=False)
     have = {
@@ -272,11 +276,11 @@ def _criteo_experiment(data_dir: Path) -> tuple[Any, Any]:
     overrides = [f"{k}={v}" for k, v in CRITEO_MODEL.items() if have[k] != v]
     if overrides:
         C.log(f"generated config differs from the benchmark model; overriding {overrides}")
-    return C.load_experiment(config, overrides=overrides)
+    return C.load_experiment(config, overrides=[*overrides, f"training.precision={precision}"])
 
 
 def _criteo_run(data_dir: Path, args: argparse.Namespace, epochs: int) -> dict:
-    cfg, spec = _criteo_experiment(data_dir)
+    cfg, spec = _criteo_experiment(data_dir, args.precision)
     enc = C.load_train_split(cfg, spec)
     t0 = time.perf_counter()
     trainer = C.Trainer(cfg, spec, threads=args.threads)
@@ -311,6 +315,7 @@ def bench_criteo(args: argparse.Namespace) -> None:
         epochs=epochs,
         batch_size=base["batch_size"],
         threads=args.threads,
+        precision=args.precision,
     )
 
 
@@ -327,6 +332,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         help="also print a torch.profiler table of this many census steps to stderr",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="training.precision (bf16: CPU autocast of the dense forward)",
     )
     C.add_common_args(p)
     args = p.parse_args(argv)

@@ -16,6 +16,7 @@ from mtrec.config import ExperimentConfig, MultiTaskConfig
 from mtrec.data.spec import FeatureSpec
 from mtrec.embeddings.numeric import NumericEmbedding, NumericNormalizer
 from mtrec.embeddings.per_feature import PerFeatureEmbedding
+from mtrec.embeddings.unified import UnifiedEmbedding
 from mtrec.multitask.mmoe import MMoE, SharedBottom
 from mtrec.multitask.towers import TaskTowers
 
@@ -44,7 +45,7 @@ class MultiTaskModel(nn.Module):
 
     def __init__(
         self,
-        sparse_embedding: PerFeatureEmbedding | None,
+        sparse_embedding: PerFeatureEmbedding | UnifiedEmbedding | None,
         normalizer: NumericNormalizer | None,
         numeric_embedding: NumericEmbedding | None,
         block: nn.Module,
@@ -83,19 +84,28 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
     (for features with ``min_count``) the fitted kept ids."""
     emb_cfg, mt_cfg = cfg.model.embedding, cfg.model.multitask
     d = emb_cfg.dim
-    sparse = None
+    sparse: PerFeatureEmbedding | UnifiedEmbedding | None = None
     if spec.sparse:
         kept = [
             torch.from_numpy(spec.kept_ids[f.name]) if f.name in spec.kept_ids else None
             for f in spec.sparse
         ]
-        sparse = PerFeatureEmbedding(
-            spec.sparse_names,
-            [f.buckets or emb_cfg.buckets for f in spec.sparse],
-            d,
-            [f.pooling for f in spec.sparse],
-            kept_ids=kept,
-        )
+        buckets = [f.buckets or emb_cfg.buckets for f in spec.sparse]
+        poolings = [f.pooling for f in spec.sparse]
+        if emb_cfg.type == "unified":
+            tables = emb_cfg.num_tables
+            sparse = UnifiedEmbedding(
+                spec.sparse_names,
+                emb_cfg.rows or -(-sum(buckets) // tables) * tables,
+                d,
+                poolings,
+                chunks=[emb_cfg.chunks.get(f.name, 1) for f in spec.sparse],
+                chunk_dim=emb_cfg.chunk_dim or d,
+                num_tables=tables,
+                kept_ids=kept,
+            )
+        else:
+            sparse = PerFeatureEmbedding(spec.sparse_names, buckets, d, poolings, kept_ids=kept)
     normalizer = numeric = None
     if spec.numeric:
         stats = [spec.numeric_stats[f.name] for f in spec.numeric]

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from mtrec.config import ExperimentConfig, load_config
+from mtrec.config import ExperimentConfig, deep_merge, load_config
 from mtrec.data.batch import Batch
 from mtrec.data.batcher import iter_batches, load_encoded
 from mtrec.data.spec import FeatureSpec
@@ -75,7 +75,7 @@ def write_small_config(
     doc: dict[str, Any] = {
         "extends": str(base.resolve()),
         "features": features,
-        "model": _merge(SMALL_MODEL, model or {}),
+        "model": deep_merge(SMALL_MODEL, model or {}),
         "training": {**SMALL_TRAINING, **(training or {})},
         **top,
     }
@@ -90,16 +90,6 @@ def small_config(
     """Write :func:`write_small_config` into ``tmp`` and load it with ``overrides``."""
     path = write_small_config(data_dir, tmp / "small.yaml", **kw)
     return load_config(path, overrides=overrides)
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def fitted_spec(cfg: ExperimentConfig) -> FeatureSpec:

@@ -247,3 +247,17 @@ def test_export_refuses_a_modified_run_config(run: Path, tmp_path: Path) -> None
     with pytest.raises(CheckpointError, match="config hash differs"):
         export_run(copy)
     assert not (copy / "export").exists()
+
+
+def test_serving_module_scores_an_empty_batch(run: Path) -> None:
+    from mtrec.export.serving import ServingModule
+    from mtrec.train.loop import load_trained_model
+
+    _, spec, model = load_trained_model(run)
+    serving = torch.jit.script(ServingModule(model, spec.sparse_names, len(spec.numeric)))
+    out = serving(
+        torch.zeros(0, dtype=torch.int64),
+        torch.zeros(0, dtype=torch.int32),
+        torch.zeros(0, len(spec.numeric)),
+    )
+    assert out.shape == (0, len(spec.task_names))

@@ -2,5 +2,6 @@
 
 from mtrec.embeddings.numeric import NumericEmbedding, NumericNormalizer
 from mtrec.embeddings.per_feature import PerFeatureEmbedding
+from mtrec.embeddings.unified import UnifiedEmbedding
 
-__all__ = ["NumericEmbedding", "NumericNormalizer", "PerFeatureEmbedding"]
+__all__ = ["NumericEmbedding", "NumericNormalizer", "PerFeatureEmbedding", "UnifiedEmbedding"]

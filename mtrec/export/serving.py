@@ -28,6 +28,7 @@ class ServingModule(nn.Module):
         self.sparse_names = list(sparse_names)
         self.num_sparse = len(sparse_names)
         self.num_numeric = num_numeric
+        self.num_tasks = len(model.task_names)
 
     def forward(
         self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
@@ -58,11 +59,15 @@ class ServingModule(nn.Module):
                 + " ids but lengths sum to "
                 + str(int(lengths.sum()))
             )
-        sparse = KeyedJaggedTensor(
-            keys=self.sparse_names,
-            values=values.to(torch.int64),
-            lengths=lengths.to(torch.int32),
-            stride=batch,
-        )
-        with torch.no_grad():
-            return torch.sigmoid(self.model(sparse, dense.to(torch.float32)))
+        # one return: TorchScript mishandles an early return beside the no_grad block
+        probs = torch.zeros(0, self.num_tasks, dtype=torch.float32)
+        if batch > 0:  # torchrec's KJT/EBC cannot take an empty batch
+            sparse = KeyedJaggedTensor(
+                keys=self.sparse_names,
+                values=values.to(torch.int64),
+                lengths=lengths.to(torch.int32),
+                stride=batch,
+            )
+            with torch.no_grad():
+                probs = torch.sigmoid(self.model(sparse, dense.to(torch.float32)))
+        return probs

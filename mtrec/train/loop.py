@@ -40,9 +40,8 @@ from mtrec.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from mtrec.train.losses import WeightedBCELoss
-from mtrec.train.optim import fuse_sparse_optimizer, make_dense_optimizer, sparse_optimizers
 from mtrec.train.progress import Progress
+from mtrec.train.step import TrainStep
 
 __all__ = [
     "RunError",
@@ -217,18 +216,11 @@ def _train_in(
             save_kept_ids(spec.kept_ids, out / VOCAB_FILE)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, spec)
-    fuse_sparse_optimizer(model, cfg)
-    dense_opt = make_dense_optimizer(model, cfg)
-    fused = sparse_optimizers(model)
-    loss_fn = WeightedBCELoss([t.weight for t in cfg.tasks])
+    trainer = TrainStep(cfg, spec)
+    model = trainer.model
     st = _State()
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        dense_opt.load_state_dict(resume_state["dense_optimizer"])
-        for name, module in fused.items():
-            module.fused_optimizer().load_state_dict(resume_state["sparse_optimizer"][name])
+        trainer.load_state_dict(resume_state)
         st = _State(**resume_state["loop"])
 
     metrics_file = out / "metrics.jsonl"
@@ -255,11 +247,7 @@ def _train_in(
             seed=cfg.seed * 1000 + epoch,
             chunk_rows=chunk_rows,
         ):
-            logits = model(batch.sparse, batch.dense)
-            loss = loss_fn(logits, batch.labels)
-            dense_opt.zero_grad(set_to_none=True)
-            loss.backward()  # fused embedding rows update here
-            dense_opt.step()
+            loss = trainer.step(batch)
             steps += 1
             seen += batch.batch_size
             loss_value = None
@@ -312,9 +300,7 @@ def _train_in(
             st.bad_epochs += 1
         save_checkpoint(
             {
-                "model": model.state_dict(),
-                "dense_optimizer": dense_opt.state_dict(),
-                "sparse_optimizer": {n: m.fused_optimizer().state_dict() for n, m in fused.items()},
+                **trainer.state_dict(),
                 "loop": st.__dict__.copy(),
                 "config_hash": config_hash(cfg),
             },

@@ -1,0 +1,72 @@
+"""One training step: the model, its optimizers and the loss of an experiment.
+
+Shared by the training loop and the benchmarks, so what is measured is what trains.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mtrec.config import ExperimentConfig
+from mtrec.data.batch import Batch
+from mtrec.data.spec import FeatureSpec
+from mtrec.model import MultiTaskModel, build_model
+from mtrec.train.losses import WeightedBCELoss
+from mtrec.train.optim import fuse_sparse_optimizer, make_dense_optimizer, sparse_optimizers
+
+__all__ = ["TrainStep"]
+
+
+class TrainStep:
+    """Model with FBGEMM-fused embeddings (row-wise Adagrad applied inside backward),
+    Adam on dense parameters, weighted BCE over tasks; ``step(batch)`` trains on one batch.
+
+    With ``training.precision: bf16`` the forward runs under CPU bf16 autocast (dense
+    matmuls in bf16); the loss, gradients' accumulation and optimizer state stay fp32.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, spec: FeatureSpec) -> None:
+        torch.manual_seed(cfg.seed)
+        self.model: MultiTaskModel = build_model(cfg, spec)
+        fuse_sparse_optimizer(self.model, cfg)
+        self.dense_opt = make_dense_optimizer(self.model, cfg)
+        self.fused = sparse_optimizers(self.model)
+        self.loss_fn = WeightedBCELoss([t.weight for t in cfg.tasks])
+        self.bf16 = cfg.training.precision == "bf16"
+        self.model.train()
+
+    def step(self, batch: Batch) -> torch.Tensor:
+        """Forward, backward (updates looked-up embedding rows), Adam step; returns the loss."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(batch.sparse, batch.dense)
+        loss = self.loss_fn(logits.float(), batch.labels)
+        self.dense_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.dense_opt.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "dense_optimizer": self.dense_opt.state_dict(),
+            "sparse_optimizer": {
+                n: m.fused_optimizer().state_dict() for n, m in self.fused.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.dense_opt.load_state_dict(state["dense_optimizer"])
+        for name, module in self.fused.items():
+            module.fused_optimizer().load_state_dict(state["sparse_optimizer"][name])
+
+    def embedding_rows(self) -> int:
+        """Total rows over every embedding table of the model."""
+        total = 0
+        for m in self.model.modules():
+            configs = getattr(m, "embedding_bag_configs", None)
+            if callable(configs):
+                total += sum(c.num_embeddings for c in configs())
+        return total
