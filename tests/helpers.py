@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtrec.config import ExperimentConfig, deep_merge, load_config
 from mtrec.data.batch import Batch
@@ -147,3 +148,15 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def kjt(keys: list[str], per_key: list[list[list[int]]]) -> KeyedJaggedTensor:
+    """KJT from per key, per row id lists (feature-major)."""
+    values = [v for rows in per_key for row in rows for v in row]
+    lengths = [len(row) for rows in per_key for row in rows]
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.tensor(values, dtype=torch.int64),
+        lengths=torch.tensor(lengths, dtype=torch.int32),
+        stride=len(per_key[0]),
+    )

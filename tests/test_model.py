@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from helpers import first_batch, fitted_spec, seeded, small_config, small_data_dir
+from helpers import first_batch, fitted_spec, kjt, seeded, small_config, small_data_dir
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtrec.config import ExperimentConfig
 from mtrec.data.batch import Batch
@@ -221,18 +220,6 @@ def test_task_towers_equal_per_task_mlps() -> None:
 
 
 # ------------------------------------------------------------------------ sparse embedding
-
-
-def kjt(keys: list[str], per_key: list[list[list[int]]]) -> KeyedJaggedTensor:
-    """KJT from per key, per row id lists (feature-major)."""
-    values = [v for rows in per_key for row in rows for v in row]
-    lengths = [len(row) for rows in per_key for row in rows]
-    return KeyedJaggedTensor(
-        keys=keys,
-        values=torch.tensor(values, dtype=torch.int64),
-        lengths=torch.tensor(lengths, dtype=torch.int32),
-        stride=len(per_key[0]),
-    )
 
 
 def embedding(poolings: list[str], buckets: list[int] | None = None) -> PerFeatureEmbedding:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import first_batch, fitted_spec, seeded, small_config, small_data_dir
+from helpers import first_batch, fitted_spec, kjt, seeded, small_config, small_data_dir
 from torch import nn
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -26,18 +26,6 @@ BIG = 6_917_529_027_641_081_856  # a stable-hash sized id (< 2**63)
 
 def exact(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def kjt(keys: list[str], per_key: list[list[list[int]]]) -> KeyedJaggedTensor:
-    """KJT from per key, per row id lists (feature-major)."""
-    values = [v for rows in per_key for row in rows for v in row]
-    lengths = [len(row) for rows in per_key for row in rows]
-    return KeyedJaggedTensor(
-        keys=keys,
-        values=torch.tensor(values, dtype=torch.int64),
-        lengths=torch.tensor(lengths, dtype=torch.int32),
-        stride=len(per_key[0]),
-    )
 
 
 def one_hot(keys: list[str], ids: list[list[int]]) -> KeyedJaggedTensor:
