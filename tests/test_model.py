@@ -358,3 +358,23 @@ def test_model_backward_reaches_every_parameter(setup) -> None:
         assert p.grad is not None, name
         grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
         assert grad.abs().sum() > 0, name
+
+
+def test_fast_dropout_matches_inverted_dropout_statistics() -> None:
+    from mtrec.multitask.layers import FastDropout
+
+    torch.manual_seed(0)
+    drop = FastDropout(0.25)
+    x = torch.ones(200_000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    y.sum().backward()  # gradient flows through kept elements only, with the same scale
+    assert torch.equal(x.grad, y.detach())
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    scripted = torch.jit.script(FastDropout(0.25)).eval()
+    assert torch.equal(scripted(x), x)
+    with pytest.raises(ValueError, match="dropout probability"):
+        FastDropout(1.0)

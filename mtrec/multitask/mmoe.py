@@ -7,7 +7,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from mtrec.multitask.layers import GroupedLinear, activation
+from mtrec.multitask.layers import FastDropout, GroupedLinear, activation
 
 __all__ = ["MMoE", "SharedBottom"]
 
@@ -53,7 +53,7 @@ class MMoE(nn.Module):
             [GroupedLinear(num_experts, a, b) for a, b in pairwise(expert_hidden)]
         )
         self.act = activation(act)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
 
     @torch.jit.export
     def gates(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,7 @@ class SharedBottom(nn.Module):
         self.out_features = hidden[-1]
         layers: list[nn.Module] = []
         for a, b in zip([in_features, *hidden[:-1]], hidden):
-            layers += [nn.Linear(a, b), activation(act), nn.Dropout(dropout)]
+            layers += [nn.Linear(a, b), activation(act), FastDropout(dropout)]
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

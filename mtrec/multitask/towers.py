@@ -7,7 +7,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from mtrec.multitask.layers import GroupedLinear, activation
+from mtrec.multitask.layers import FastDropout, GroupedLinear, activation
 
 __all__ = ["TaskTowers"]
 
@@ -36,7 +36,7 @@ class TaskTowers(nn.Module):
         self.hidden = nn.ModuleList([GroupedLinear(num_tasks, a, b) for a, b in pairwise(widths)])
         self.out = GroupedLinear(num_tasks, widths[-1], 1)
         self.act = activation(act)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
 
     def forward(self, reprs: list[torch.Tensor]) -> torch.Tensor:
         h = torch.stack(reprs, dim=0)  # T x B x in
