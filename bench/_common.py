@@ -105,7 +105,13 @@ def ensure_synthetic(
 
     name = f"{preset}-{rows}" + (f"-vocab{vocab_scale:g}" if vocab_scale != 1.0 else "")
     out = Path(cache_dir) / name
-    want = {"rows": rows, "preset": preset, "vocab_scale": vocab_scale, "seed": seed}
+    import hashlib
+
+    import mtrec.data.synthetic as generator
+
+    # the generator's source is part of the key: a changed teacher means new data
+    code = hashlib.sha256(Path(generator.__file__).read_bytes()).hexdigest()[:12]
+    want = {"rows": rows, "preset": preset, "vocab_scale": vocab_scale, "seed": seed, "code": code}
     meta = out / _META
     if meta.exists() and all((out / f).exists() for f in SPLIT_FILES):
         try:

@@ -9,7 +9,6 @@ column and the fix, and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -24,7 +23,9 @@ class UsageError(ValueError):
 
 
 def _emit(summary: dict[str, Any]) -> None:
-    print(json.dumps(summary, default=str), flush=True)
+    from mtrec.io import to_json
+
+    print(to_json(summary), flush=True)
 
 
 def _cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,6 +73,8 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     from mtrec.export.predictor import predict_file
 
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch-size {args.batch_size}: must be > 0")
     return predict_file(args.model, args.input, out=args.out, batch_size=args.batch_size)
 
 
@@ -153,6 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = args.fn(args)
     except (ConfigError, DataError, RunError, CheckpointError, ExportError, UsageError) as exc:
         print(f"mtrec: error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:  # diverged training
+        print(f"mtrec: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. writing next to an input in a read-only folder
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mtrec: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     _emit(summary)
     return 0

@@ -326,6 +326,15 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
                 f"--set {override!r}: {'.'.join(parts[: i + 1])} is not a mapping, cannot set {key}"
             )
         node = child
+    if len(parts) == 2 and parts[0] == "dataset" and parts[1] in _PATH_KEYS:
+        if isinstance(value, str) and value:
+            # a path given on the command line is relative to where the command runs
+            try:
+                value = str(Path(_expand(value)).resolve())
+            except KeyError as exc:
+                raise ConfigError(
+                    f"--set {override!r}: environment variable {exc.args[0]} is not set"
+                ) from None
     node[parts[-1]] = value
 
 
@@ -515,9 +524,6 @@ def _check_semantics(cfg: ExperimentConfig, source: str) -> None:
         _positive(source, f"model.multitask.expert_hidden[{i}]", h)
     for i, h in enumerate(mt.tower_hidden):
         _positive(source, f"model.multitask.tower_hidden[{i}]", h)
-    if cfg.dataset.format == "criteo":
-        # the Criteo layout fixes its own column names
-        pass
 
 
 def _check_unified(cfg: ExperimentConfig, source: str) -> None:

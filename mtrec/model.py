@@ -59,6 +59,8 @@ class MultiTaskModel(nn.Module):
         self.block = block
         self.towers = towers
         self.task_names = list(task_names)
+        # epoch of the checkpoint the weights came from (-1: not loaded from a run)
+        self.trained_epoch = -1
 
     def field_tokens(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """B x F x d tokens: sparse fields, then numeric fields."""

@@ -160,3 +160,18 @@ def test_round_trip(tmp_path: Path) -> None:
 def test_shipped_configs_load(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.features and cfg.tasks
+
+
+def test_override_paths_resolve_against_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = write(tmp_path, "base.yaml", BASE)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MTREC_DATA_DIR", "/data/here")
+    cfg = load_config(
+        p, overrides=["dataset.valid=rel/v.parquet", "dataset.test=${MTREC_DATA_DIR}/t.parquet"]
+    )
+    assert cfg.dataset.valid == str(work / "rel" / "v.parquet")
+    assert cfg.dataset.test == "/data/here/t.parquet"

@@ -55,9 +55,15 @@ def test_integers_and_strings_agree_and_nulls_reserved() -> None:
     assert (hash_series(pl.Series("v", ["x"] * 3)) > 0).all()
 
 
-def test_integral_floats_hash_like_integers() -> None:
-    s = pl.Series("f", [34.0, 0.5, None])
-    assert hash_series(s).tolist() == [hash_value(34), hash_value("0.5"), MISSING_ID]
+def test_floats_hash_identically_in_every_path() -> None:
+    """Columns of floats read as categories: the vectorised path, the scalar reference
+    and hash_values agree, including exponent-formatted, huge and NaN values."""
+    values = [34.0, 0.5, 1e-5, 2.5e-7, 1e20, -3.0, float("inf"), float("nan"), None]
+    vectorised = hash_series(pl.Series("f", values, dtype=pl.Float64)).tolist()
+    assert vectorised == [hash_value(v) for v in values] == hash_values(values).tolist()
+    assert hash_value(34.0) == hash_value(34) == hash_value("34")
+    assert hash_value(0.5) == hash_value("0.5") and hash_value(1e-5) == hash_value("1e-05")
+    assert hash_value(float("nan")) == MISSING_ID and vectorised[-2:] == [MISSING_ID] * 2
 
 
 def test_spreads_over_buckets() -> None:

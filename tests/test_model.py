@@ -378,3 +378,26 @@ def test_fast_dropout_matches_inverted_dropout_statistics() -> None:
     assert torch.equal(scripted(x), x)
     with pytest.raises(ValueError, match="dropout probability"):
         FastDropout(1.0)
+
+
+def test_fused_and_plain_keep_field_order_with_mixed_pooling() -> None:
+    """A mean-pooled feature between sum-pooled ones: torchrec's fused collection groups
+    tables by pooling type, so the module must not rely on per-table pooling."""
+    from types import SimpleNamespace
+
+    from mtrec.train.optim import fuse_sparse_optimizer
+
+    torch.manual_seed(0)
+    emb = PerFeatureEmbedding(["a", "tags", "b"], [11, 13, 7], 4, ["sum", "mean", "sum"])
+    plain_state = {k: v.clone() for k, v in emb.state_dict().items()}
+    batch = kjt(["a", "tags", "b"], [[[1], [2]], [[3, 4, 5], []], [[6], [8]]])
+    plain = emb(batch)
+    # mean pooling: row 0 of 'tags' is the mean of its three rows, row 1 (empty) is zero
+    table = plain_state["ebc.embedding_bags.t_tags.weight"]
+    exact(plain[0, 1], table[[3, 4, 5]].mean(0))
+    exact(plain[1, 1], torch.zeros(4))
+    holder = torch.nn.Module()
+    holder.emb = emb
+    emb_cfg = SimpleNamespace(learning_rate=0.1, eps=1e-8)  # all fuse_sparse_optimizer reads
+    fuse_sparse_optimizer(holder, SimpleNamespace(model=SimpleNamespace(embedding=emb_cfg)))  # type: ignore[arg-type]
+    torch.testing.assert_close(holder.emb(batch), plain, rtol=0, atol=1e-6)

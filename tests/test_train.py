@@ -291,3 +291,17 @@ def test_training_summary_needs_a_completed_epoch(data: Path, tmp_path: Path) ->
     assert train(cfg, tmp_path / "run", resume=True)["best_epoch"] == 1
     with pytest.raises(CheckpointError, match="no epoch completed"):
         train(cfg, tmp_path / "empty", stop_after_epochs=0)
+
+
+def test_resume_can_extend_a_finished_run(run: Path, tmp_path: Path) -> None:
+    """epochs is a run-length key: resuming with more epochs continues the same run."""
+    copy = copy_run(run, tmp_path / "run")
+    cfg = load_run_config(copy)
+    done = cfg.training.epochs
+    cfg.training.epochs = done + 1
+    cfg.training.early_stopping_patience = 0
+    summary = train(cfg, copy, resume=True)
+    assert summary["epochs_run"] == done + 1
+    assert load_run_config(copy).training.epochs == done + 1
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == done + 1

@@ -194,9 +194,18 @@ def encode_chunk(
                 )
             labels[:, j] = col
             if true_probs is not None:
-                true_probs[:, j] = df.get_column(t.true_prob).cast(pl.Float64).to_numpy()  # type: ignore[arg-type]
-    elif true_probs is not None and not all(t.true_prob in df.columns for t in spec.tasks):
-        true_probs = None
+                p = df.get_column(t.true_prob).cast(pl.Float64).fill_null(float("nan"))  # type: ignore[arg-type]
+                p = p.to_numpy()
+                bad = ~((p >= 0.0) & (p <= 1.0))
+                if bad.any():
+                    i = _first_bad_row(bad)
+                    raise DataError(
+                        f"{path}: column '{t.true_prob}' (true probability of task '{t.name}') "
+                        f"has value {p[i]} at row {row_offset + i}; expected a value in [0, 1]"
+                    )
+                true_probs[:, j] = p
+    else:
+        true_probs = None  # scoring without labels: no oracle either
 
     groups = None
     if spec.group_key and spec.group_key in df.columns:

@@ -5,8 +5,9 @@ re-implement it in a few lines):
 
 1. The value is written as UTF-8 text. Integers use their decimal form, so the
    integer ``42`` and the string ``"42"`` get the same id. Floats (a numeric
-   column used as categories) that are integral hash like integers (``34.0`` →
-   ``"34"``); others use the shortest round-trip decimal text (``0.5`` → ``"0.5"``).
+   column used as categories): NaN is missing; integral values below 2**62 in
+   magnitude hash like integers (``34.0`` → ``"34"``); others use Python's
+   ``repr`` (shortest round-trip text: ``0.5`` → ``"0.5"``, ``1e-05``, ``inf``).
 2. ``h = FNV-1a-64(bytes)``: start at ``0xcbf29ce484222325``; for each byte
    ``h = (h XOR byte) * 0x100000001b3 mod 2**64``.
 3. ``h = fmix64(h)`` (MurmurHash3's 64-bit finaliser, for avalanche):
@@ -25,6 +26,7 @@ values are pinned in ``tests/test_hashing.py``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -43,15 +45,21 @@ _S33 = np.uint64(33)
 _MASK64 = (1 << 64) - 1
 
 
-def hash_value(value: str | int | None) -> int:
+def _text(value: str | int | float) -> str:
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 2.0**62:
+            return str(int(value))
+        return repr(value)
+    return str(value)
+
+
+def hash_value(value: str | int | float | None) -> int:
     """Reference (scalar, pure Python) implementation of the id of one value."""
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return MISSING_ID
     if isinstance(value, bool):
         raise TypeError("booleans are not categorical values; cast them to int or str first")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    data = str(value).encode("utf-8")
+    data = _text(value).encode("utf-8")
     h = 0xCBF29CE484222325
     for byte in data:
         h = ((h ^ byte) * 0x100000001B3) & _MASK64
@@ -112,15 +120,19 @@ def hash_series(series: pl.Series) -> np.ndarray:
     if dtype.is_integer():
         text = series.cast(pl.String)
     elif dtype.is_float():
-        # a numeric column read as categories: integral floats hash like integers
-        # (34.0 -> "34"), others by polars' shortest round-trip text (0.5 -> "0.5")
+        # a numeric column read as categories (see the definition above): NaN is
+        # missing, integral values hash like integers, others by Python's repr of the
+        # few distinct values (polars' float text differs from it, e.g. 1e-05)
+        series = series.fill_nan(None)
         integral = series.is_finite() & (series == series.round(0)) & (series.abs() < 2.0**62)
-        text = (
+        distinct = series.filter(~integral.fill_null(True)).unique().drop_nulls()
+        mapping = {v: repr(float(v)) for v in distinct.to_list()}
+        text = pl.select(
             pl.when(integral.fill_null(False))
             .then(series.cast(pl.Int64, strict=False).cast(pl.String))
-            .otherwise(series.cast(pl.String))
-        )
-        text = pl.select(text.alias(series.name)).to_series()
+            .otherwise(series.replace_strict(mapping, default=None, return_dtype=pl.String))
+            .alias(series.name)
+        ).to_series()
     elif dtype in (pl.String, pl.Categorical, pl.Enum):
         text = series.cast(pl.String)
     elif dtype == pl.Null:
@@ -154,5 +166,7 @@ def hash_values(values: Iterable[str | int | None]) -> np.ndarray:
     items = list(values)
     if any(isinstance(v, bool) for v in items):
         raise TypeError("booleans are not categorical values; cast them to int or str first")
-    series = pl.Series("v", [None if v is None else str(v) for v in items], dtype=pl.String)
-    return hash_series(series)
+    texts = [
+        None if v is None or (isinstance(v, float) and math.isnan(v)) else _text(v) for v in items
+    ]
+    return hash_series(pl.Series("v", texts, dtype=pl.String))

@@ -151,9 +151,19 @@ class FeatureSpec:
                         "expected 0/1 integers, floats or booleans"
                     )
                 if t.true_prob:
-                    need(t.true_prob, f"true probability of task '{t.name}'")
+                    dt = need(t.true_prob, f"true probability of task '{t.name}'")
+                    if not dt.is_float():
+                        raise DataError(
+                            f"{path}: column '{t.true_prob}' (true probability of task "
+                            f"'{t.name}') has dtype {dt}; expected floats in [0, 1]"
+                        )
         if self.group_key:
-            need(self.group_key, "group key for GAUC")
+            dt = need(self.group_key, "group key for GAUC")
+            if not (dt.is_integer() or dt in (pl.String, pl.Categorical)):
+                raise DataError(
+                    f"{path}: group key column '{self.group_key}' has dtype {dt}; expected "
+                    "integer or string ids"
+                )
 
     # ------------------------------------------------------ numeric statistics
 
@@ -207,4 +217,7 @@ class FeatureSpec:
         missing = [f.name for f in self.numeric if f.name not in raw]
         if missing:
             raise DataError(f"{path}: numeric statistics lack features {missing}")
-        self.numeric_stats = {k: NumericStats(**v) for k, v in raw.items()}
+        try:
+            self.numeric_stats = {k: NumericStats(**v) for k, v in raw.items()}
+        except TypeError as exc:
+            raise DataError(f"{path}: malformed numeric statistics ({exc})") from None

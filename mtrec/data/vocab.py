@@ -8,6 +8,7 @@ same filter with no side files.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def load_kept_ids(path: str | Path, spec: FeatureSpec) -> dict[str, np.ndarray]:
         return {}
     try:
         raw = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise DataError(f"{path}: cannot read the fitted value filter: {exc}") from None
     missing = [n for n in expected if n not in raw]
     if missing:

@@ -98,11 +98,17 @@ class PerFeatureEmbedding(nn.Module):
                 embedding_dim=dim,
                 num_embeddings=rows,
                 feature_names=[name],
-                pooling=PoolingType.MEAN if pool == "mean" else PoolingType.SUM,
+                # always SUM: torchrec's fused collection groups tables by pooling type
+                # and would emit mean-pooled fields out of order; means are taken below
+                pooling=PoolingType.SUM,
             )
-            for name, rows, pool in zip(feature_names, buckets, poolings)
+            for name, rows in zip(feature_names, buckets)
         ]
         self.ebc = EmbeddingBagCollection(tables=tables)
+        self.register_buffer(
+            "mean_pooled", torch.tensor([p == "mean" for p in poolings]), persistent=False
+        )
+        self.has_mean = any(p == "mean" for p in poolings)
         self.register_buffer("buckets", torch.tensor(buckets, dtype=torch.int64), persistent=False)
         self.value_filter = FrequencyFilter(len(feature_names), kept_ids)
 
@@ -120,5 +126,9 @@ class PerFeatureEmbedding(nn.Module):
             lengths=lengths,
             stride=sparse.stride(),
         )
-        pooled = self.ebc(hashed).values()
-        return pooled.view(-1, self.num_features, self.dim)
+        pooled = self.ebc(hashed).values().view(-1, self.num_features, self.dim)
+        if self.has_mean:
+            counts = lengths.view(self.num_features, -1).t().to(pooled.dtype)  # B x F
+            divisor = torch.where(self.mean_pooled, counts.clamp(min=1.0), torch.ones_like(counts))
+            pooled = pooled / divisor.unsqueeze(-1)
+        return pooled

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from mtrec.evaluate.report import evaluate_run
-from mtrec.train.loop import load_run_config
+from mtrec.train.loop import config_hash, load_run_config
 
 __all__ = ["compare_runs"]
 
@@ -32,7 +33,10 @@ def compare_runs(runs: list[str], split: str = "test") -> dict[str, Any]:
         report = _report(run, split)
         aucs = {t: float(m["auc"]) for t, m in report["tasks"].items()}
         rows.append({"run": str(run), "name": cfg.name, "seed": cfg.seed, "auc": aucs})
-        pools[cfg.name].append(aucs)
+        # runs pool together only when their configs differ by nothing but the seed
+        raw = yaml.safe_load((run / "config.yaml").read_text())
+        raw.pop("seed", None)
+        pools[f"{cfg.name} [{config_hash(raw)[:8]}]"].append(aucs)
     tasks = sorted({t for r in rows for t in r["auc"]})
     lines = ["| run | seed | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
     for r in rows:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 
 from mtrec.evaluate.predict import collect_scores
-from mtrec.io import atomic_write_text
+from mtrec.io import atomic_write_text, to_json
 from mtrec.train.loop import RunError, load_trained_model
 
 __all__ = ["evaluate_run"]
@@ -59,6 +58,7 @@ def evaluate_run(
     run_dir = Path(run_dir)
     cfg, spec, model = load_trained_model(run_dir)
     torch.set_num_threads(cfg.training.threads)
+    data_given = data is not None
     if data is None:
         if split not in ("train", "valid", "test"):
             raise RunError(f"--split {split!r}: expected train, valid or test")
@@ -78,21 +78,25 @@ def evaluate_run(
         "split": split,
         "data": str(data),
         "rows": len(collector),
-        "best_epoch": int(
-            torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"]
-        ),
+        "best_epoch": model.trained_epoch,
         "tasks": {
             t: {k: (float(v) if isinstance(v, float) else v) for k, v in m.items()}
             for t, m in tasks.items()
         },
     }
-    report_path = out_dir / f"report_{split}.json" if split != "test" else out_dir / "report.json"
-    atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
+    if data_given:  # another file: its own report, never the split's
+        report["split"] = None
+        report_path = out_dir / f"report_{Path(data).stem}.json"
+    elif split == "test":
+        report_path = out_dir / "report.json"
+    else:
+        report_path = out_dir / f"report_{split}.json"
+    atomic_write_text(report_path, to_json(report, indent=2) + "\n")
     atomic_write_text(report_path.with_suffix(".md"), _markdown(report))
     keys = ("auc", "logloss", "oracle_auc", "gauc")
     return {
         "run_dir": str(run_dir),
-        "split": split,
+        "split": report["split"],
         "rows": report["rows"],
         "tasks": {t: {k: round(float(m[k]), 6) for k in keys if k in m} for t, m in tasks.items()},
         "report": str(report_path),

@@ -31,7 +31,7 @@ from mtrec.data.readers import read_schema
 from mtrec.data.spec import FeatureSpec
 from mtrec.data.vocab import fit_kept_ids, load_kept_ids, save_kept_ids
 from mtrec.evaluate.predict import evaluate_split
-from mtrec.io import atomic_write_text
+from mtrec.io import atomic_write_text, to_json
 from mtrec.model import MultiTaskModel, build_model
 from mtrec.train.checkpoint import (
     CheckpointError,
@@ -60,6 +60,17 @@ class RunError(RuntimeError):
     """A problem with a run directory (exists, mismatched, incomplete)."""
 
 
+# keys that may change when a run is resumed (how long / how it runs, not what it learns)
+_RUN_LENGTH_KEYS = (
+    "epochs",
+    "early_stopping_patience",
+    "threads",
+    "eval_batch_size",
+    "progress",
+    "log_every_steps",
+)
+
+
 def config_hash(cfg: ExperimentConfig | dict[str, Any]) -> str:
     """Hash of a resolved config, ignoring keys that do not change the result.
 
@@ -69,7 +80,7 @@ def config_hash(cfg: ExperimentConfig | dict[str, Any]) -> str:
     """
     raw = config_to_dict(cfg) if isinstance(cfg, ExperimentConfig) else dict(cfg)
     raw["training"] = {
-        k: v for k, v in raw.get("training", {}).items() if k not in ("progress", "log_every_steps")
+        k: v for k, v in raw.get("training", {}).items() if k not in _RUN_LENGTH_KEYS
     }
     blob = json.dumps(raw, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -108,8 +119,9 @@ class _State:
     train_seconds: float = 0.0
 
 
-def _prepare_run_dir(cfg: ExperimentConfig, out: Path, resume: bool) -> dict[str, Any] | None:
-    """Create the run dir or check it for a resume; returns the checkpoint to resume from."""
+def _check_run_dir(cfg: ExperimentConfig, out: Path, resume: bool) -> dict[str, Any] | None:
+    """Check (reading only) that ``out`` can take this run; returns the checkpoint to
+    resume from, if any."""
     if last_path(out).exists():
         if not resume:
             raise RunError(
@@ -123,10 +135,19 @@ def _prepare_run_dir(cfg: ExperimentConfig, out: Path, resume: bool) -> dict[str
                 f"({state.get('config_hash')} != {config_hash(cfg)}); use another --out"
             )
         return state
-    if out.exists() and any(p.name != "data" for p in out.iterdir()) and not resume:
+    if out.exists() and any(out.iterdir()) and not resume:
         raise RunError(f"{out}: directory exists and is not empty; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def _update_run_length(cfg: ExperimentConfig, out: Path) -> None:
+    """On resume, record changed run-length keys (e.g. more epochs) in config.yaml."""
+    stored = yaml.safe_load((out / "config.yaml").read_text())
+    new = config_to_dict(cfg)
+    keys = ("epochs", "early_stopping_patience", "threads", "eval_batch_size")
+    if any(stored.get("training", {}).get(k) != new["training"][k] for k in keys):
+        stored.setdefault("training", {}).update({k: new["training"][k] for k in keys})
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(stored, sort_keys=False))
 
 
 def train(
@@ -146,6 +167,8 @@ def train(
     out = Path(out) if out else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     torch.set_num_threads(tr.threads)
 
+    existed = out.exists()
+    resume_state = _check_run_dir(cfg, out, resume)
     spec = FeatureSpec.from_config(cfg)
     # Validate the data (schema and values) before touching the run directory. Encoding
     # does not depend on the numeric statistics: the model normalises raw values itself.
@@ -163,8 +186,7 @@ def train(
     if cfg.dataset.valid:
         valid_source = load_encoded(spec, cfg.dataset.valid, chunk_rows)
 
-    existed = out.exists()
-    resume_state = _prepare_run_dir(cfg, out, resume)
+    out.mkdir(parents=True, exist_ok=True)
     try:
         return _train_in(
             cfg,
@@ -203,6 +225,7 @@ def _train_in(
     if resume_state is not None:
         spec.load_stats(stats_file)
         spec.kept_ids = load_kept_ids(out / VOCAB_FILE, spec)
+        _update_run_length(cfg, out)
     else:
         spec.fit_numeric_stats(cfg.dataset.train)
         spec.save_stats(stats_file)
@@ -282,7 +305,18 @@ def _train_in(
             mean_auc = _mean_auc(valid)
             record["valid"] = _short(valid)
             record["valid_mean_auc"] = round(mean_auc, 6)
-            improved = mean_auc > st.best_auc
+            if math.isnan(mean_auc):
+                # no task has both classes in the validation split: AUC says nothing, so
+                # keep the latest epoch as "best" rather than never writing best.pt
+                one_class = [t for t, m in valid.items() if math.isnan(m["auc"])]
+                print(
+                    f"[mtrec] warning: validation AUC undefined (one class) for {one_class}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                improved = True
+            else:
+                improved = mean_auc > st.best_auc
             if improved:
                 st.best_auc, st.best_valid = mean_auc, _short(valid)
         if improved:
@@ -307,8 +341,8 @@ def _train_in(
             last_path(out),
         )
         with open(metrics_file, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        print(f"[mtrec] epoch {st.epoch}: " + json.dumps(record), file=sys.stderr, flush=True)
+            fh.write(to_json(record) + "\n")
+        print(f"[mtrec] epoch {st.epoch}: " + to_json(record), file=sys.stderr, flush=True)
 
     if st.best_epoch < 0:
         raise CheckpointError(f"{out}: no epoch completed; nothing to summarise")
@@ -343,5 +377,6 @@ def load_trained_model(run_dir: str | Path) -> tuple[ExperimentConfig, FeatureSp
             f"{best_path(run_dir)}: weights do not fit the model of config.yaml: "
             f"{str(exc).splitlines()[0]}"
         ) from None
+    model.trained_epoch = int(state.get("epoch", -1))
     model.eval()
     return cfg, spec, model
