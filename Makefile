@@ -21,6 +21,8 @@ help:
 venv: $(STAMP)
 
 $(STAMP): requirements/cpu.txt requirements/torch.txt requirements/torchrec.txt requirements/dev.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' || \
+	  { echo "mtrec needs Python 3.11 (the pinned torch/fbgemm/torchrec wheels); found $$($(PYTHON) --version 2>&1) at '$(PYTHON)'. Run: make PYTHON=/path/to/python3.11 ..."; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	# torch first, CPU build only: a local wheel if pip is configured with one, else the CPU index

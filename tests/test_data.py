@@ -274,3 +274,18 @@ def test_empty_and_corrupt_files(tmp_path: Path) -> None:
         list(encoded_chunks(make_spec(garbage), garbage, 10))
     with pytest.raises(DataError, match="does not exist"):
         load_encoded(make_spec(tmp_path / "nope.parquet"), tmp_path / "nope.parquet", 10)
+
+
+def test_csv_categorical_codes_keep_leading_zeros(tmp_path: Path) -> None:
+    path = tmp_path / "codes.csv"
+    path.write_text("a,x,y\n00123,1.0,0\n7,2.0,1\n")
+    spec = make_spec(
+        path,
+        fmt="csv",
+        features=[
+            FeatureConfig(name="a", kind="categorical"),
+            FeatureConfig(name="x", kind="numeric"),
+        ],
+    )
+    enc = load_encoded(spec, path, 10)
+    assert enc.cat_ids[:, 0].tolist() == [hash_value("00123"), hash_value("7")]

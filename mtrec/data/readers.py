@@ -49,8 +49,17 @@ def _criteo_layout(path: Path) -> tuple[str, bool]:
     return "\t", False
 
 
-def scan(path: str | Path, fmt: str, csv_separator: str = ",") -> pl.LazyFrame:
-    """Lazy scan of one data file in ``fmt`` (parquet | csv | criteo)."""
+def scan(
+    path: str | Path,
+    fmt: str,
+    csv_separator: str = ",",
+    string_columns: list[str] | None = None,
+) -> pl.LazyFrame:
+    """Lazy scan of one data file in ``fmt`` (parquet | csv | criteo).
+
+    ``string_columns`` (CSV) are read as text, not inferred: a categorical code such as
+    ``"00123"`` must keep its zeros to get the same id as in a parquet file.
+    """
     path = Path(path)
     _check_file(path)
     try:
@@ -59,7 +68,16 @@ def scan(path: str | Path, fmt: str, csv_separator: str = ",") -> pl.LazyFrame:
             lf.collect_schema()  # reads the footer: fails fast on a corrupt file
             return lf
         if fmt == "csv":
-            return pl.scan_csv(path, separator=csv_separator, infer_schema_length=10000)
+            with open(path, "rb") as fh:
+                header = fh.readline(1 << 20).decode("utf-8", errors="replace").rstrip("\r\n")
+            present = set(header.split(csv_separator))
+            overrides = {c: pl.String for c in string_columns or [] if c in present}
+            return pl.scan_csv(
+                path,
+                separator=csv_separator,
+                infer_schema_length=10000,
+                schema_overrides=overrides or None,
+            )
         if fmt == "criteo":
             schema = {"label": pl.Int64}
             schema.update({c: pl.Float64 for c in CRITEO_DENSE})

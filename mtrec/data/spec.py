@@ -96,7 +96,8 @@ class FeatureSpec:
     # ------------------------------------------------------------- validation
 
     def scan(self, path: str | Path) -> pl.LazyFrame:
-        return scan(path, self.data_format, self.csv_separator)
+        text = [f.source for f in self.sparse if f.kind == "categorical" or f.delimiter]
+        return scan(path, self.data_format, self.csv_separator, string_columns=text)
 
     def check_schema(self, schema: pl.Schema, path: str | Path, need_labels: bool = True) -> None:
         """Raise :class:`DataError` if a column is missing or of the wrong dtype."""

@@ -42,7 +42,8 @@ def spec_from_signature(signature: dict[str, Any], data_format: str) -> FeatureS
         numeric=numeric,
         tasks=[TaskConfig(name=t) for t in signature["tasks"]],
         data_format=data_format,
-        nan_policy=signature.get("nan_policy", "fail"),
+        # the exported module fills null / NaN numerics itself; scoring must not refuse them
+        nan_policy="fill",
         fill_value=signature.get("fill_value", 0.0),
     )
 

@@ -259,6 +259,7 @@ def _train_in(
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout stream of this epoch
         model.train()
         seen, steps = 0, 0
+        loss_sum = torch.zeros(())
         t0 = time.perf_counter()
         total_rows = train_source.rows if isinstance(train_source, EncodedChunk) else None
         bar = Progress(f"epoch {epoch + 1}/{tr.epochs}", total=total_rows, enabled=tr.progress)
@@ -271,6 +272,7 @@ def _train_in(
             chunk_rows=chunk_rows,
         ):
             loss = trainer.step(batch)
+            loss_sum += loss.detach() * batch.batch_size  # read once per epoch, not per step
             steps += 1
             seen += batch.batch_size
             loss_value = None
@@ -297,7 +299,7 @@ def _train_in(
             "train_rows": seen,
             "train_seconds": round(epoch_seconds, 3),
             "samples_per_s": round(seen / max(epoch_seconds, 1e-9), 1),
-            "loss": round(float(loss.detach()), 6),
+            "loss": round(float(loss_sum) / max(seen, 1), 6),  # mean over the epoch's rows
         }
         improved = True
         if valid_source is not None:
