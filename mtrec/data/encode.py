@@ -125,6 +125,15 @@ def _first_bad_row(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _check(
+    bad: np.ndarray, values: np.ndarray, path: str, what: str, row_offset: int, fix: str
+) -> None:
+    """Raise naming the file, the column (``what``), the first bad row and its value."""
+    if bad.any():
+        i = _first_bad_row(bad)
+        raise DataError(f"{path}: {what} has value {values[i]} at row {row_offset + i}; {fix}")
+
+
 def _encode_multi_hot(
     df: pl.DataFrame, column: str, delimiter: str | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -185,24 +194,23 @@ def encode_chunk(
                     f"{row_offset + i}; labels must be 0 or 1"
                 )
             col = s.cast(pl.Float64).to_numpy()
-            bad = (col != 0.0) & (col != 1.0)
-            if bad.any():
-                i = _first_bad_row(bad)
-                raise DataError(
-                    f"{path}: label column '{t.source}' (task '{t.name}') has value {col[i]} at "
-                    f"row {row_offset + i}; labels must be 0 or 1"
-                )
+            what = f"label column '{t.source}' (task '{t.name}')"
+            _check(
+                (col != 0.0) & (col != 1.0), col, path, what, row_offset, "labels must be 0 or 1"
+            )
             labels[:, j] = col
             if true_probs is not None:
                 p = df.get_column(t.true_prob).cast(pl.Float64).fill_null(float("nan"))  # type: ignore[arg-type]
                 p = p.to_numpy()
-                bad = ~((p >= 0.0) & (p <= 1.0))
-                if bad.any():
-                    i = _first_bad_row(bad)
-                    raise DataError(
-                        f"{path}: column '{t.true_prob}' (true probability of task '{t.name}') "
-                        f"has value {p[i]} at row {row_offset + i}; expected a value in [0, 1]"
-                    )
+                what = f"column '{t.true_prob}' (true probability of task '{t.name}')"
+                _check(
+                    ~((p >= 0.0) & (p <= 1.0)),
+                    p,
+                    path,
+                    what,
+                    row_offset,
+                    "expected a value in [0, 1]",
+                )
                 true_probs[:, j] = p
     else:
         true_probs = None  # scoring without labels: no oracle either
