@@ -308,3 +308,22 @@ def test_pipeline_entry_points_wrap_the_cli() -> None:
         )
         assert proc.returncode == 0, proc.stderr
         assert f"mtrec {cmd}" in proc.stdout
+
+
+def test_evaluate_other_file_keeps_the_test_report(
+    chain: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = cli(["evaluate", "--run", chain["run"]], capsys)
+    assert code == 0
+    test_report = Path(last_json(out)["report"])
+    before = test_report.read_bytes()
+    other = Path(chain["synth"]["out"]) / "valid.parquet"
+    code, out, _ = cli(["evaluate", "--run", chain["run"], "--data", other], capsys)
+    assert code == 0
+    summary = last_json(out)
+    assert summary["split"] is None
+    assert (
+        Path(summary["report"]).name == "report_valid.json"
+        and Path(summary["report"]) != test_report
+    )
+    assert test_report.read_bytes() == before

@@ -289,3 +289,19 @@ def test_csv_categorical_codes_keep_leading_zeros(tmp_path: Path) -> None:
     )
     enc = load_encoded(spec, path, 10)
     assert enc.cat_ids[:, 0].tolist() == [hash_value("00123"), hash_value("7")]
+
+
+def test_true_probabilities_and_group_key_are_checked(tmp_path: Path) -> None:
+    frame = small_frame().with_columns(
+        pl.Series("p", [0.1, 1.5, 0.2, 0.3]), pl.Series("g", [[1], [2], [3], [4]])
+    )
+    path = write(tmp_path, frame)
+    tasks = [TaskConfig(name="y", true_prob="p")]
+    with pytest.raises(
+        DataError, match=r"column 'p' \(true probability of task 'y'\) has value 1.5 at row 1"
+    ):
+        load_encoded(make_spec(path, tasks=tasks), path, 10)
+    spec = make_spec(path)
+    spec.group_key = "g"
+    with pytest.raises(DataError, match="group key column 'g' has dtype List"):
+        load_encoded(spec, path, 10)
