@@ -305,3 +305,28 @@ def test_true_probabilities_and_group_key_are_checked(tmp_path: Path) -> None:
     spec.group_key = "g"
     with pytest.raises(DataError, match="group key column 'g' has dtype List"):
         load_encoded(spec, path, 10)
+
+
+def test_sharded_datasets_directory_and_glob(tmp_path: Path) -> None:
+    shards = tmp_path / "train"
+    shards.mkdir()
+    frame = small_frame()
+    frame.head(2).write_parquet(shards / "part-000.parquet")
+    frame.tail(2).write_parquet(shards / "part-001.parquet")
+    (shards / "_SUCCESS").write_text("")  # other files in the folder are ignored
+    whole = tmp_path / "whole.parquet"
+    frame.write_parquet(whole)
+    expected = load_encoded(make_spec(whole), whole, 10)
+    for path in (shards, shards / "part-*.parquet"):
+        enc = load_encoded(make_spec(path), path, 10)  # shards in name order, as one table
+        assert torch.equal(enc.cat_ids, expected.cat_ids)
+        assert torch.equal(enc.labels, expected.labels)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="directory holds no parquet files"):
+        load_encoded(make_spec(empty), empty, 10)
+    with pytest.raises(DataError, match="pattern matches no file"):
+        load_encoded(make_spec(tmp_path / "nope-*.parquet"), tmp_path / "nope-*.parquet", 10)
+    frame.rename({"x": "z"}).head(1).write_parquet(shards / "part-002.parquet")
+    with pytest.raises(DataError, match="train"):
+        load_encoded(make_spec(shards), shards, 10)
