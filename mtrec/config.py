@@ -30,6 +30,7 @@ __all__ = [
     "EmbeddingConfig",
     "ExperimentConfig",
     "FeatureConfig",
+    "InteractionConfig",
     "ModelConfig",
     "MultiTaskConfig",
     "TaskConfig",
@@ -164,9 +165,33 @@ class MultiTaskConfig:
 
 
 @dataclass
+class InteractionConfig:
+    """Feature interaction between the field tokens and the multi-task block.
+
+    ``type: none`` feeds the flattened field tokens to the block. ``type: autoint``
+    runs ``layers`` multi-head self-attention layers over the F field tokens
+    (``heads`` heads of ``attention_dim / heads`` each; ``residual``: a W_res path;
+    ``layer_norm``: LayerNorm before each layer's ReLU; ``dropout``: on attention
+    weights) and feeds the block their flattened output (F × ``attention_dim``).
+    A non-empty ``dnn`` makes it AutoInt+: a ReLU MLP of these widths on the flattened
+    tokens, concatenated to the attention output (see ``mtrec.interaction.autoint``).
+    """
+
+    type: Literal["none", "autoint"] = "none"
+    layers: int = 3
+    attention_dim: int = 32
+    heads: int = 2
+    residual: bool = True
+    layer_norm: bool = False
+    dropout: float = 0.0
+    dnn: list[int] = field(default_factory=list)
+
+
+@dataclass
 class ModelConfig:
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
+    interaction: InteractionConfig = field(default_factory=InteractionConfig)
 
 
 @dataclass
@@ -524,6 +549,24 @@ def _check_semantics(cfg: ExperimentConfig, source: str) -> None:
         _positive(source, f"model.multitask.expert_hidden[{i}]", h)
     for i, h in enumerate(mt.tower_hidden):
         _positive(source, f"model.multitask.tower_hidden[{i}]", h)
+    _check_interaction(cfg, source)
+
+
+def _check_interaction(cfg: ExperimentConfig, source: str) -> None:
+    ia = cfg.model.interaction
+    for key in ("layers", "attention_dim", "heads"):
+        _positive(source, f"model.interaction.{key}", getattr(ia, key))
+    if ia.attention_dim % ia.heads:
+        raise ConfigError(
+            f"{source}: model.interaction.attention_dim: must be divisible by "
+            f"model.interaction.heads ({ia.heads}), got {ia.attention_dim}"
+        )
+    if not 0.0 <= ia.dropout < 1.0:
+        raise ConfigError(
+            f"{source}: model.interaction.dropout: must be in [0, 1), got {ia.dropout}"
+        )
+    for i, h in enumerate(ia.dnn):
+        _positive(source, f"model.interaction.dnn[{i}]", h)
 
 
 def _check_unified(cfg: ExperimentConfig, source: str) -> None:
@@ -557,6 +600,31 @@ def _check_unified(cfg: ExperimentConfig, source: str) -> None:
             raise ConfigError(f"{source}: {key}: must be > 0, got {k}")
 
 
-def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Plain dict (YAML-safe) of a validated config; ``parse_config`` round-trips it."""
-    return dataclasses.asdict(cfg)
+def config_to_dict(cfg: ExperimentConfig, drop_defaults: bool = False) -> dict[str, Any]:
+    """Plain dict (YAML-safe) of a validated config; ``parse_config`` round-trips it.
+
+    ``drop_defaults`` leaves out every key whose value is its schema default: what
+    stays is what the experiment actually chose, so a later mtrec that adds keys with
+    defaults describes an older experiment by the same dict.
+    """
+    if not drop_defaults:
+        return dataclasses.asdict(cfg)
+    return _non_default(cfg)  # type: ignore[no-any-return]
+
+
+def _non_default(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.default is not dataclasses.MISSING and value == f.default:
+                continue
+            if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
+                continue
+            out[f.name] = _non_default(value)
+        return out
+    if isinstance(obj, list):
+        return [_non_default(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _non_default(v) for k, v in obj.items()}
+    return obj

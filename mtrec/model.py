@@ -1,4 +1,4 @@
-"""Assembles embedding → multi-task block → task towers from a config.
+"""Assembles embedding → (interaction) → multi-task block → task towers from a config.
 
 ``MULTITASK_REGISTRY`` maps the ``model.multitask.type`` name to a builder, so
 new blocks plug in without touching the rest.
@@ -17,6 +17,7 @@ from mtrec.data.spec import FeatureSpec
 from mtrec.embeddings.numeric import NumericEmbedding, NumericNormalizer
 from mtrec.embeddings.per_feature import PerFeatureEmbedding
 from mtrec.embeddings.unified import UnifiedEmbedding
+from mtrec.interaction import AutoInt, build_interaction
 from mtrec.multitask.mmoe import MMoE, SharedBottom
 from mtrec.multitask.towers import TaskTowers
 
@@ -31,14 +32,15 @@ MULTITASK_REGISTRY: dict[str, BlockBuilder] = {
 
 
 class MultiTaskModel(nn.Module):
-    """Field embeddings → flattened v → multi-task block → towers → logits.
+    """Field embeddings → (interaction) → flat v → multi-task block → towers → logits.
 
     Args:
         sparse_embedding: KJT of raw ids → B x F_s x d (or None without sparse features).
         normalizer: raw numeric values → normalised values.
         numeric_embedding: B x F_n → B x F_n x d (or None without numeric features).
-        block: v (B x F·d) → T task representations.
+        block: v → T task representations; v is B x F·d, or the interaction's flat output.
         towers: T representations → B x T logits.
+        interaction: B x F x d tokens → flat v (``forward_flat``), or None (v = flat tokens).
 
     ``forward(sparse, dense)`` returns B x T logits; ``predict`` returns probabilities.
     """
@@ -51,11 +53,13 @@ class MultiTaskModel(nn.Module):
         block: nn.Module,
         towers: TaskTowers,
         task_names: list[str],
+        interaction: AutoInt | None = None,
     ) -> None:
         super().__init__()
         self.sparse_embedding = sparse_embedding
         self.normalizer = normalizer
         self.numeric_embedding = numeric_embedding
+        self.interaction = interaction
         self.block = block
         self.towers = towers
         self.task_names = list(task_names)
@@ -73,7 +77,11 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         tokens = self.field_tokens(sparse, dense)
-        reprs = self.block(tokens.flatten(1))
+        if self.interaction is not None:
+            v = self.interaction.forward_flat(tokens)
+        else:
+            v = tokens.flatten(1)
+        reprs = self.block(v)
         return self.towers(reprs)
 
     @torch.jit.export
@@ -119,8 +127,10 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
         )
         numeric = NumericEmbedding(len(spec.numeric), d)
     num_fields = len(spec.sparse) + len(spec.numeric)
+    interaction = build_interaction(cfg.model.interaction, num_fields, d)
+    flat = interaction.flat_features(num_fields) if interaction is not None else num_fields * d
     builder = MULTITASK_REGISTRY[mt_cfg.type]
-    block = builder(num_fields * d, len(spec.tasks), mt_cfg)
+    block = builder(flat, len(spec.tasks), mt_cfg)
     towers = TaskTowers(
         len(spec.tasks),
         block.out_features,
@@ -128,4 +138,4 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
         mt_cfg.activation,
         mt_cfg.dropout,
     )
-    return MultiTaskModel(sparse, normalizer, numeric, block, towers, spec.task_names)
+    return MultiTaskModel(sparse, normalizer, numeric, block, towers, spec.task_names, interaction)

@@ -305,3 +305,20 @@ def test_resume_can_extend_a_finished_run(run: Path, tmp_path: Path) -> None:
     assert load_run_config(copy).training.epochs == done + 1
     lines = (copy / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == done + 1
+
+
+def test_config_hash_ignores_keys_at_their_defaults() -> None:
+    """A key added later with a default must not change the hash of an older run."""
+    from mtrec.config import parse_config
+
+    raw = {
+        "dataset": {"train": "/data/t.parquet"},
+        "features": [{"name": "a", "kind": "categorical"}],
+        "tasks": [{"name": "y"}],
+    }
+    base = config_hash(parse_config(raw))
+    explicit = dict(raw, model={"interaction": {"type": "none"}, "embedding": {"dim": 16}})
+    assert config_hash(parse_config(explicit)) == base  # default values spelled out
+    assert config_hash(raw) == base  # a stored config.yaml dict
+    changed = dict(raw, model={"embedding": {"dim": 8}})
+    assert config_hash(parse_config(changed)) != base

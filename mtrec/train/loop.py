@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 
-from mtrec.config import ExperimentConfig, config_to_dict, load_config
+from mtrec.config import ExperimentConfig, config_to_dict, load_config, parse_config
 from mtrec.data.batcher import encoded_chunks, iter_batches, load_encoded, validate_values
 from mtrec.data.encode import EncodedChunk
 from mtrec.data.readers import read_schema
@@ -74,11 +74,13 @@ _RUN_LENGTH_KEYS = (
 def config_hash(cfg: ExperimentConfig | dict[str, Any]) -> str:
     """Hash of a resolved config, ignoring keys that do not change the result.
 
-    A run's checkpoints carry the hash of the dict written to its ``config.yaml``;
-    checks hash that file's dict as stored (not re-parsed), so a later mtrec that
-    adds config keys with defaults still reads older runs.
+    Only keys that differ from their schema defaults count, so a later mtrec that adds
+    config keys (with defaults) still matches, resumes and pools older runs. A dict (a
+    run's stored ``config.yaml``) is validated first.
     """
-    raw = config_to_dict(cfg) if isinstance(cfg, ExperimentConfig) else dict(cfg)
+    if not isinstance(cfg, ExperimentConfig):
+        cfg = parse_config(dict(cfg), source="config.yaml")
+    raw = config_to_dict(cfg, drop_defaults=True)
     raw["training"] = {
         k: v for k, v in raw.get("training", {}).items() if k not in _RUN_LENGTH_KEYS
     }
