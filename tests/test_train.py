@@ -322,3 +322,18 @@ def test_config_hash_ignores_keys_at_their_defaults() -> None:
     assert config_hash(raw) == base  # a stored config.yaml dict
     changed = dict(raw, model={"embedding": {"dim": 8}})
     assert config_hash(parse_config(changed)) != base
+
+
+def test_resume_after_a_crash_between_metrics_and_checkpoint(run: Path, tmp_path: Path) -> None:
+    """A line written for an epoch whose last.pt never landed is dropped, then redone."""
+    copy = copy_run(run, tmp_path / "run")
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    ghost = json.loads(lines[-1])
+    ghost["epoch"] += 1  # as if the next epoch logged its line and died before last.pt
+    (copy / "metrics.jsonl").write_text("\n".join([*lines, json.dumps(ghost)]) + "\n")
+    cfg = load_run_config(copy)
+    cfg.training.epochs += 1
+    cfg.training.early_stopping_patience = 0
+    train(cfg, copy, resume=True)
+    epochs = [json.loads(ln)["epoch"] for ln in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, cfg.training.epochs + 1))

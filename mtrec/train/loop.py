@@ -142,6 +142,16 @@ def _check_run_dir(cfg: ExperimentConfig, out: Path, resume: bool) -> dict[str, 
     return None
 
 
+def _trim_metrics(path: Path, epochs: int) -> None:
+    """Keep the metrics.jsonl lines of the first ``epochs`` epochs (those last.pt holds)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epochs]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
 def _update_run_length(cfg: ExperimentConfig, out: Path) -> None:
     """On resume, record changed run-length keys (e.g. more epochs) in config.yaml."""
     stored = yaml.safe_load((out / "config.yaml").read_text())
@@ -249,6 +259,8 @@ def _train_in(
         st = _State(**resume_state["loop"])
 
     metrics_file = out / "metrics.jsonl"
+    if resume_state is not None:
+        _trim_metrics(metrics_file, st.epoch)
     epochs_this_call = 0
     stopped_early = False
     while st.epoch < tr.epochs:
@@ -336,6 +348,10 @@ def _train_in(
             )
         else:
             st.bad_epochs += 1
+        # the line goes first: a crash before last.pt is saved redoes this epoch on resume,
+        # and the resume drops lines past the checkpoint's epoch (no gap, no duplicate)
+        with open(metrics_file, "a") as fh:
+            fh.write(to_json(record) + "\n")
         save_checkpoint(
             {
                 **trainer.state_dict(),
@@ -344,8 +360,6 @@ def _train_in(
             },
             last_path(out),
         )
-        with open(metrics_file, "a") as fh:
-            fh.write(to_json(record) + "\n")
         print(f"[mtrec] epoch {st.epoch}: " + to_json(record), file=sys.stderr, flush=True)
 
     if st.best_epoch < 0:
