@@ -136,7 +136,9 @@ def load_experiment(config: str | Path, overrides: list[str] | None = None, fit:
     cfg = load_config(config, overrides=overrides)
     spec = FeatureSpec.from_config(cfg)
     if fit:
-        spec.fit_numeric_stats(cfg.dataset.train)
+        from mtrec.data.fitting import fit_statistics_on_file
+
+        fit_statistics_on_file(spec, cfg.dataset.train, cfg.dataset.chunk_rows)
     return cfg, spec
 
 

@@ -20,6 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mtrec.config import ExperimentConfig, deep_merge, load_config
 from mtrec.data.batch import Batch
 from mtrec.data.batcher import iter_batches, load_encoded
+from mtrec.data.fitting import fit_statistics_on_file
 from mtrec.data.spec import FeatureSpec
 
 MAX_BUCKETS = 256
@@ -95,7 +96,7 @@ def small_config(
 
 def fitted_spec(cfg: ExperimentConfig) -> FeatureSpec:
     spec = FeatureSpec.from_config(cfg)
-    spec.fit_numeric_stats(cfg.dataset.train)
+    fit_statistics_on_file(spec, cfg.dataset.train)
     return spec
 
 

@@ -12,6 +12,7 @@ import torch
 from mtrec.config import DatasetConfig, ExperimentConfig, FeatureConfig, TaskConfig
 from mtrec.data.batcher import encoded_chunks, iter_batches, load_encoded, to_batch
 from mtrec.data.errors import DataError
+from mtrec.data.fitting import fit_statistics_on_file
 from mtrec.data.hashing import MISSING_ID, hash_value
 from mtrec.data.readers import CRITEO_COLUMNS
 from mtrec.data.spec import FeatureSpec
@@ -184,8 +185,8 @@ def test_census_splits(census_dir: Path) -> None:
 def test_numeric_stats_fitted_on_train(tmp_path: Path) -> None:
     path = tmp_path / "d.parquet"
     pl.DataFrame({"x": [1.0, 3.0, None, float("nan")], "y": [0, 1, 0, 1]}).write_parquet(path)
-    spec = make_spec(path, features=[FeatureConfig(name="x", kind="numeric")])
-    spec.fit_numeric_stats(path)
+    spec = make_spec(path, nan_policy="fill", features=[FeatureConfig(name="x", kind="numeric")])
+    fit_statistics_on_file(spec, path)  # non-finite values do not enter the statistics
     st = spec.numeric_stats["x"]
     assert st.mean == pytest.approx(2.0) and st.std == pytest.approx(1.0)
     spec.save_stats(tmp_path / "s.json")
@@ -330,3 +331,31 @@ def test_sharded_datasets_directory_and_glob(tmp_path: Path) -> None:
     frame.rename({"x": "z"}).head(1).write_parquet(shards / "part-002.parquet")
     with pytest.raises(DataError, match="train"):
         load_encoded(make_spec(shards), shards, 10)
+
+
+def test_one_pass_statistics_match_the_formula_streaming_or_in_memory(tmp_path: Path) -> None:
+    from mtrec.data.fitting import fit_statistics
+
+    rng = np.random.default_rng(1)
+    x = rng.lognormal(1.0, 1.0, 5000) * rng.choice([-1.0, 1.0], 5000)
+    path = tmp_path / "d.parquet"
+    pl.DataFrame(
+        {"x": x, "a": rng.integers(0, 40, 5000), "y": rng.integers(0, 2, 5000)}
+    ).write_parquet(path, row_group_size=700)
+    features = [
+        FeatureConfig(name="x", kind="numeric", transform="log1p_standardize"),
+        FeatureConfig(name="a", kind="categorical", min_count=150),
+    ]
+    streamed = make_spec(path, features=features)
+    fit_statistics_on_file(streamed, path, chunk_rows=512)
+    in_memory = make_spec(path, features=features)
+    fit_statistics(in_memory, [load_encoded(in_memory, path, 4096)])
+    logged = np.sign(x.astype(np.float32)) * np.log1p(np.abs(x.astype(np.float32)))
+    st = streamed.numeric_stats["x"]
+    assert st.mean == pytest.approx(logged.mean(), rel=1e-5)
+    assert st.std == pytest.approx(logged.std(), rel=1e-5)
+    other = in_memory.numeric_stats["x"]  # chunked sums differ only in the last ulp
+    assert (other.mean, other.std) == pytest.approx((st.mean, st.std), rel=1e-12)
+    assert streamed.kept_ids["a"].tolist() == in_memory.kept_ids["a"].tolist()
+    frequent = pl.read_parquet(path).group_by("a").len().filter(pl.col("len") >= 150)["a"]
+    assert sorted(streamed.kept_ids["a"].tolist()) == sorted(hash_value(int(v)) for v in frequent)

@@ -9,7 +9,6 @@ the shuffle buffer) and chunks are visited in file order; with
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from mtrec.data.errors import DataError
 from mtrec.data.readers import iter_chunks, read_schema
 from mtrec.data.spec import FeatureSpec
 
-__all__ = ["encoded_chunks", "iter_batches", "load_encoded", "to_batch", "validate_values"]
+__all__ = ["encoded_chunks", "iter_batches", "load_encoded", "to_batch"]
 
 
 def to_batch(chunk: EncodedChunk, spec: FeatureSpec) -> Batch:
@@ -84,14 +83,6 @@ def encoded_chunks(
 def load_encoded(spec: FeatureSpec, path: str | Path, chunk_rows: int) -> EncodedChunk:
     """The whole file encoded in memory (for splits that fit)."""
     return EncodedChunk.concat(list(encoded_chunks(spec, path, chunk_rows)))
-
-
-def validate_values(spec: FeatureSpec, path: str | Path, chunk_rows: int) -> None:
-    """One streaming pass over the numeric and label columns (no hashing): raises the same
-    :class:`DataError` that training would raise later, before anything is written."""
-    values_only = dataclasses.replace(spec, sparse=[], group_key=None)
-    for _ in encoded_chunks(values_only, path, chunk_rows):
-        pass
 
 
 def _batches_of(

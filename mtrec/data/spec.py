@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import polars as pl
 
 from mtrec.config import ExperimentConfig, FeatureConfig, TaskConfig
 from mtrec.data.errors import DataError
-from mtrec.data.readers import iter_chunks, read_schema, scan
+from mtrec.data.readers import scan
 
 __all__ = ["FeatureSpec", "NumericStats"]
 
@@ -167,40 +166,6 @@ class FeatureSpec:
                 )
 
     # ------------------------------------------------------ numeric statistics
-
-    def fit_numeric_stats(self, path: str | Path, chunk_rows: int = 1 << 20) -> None:
-        """Fit mean/std of each numeric feature's transformed value on ``path`` (streaming)."""
-        if not self.numeric:
-            self.numeric_stats = {}
-            return
-        lf = self.scan(path)
-        self.check_schema(read_schema(lf, path), path, need_labels=False)
-        exprs = []
-        for f in self.numeric:
-            x = pl.col(f.source).cast(pl.Float64)
-            if f.transform in ("log1p", "log1p_standardize"):
-                x = x.sign() * x.abs().log1p()
-            x = pl.when(x.is_finite()).then(x).otherwise(None)
-            exprs += [
-                x.sum().alias(f"{f.name}__s"),
-                (x * x).sum().alias(f"{f.name}__q"),
-                x.count().alias(f"{f.name}__n"),
-            ]
-        totals: dict[str, float] = {}
-        for chunk in iter_chunks(lf.select(exprs), path, chunk_rows):
-            for k, v in chunk.row(0, named=True).items():
-                totals[k] = totals.get(k, 0.0) + float(v or 0.0)
-        stats: dict[str, NumericStats] = {}
-        for f in self.numeric:
-            n = totals.get(f"{f.name}__n", 0.0)
-            if f.transform in ("standardize", "log1p_standardize") and n > 0:
-                mean = totals[f"{f.name}__s"] / n
-                var = max(totals[f"{f.name}__q"] / n - mean * mean, 0.0)
-                std = math.sqrt(var) if var > 1e-12 else 1.0
-            else:
-                mean, std = 0.0, 1.0
-            stats[f.name] = NumericStats(transform=f.transform, mean=mean, std=std)
-        self.numeric_stats = stats
 
     def stats_dict(self) -> dict[str, Any]:
         return {name: asdict(s) for name, s in self.numeric_stats.items()}

@@ -21,7 +21,7 @@ from mtrec.data.hashing import MISSING_ID
 from mtrec.data.spec import FeatureSpec
 from mtrec.io import atomic_torch_save
 
-__all__ = ["fit_kept_ids", "load_kept_ids", "save_kept_ids"]
+__all__ = ["IdCounter", "fit_kept_ids", "load_kept_ids", "save_kept_ids"]
 
 
 def _merge(
@@ -36,32 +36,46 @@ def _merge(
     return merged, np.bincount(inverse, weights=weights).astype(np.int64)
 
 
+class IdCounter:
+    """Counts value ids per filtered feature over encoded chunks (one chunk at a time)."""
+
+    def __init__(self, spec: FeatureSpec) -> None:
+        counts = {f.name: spec.min_count_of(f.name) for f in spec.sparse}
+        self.min_counts = {k: v for k, v in counts.items() if v > 1}
+        cats = [f for f in spec.sparse if f.kind == "categorical"]
+        multis = [f for f in spec.sparse if f.kind == "multi_hot"]
+        self.cat_index = {f.name: j for j, f in enumerate(cats)}
+        self.multi_index = {f.name: j for j, f in enumerate(multis)}
+        self.acc: dict[str, tuple[np.ndarray, np.ndarray] | None] = dict.fromkeys(self.min_counts)
+
+    def add(self, chunk: EncodedChunk) -> None:
+        for name in self.min_counts:
+            if name in self.cat_index:
+                ids = chunk.cat_ids[:, self.cat_index[name]].numpy()
+            else:
+                ids = chunk.multi_values[self.multi_index[name]].numpy()
+            self.acc[name] = _merge(self.acc[name], ids)
+
+    def kept(self) -> dict[str, np.ndarray]:
+        """Sorted int64 ids with count >= min_count, per filtered feature."""
+        kept: dict[str, np.ndarray] = {}
+        for name, min_count in self.min_counts.items():
+            pair = self.acc[name]
+            if pair is None:
+                kept[name] = np.zeros(0, dtype=np.int64)
+                continue
+            ids, counts = pair
+            keep = (counts >= min_count) & (ids != MISSING_ID)
+            kept[name] = ids[keep].astype(np.int64)  # np.unique output is sorted
+        return kept
+
+
 def fit_kept_ids(spec: FeatureSpec, chunks: Iterable[EncodedChunk]) -> dict[str, np.ndarray]:
     """Sorted int64 ids with count >= min_count, per filtered feature (streams the chunks)."""
-    filtered = {f.name: spec.min_count_of(f.name) for f in spec.sparse}
-    filtered = {k: v for k, v in filtered.items() if v > 1}
-    if not filtered:
-        return {}
-    cat_index = {f.name: j for j, f in enumerate(f for f in spec.sparse if f.kind == "categorical")}
-    multi_index = {f.name: j for j, f in enumerate(f for f in spec.sparse if f.kind == "multi_hot")}
-    acc: dict[str, tuple[np.ndarray, np.ndarray] | None] = dict.fromkeys(filtered)
+    counter = IdCounter(spec)
     for chunk in chunks:
-        for name in filtered:
-            if name in cat_index:
-                ids = chunk.cat_ids[:, cat_index[name]].numpy()
-            else:
-                ids = chunk.multi_values[multi_index[name]].numpy()
-            acc[name] = _merge(acc[name], ids)
-    kept: dict[str, np.ndarray] = {}
-    for name, min_count in filtered.items():
-        pair = acc[name]
-        if pair is None:
-            kept[name] = np.zeros(0, dtype=np.int64)
-            continue
-        ids, counts = pair
-        keep = (counts >= min_count) & (ids != MISSING_ID)
-        kept[name] = ids[keep].astype(np.int64)  # np.unique output is sorted
-    return kept
+        counter.add(chunk)
+    return counter.kept()
 
 
 def save_kept_ids(kept: dict[str, np.ndarray], path: str | Path) -> None:

@@ -25,11 +25,12 @@ import torch
 import yaml
 
 from mtrec.config import ExperimentConfig, config_to_dict, load_config, parse_config
-from mtrec.data.batcher import encoded_chunks, iter_batches, load_encoded, validate_values
+from mtrec.data.batcher import encoded_chunks, iter_batches, load_encoded
 from mtrec.data.encode import EncodedChunk
+from mtrec.data.fitting import fit_statistics
 from mtrec.data.readers import read_schema
 from mtrec.data.spec import FeatureSpec
-from mtrec.data.vocab import fit_kept_ids, load_kept_ids, save_kept_ids
+from mtrec.data.vocab import load_kept_ids, save_kept_ids
 from mtrec.evaluate.predict import evaluate_split
 from mtrec.io import atomic_write_text, to_json
 from mtrec.model import MultiTaskModel, build_model
@@ -192,8 +193,14 @@ def train(
     train_source: EncodedChunk | str = cfg.dataset.train
     if tr.cache_in_memory:
         train_source = load_encoded(spec, cfg.dataset.train, chunk_rows)
-    else:
-        validate_values(spec, cfg.dataset.train, chunk_rows)
+    if resume_state is None:
+        # one pass fits the statistics and, encoding every row, validates the values
+        fit_statistics(
+            spec,
+            [train_source]
+            if isinstance(train_source, EncodedChunk)
+            else encoded_chunks(spec, train_source, chunk_rows),
+        )
     valid_source: EncodedChunk | None = None
     if cfg.dataset.valid:
         valid_source = load_encoded(spec, cfg.dataset.valid, chunk_rows)
@@ -238,15 +245,8 @@ def _train_in(
         spec.load_stats(stats_file)
         spec.kept_ids = load_kept_ids(out / VOCAB_FILE, spec)
         _update_run_length(cfg, out)
-    else:
-        spec.fit_numeric_stats(cfg.dataset.train)
+    else:  # fitted in train(), before the run directory was touched
         spec.save_stats(stats_file)
-        chunks = (
-            [train_source]
-            if isinstance(train_source, EncodedChunk)
-            else encoded_chunks(spec, train_source, chunk_rows)
-        )
-        spec.kept_ids = fit_kept_ids(spec, chunks)
         if spec.kept_ids:
             save_kept_ids(spec.kept_ids, out / VOCAB_FILE)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
