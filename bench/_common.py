@@ -366,7 +366,10 @@ def phase_breakdown(trainer: Trainer, source: Any, steps: int = 50, seed: int = 
         t0 = clock()
         batch = next(it)
         t1 = clock()
-        loss = loss_fn(model(batch.sparse, batch.dense), batch.labels)
+        logits, aux = model.forward_with_aux(batch.sparse, batch.dense)
+        loss = loss_fn(logits, batch.labels)
+        for value in aux.values():
+            loss = loss + value
         t2 = clock()
         opt.zero_grad(set_to_none=True)
         t3 = clock()

@@ -153,15 +153,91 @@ class EmbeddingConfig:
 
 
 @dataclass
-class MultiTaskConfig:
-    """Multi-task block over the flattened field embeddings."""
+class PLEConfig:
+    """PLE (CGC stacked ``levels`` times): per level, ``shared_experts`` shared experts and
+    ``task_experts`` experts per task; task gates mix own + shared experts, the shared
+    gate mixes all experts (not needed on the last level)."""
 
-    type: Literal["mmoe", "shared_bottom"] = "mmoe"
+    levels: int = 2
+    shared_experts: int = 2
+    task_experts: int = 1
+
+
+@dataclass
+class HoMEConfig:
+    """HoME (Wang et al. 2024). ``task_groups`` maps a group (meta-category) name to its
+    tasks; every task in exactly one group (empty: one group of all tasks). Each fix can
+    be switched off for ablation."""
+
+    task_groups: dict[str, list[str]] = field(default_factory=dict)
+    shared_experts: int = 1
+    group_experts: int = 1
+    task_experts: int = 1
+    # expert normalisation: Swish(BatchNorm(MLP(v)))
+    expert_norm: bool = True
+    # two-level hierarchy mask (off: one flat CGC level over all tasks)
+    hierarchy: bool = True
+    # per-expert LoRA-style feature gate v * 2σ(v B A), rank feature_gate_rank
+    feature_gate: bool = True
+    feature_gate_rank: int = 8
+    # residual self-gate over a node's own experts
+    self_gate: bool = True
+
+
+@dataclass
+class APEMConfig:
+    """APEM (arXiv 2301.02494): field groups → set attention with inducing points → SE
+    over fields → per-task pattern selector. ``field_groups`` lists field names per group
+    (empty: one group of all fields)."""
+
+    field_groups: list[list[str]] = field(default_factory=list)
+    inducing_points: int = 4
+    heads: int = 2
+    se_reduction: int = 4
+    selector_hidden: int = 32
+
+
+@dataclass
+class TaskExpertConfig:
+    """TaskExpert (Ye & Xu 2023) over field tokens: ``num_experts`` experts per layer,
+    per-task per-token gates over experts + the task's feature memory."""
+
+    layers: int = 2
+    num_experts: int = 4
+    # memory write: replace (M_t^l = F_t^l) or residual (M_t^l = M_t^{l-1} + F_t^l)
+    memory: Literal["replace", "residual"] = "replace"
+
+
+@dataclass
+class MultiTaskConfig:
+    """Multi-task block and task towers. ``type`` picks the block; its own settings live
+    under the key of the same name (``ple``, ``home``, ``apem``, ``task_expert``).
+    ``num_experts`` / ``expert_hidden`` / ``activation`` / ``dropout`` are shared by every
+    expert-based block. ``chain`` (ESMM): task names in funnel order, e.g.
+    ``[click, purchase]``; each later task predicts the joint probability
+    p(click ∧ purchase) = p(click) · p(purchase | click) and is trained on the joint label."""
+
+    type: Literal["mmoe", "shared_bottom", "ple", "home", "apem", "task_expert"] = "mmoe"
     num_experts: int = 4
     expert_hidden: list[int] = field(default_factory=lambda: [128, 64])
     tower_hidden: list[int] = field(default_factory=lambda: [64])
     activation: Literal["relu", "silu", "gelu"] = "relu"
     dropout: float = 0.0
+    chain: list[str] = field(default_factory=list)
+    ple: PLEConfig = field(default_factory=PLEConfig)
+    home: HoMEConfig = field(default_factory=HoMEConfig)
+    apem: APEMConfig = field(default_factory=APEMConfig)
+    task_expert: TaskExpertConfig = field(default_factory=TaskExpertConfig)
+
+
+@dataclass
+class HeadsRoutingConfig:
+    """MoH (arXiv 2410.11842): ``shared`` heads always on; a per-token router picks
+    ``top_k`` of the remaining heads; ``balance_weight`` β of the load-balance loss."""
+
+    shared: int = 1
+    top_k: int = 1
+    balance_weight: float = 0.01
 
 
 @dataclass
@@ -185,6 +261,8 @@ class InteractionConfig:
     layer_norm: bool = False
     dropout: float = 0.0
     dnn: list[int] = field(default_factory=list)
+    # Mixture-of-Head routing (MoH); None: every head always on
+    heads_routing: HeadsRoutingConfig | None = None
 
 
 @dataclass
@@ -434,6 +512,10 @@ def _build(tp: Any, value: Any, source: str, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        concrete = [a for a in args if a is not type(None)]
+        if len(concrete) == 1:
+            # one real type (X | None): its own error is the precise one
+            return _build(concrete[0], value, source, key)
         for arg in args:
             if arg is type(None):
                 continue
@@ -550,6 +632,82 @@ def _check_semantics(cfg: ExperimentConfig, source: str) -> None:
     for i, h in enumerate(mt.tower_hidden):
         _positive(source, f"model.multitask.tower_hidden[{i}]", h)
     _check_interaction(cfg, source)
+    _check_multitask(cfg, source)
+
+
+def _check_names(source: str, key: str, names: list[str], known: list[str], what: str) -> None:
+    for i, name in enumerate(names):
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"{source}: {key}[{i}]: unknown {what} {name!r}{hint} "
+                f"(known: {', '.join(known)})"
+            )
+
+
+def _check_multitask(cfg: ExperimentConfig, source: str) -> None:
+    mt = cfg.model.multitask
+    tasks = [t.name for t in cfg.tasks]
+    fields = [f.name for f in cfg.features]
+    if mt.chain:
+        if len(mt.chain) < 2 or len(set(mt.chain)) != len(mt.chain):
+            raise ConfigError(
+                f"{source}: model.multitask.chain: expected two or more distinct task names "
+                f"in funnel order (e.g. [click, purchase]), got {mt.chain}"
+            )
+        _check_names(source, "model.multitask.chain", mt.chain, tasks, "task")
+    ple, home, apem, tex = mt.ple, mt.home, mt.apem, mt.task_expert
+    for key, value in (
+        ("ple.levels", ple.levels),
+        ("ple.task_experts", ple.task_experts),
+        ("home.feature_gate_rank", home.feature_gate_rank),
+        ("apem.inducing_points", apem.inducing_points),
+        ("apem.heads", apem.heads),
+        ("apem.se_reduction", apem.se_reduction),
+        ("apem.selector_hidden", apem.selector_hidden),
+        ("task_expert.layers", tex.layers),
+        ("task_expert.num_experts", tex.num_experts),
+    ):
+        _positive(source, f"model.multitask.{key}", value)
+    for key, value in (
+        ("ple.shared_experts", ple.shared_experts),
+        ("home.shared_experts", home.shared_experts),
+        ("home.group_experts", home.group_experts),
+        ("home.task_experts", home.task_experts),
+    ):
+        if value < 0:
+            raise ConfigError(f"{source}: model.multitask.{key}: must be >= 0, got {value}")
+    if home.task_groups:
+        owner: dict[str, str] = {}
+        for group, members in home.task_groups.items():
+            key = f"model.multitask.home.task_groups.{group}"
+            if not members:
+                raise ConfigError(f"{source}: {key}: a group needs at least one task")
+            _check_names(source, key, members, tasks, "task")
+            for name in members:
+                if name in owner:
+                    raise ConfigError(
+                        f"{source}: {key}: task {name!r} is already in group {owner[name]!r}; "
+                        "every task belongs to exactly one group"
+                    )
+                owner[name] = group
+        left = [t for t in tasks if t not in owner]
+        if left:
+            raise ConfigError(
+                f"{source}: model.multitask.home.task_groups: tasks {left} are in no group; "
+                "add them to a group"
+            )
+    seen_fields: set[str] = set()
+    for g, members in enumerate(apem.field_groups):
+        key = f"model.multitask.apem.field_groups[{g}]"
+        if not members:
+            raise ConfigError(f"{source}: {key}: a group needs at least one field")
+        _check_names(source, key, members, fields, "feature")
+        dup = seen_fields.intersection(members)
+        if dup:
+            raise ConfigError(f"{source}: {key}: fields {sorted(dup)} are in two groups")
+        seen_fields.update(members)
 
 
 def _check_interaction(cfg: ExperimentConfig, source: str) -> None:
@@ -567,6 +725,22 @@ def _check_interaction(cfg: ExperimentConfig, source: str) -> None:
         )
     for i, h in enumerate(ia.dnn):
         _positive(source, f"model.interaction.dnn[{i}]", h)
+    moh = ia.heads_routing
+    if moh is not None:
+        key = "model.interaction.heads_routing"
+        if moh.shared < 0 or moh.top_k <= 0 or moh.shared + moh.top_k > ia.heads:
+            raise ConfigError(
+                f"{source}: {key}: needs shared >= 0, top_k >= 1 and shared + top_k <= "
+                f"model.interaction.heads ({ia.heads}), got shared={moh.shared}, "
+                f"top_k={moh.top_k}"
+            )
+        if moh.shared + moh.top_k == ia.heads:
+            raise ConfigError(
+                f"{source}: {key}: shared + top_k == heads ({ia.heads}) routes nothing; "
+                "raise model.interaction.heads or lower top_k"
+            )
+        if moh.balance_weight < 0:
+            raise ConfigError(f"{source}: {key}.balance_weight: must be >= 0")
 
 
 def _check_unified(cfg: ExperimentConfig, source: str) -> None:

@@ -7,6 +7,7 @@ new blocks plug in without touching the rest.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,14 +22,66 @@ from mtrec.interaction import AutoInt, build_interaction
 from mtrec.multitask.mmoe import MMoE, SharedBottom
 from mtrec.multitask.towers import TaskTowers
 
-__all__ = ["MULTITASK_REGISTRY", "MultiTaskModel", "build_model"]
+__all__ = ["MULTITASK_REGISTRY", "BlockInputs", "MultiTaskModel", "build_model", "chain_logits"]
 
-BlockBuilder = Callable[[int, int, MultiTaskConfig], nn.Module]
+
+@dataclass(frozen=True)
+class BlockInputs:
+    """What a multi-task block is built for.
+
+    Every block's ``forward(v, tokens, aux)`` takes ``v`` (B x ``in_features``, the
+    flattened interaction output or flattened field tokens), ``tokens`` (a list of
+    B x F x ``token_dims[l]`` tensors: the field tokens X⁰, then each interaction layer's
+    output X¹..X^L; ``tokens[-1]`` is the last) and ``aux`` (a dict a block may add
+    already-weighted auxiliary losses to), and returns T tensors of B x ``out_features``.
+    """
+
+    in_features: int
+    task_names: list[str]
+    field_names: list[str]
+    token_dims: list[int]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.field_names)
+
+
+BlockBuilder = Callable[[BlockInputs, MultiTaskConfig], nn.Module]
 
 MULTITASK_REGISTRY: dict[str, BlockBuilder] = {
-    "mmoe": lambda d, t, c: MMoE(d, t, c.num_experts, c.expert_hidden, c.activation, c.dropout),
-    "shared_bottom": lambda d, t, c: SharedBottom(d, t, c.expert_hidden, c.activation, c.dropout),
+    "mmoe": lambda i, c: MMoE(
+        i.in_features, i.num_tasks, c.num_experts, c.expert_hidden, c.activation, c.dropout
+    ),
+    "shared_bottom": lambda i, c: SharedBottom(
+        i.in_features, i.num_tasks, c.expert_hidden, c.activation, c.dropout
+    ),
 }
+
+
+def chain_logits(logits: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
+    """ESMM chaining: B x T conditional logits → B x T where task ``chain[j]`` (j ≥ 1; chain
+    is a 1-D long tensor of task indices) holds
+    the logit of the joint probability ∏_{i≤j} σ(logit[chain[i]]).
+
+    Computed in log space (log p = Σ log σ) so tiny joint probabilities stay finite; the
+    joint probability never exceeds the first step's.
+    """
+    n = chain.numel()
+    if n < 2:
+        return logits
+    cols = list(logits.unbind(1))
+    log_p = torch.nn.functional.logsigmoid(logits[:, int(chain[0])])
+    for j in range(1, n):
+        t = int(chain[j])
+        log_p = log_p + torch.nn.functional.logsigmoid(logits[:, t])
+        # logit(p) = log p - log(1 - p); clamp keeps p < 1 so log(1 - p) is finite
+        safe = log_p.clamp(max=-1e-7)
+        cols[t] = safe - torch.log(-torch.expm1(safe))
+    return torch.stack(cols, dim=1)
 
 
 class MultiTaskModel(nn.Module):
@@ -42,7 +95,8 @@ class MultiTaskModel(nn.Module):
         towers: T representations → B x T logits.
         interaction: B x F x d tokens → flat v (``forward_flat``), or None (v = flat tokens).
 
-    ``forward(sparse, dense)`` returns B x T logits; ``predict`` returns probabilities.
+    ``forward(sparse, dense)`` returns B x T logits; ``predict`` returns probabilities;
+    ``forward_with_aux`` also returns the auxiliary losses for training.
     """
 
     def __init__(
@@ -54,6 +108,7 @@ class MultiTaskModel(nn.Module):
         towers: TaskTowers,
         task_names: list[str],
         interaction: AutoInt | None = None,
+        chain: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.sparse_embedding = sparse_embedding
@@ -63,6 +118,11 @@ class MultiTaskModel(nn.Module):
         self.block = block
         self.towers = towers
         self.task_names = list(task_names)
+        # task indices of the ESMM chain, funnel order (empty: no chaining); a buffer, as
+        # TorchScript cannot type an empty list attribute
+        self.register_buffer(
+            "chain", torch.tensor(list(chain or []), dtype=torch.long), persistent=False
+        )
         # epoch of the checkpoint the weights came from (-1: not loaded from a run)
         self.trained_epoch = -1
 
@@ -75,14 +135,32 @@ class MultiTaskModel(nn.Module):
             tokens.append(self.numeric_embedding(self.normalizer(dense)))
         return torch.cat(tokens, dim=1)
 
-    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        tokens = self.field_tokens(sparse, dense)
+    def block_inputs(
+        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, aux: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(v, tokens) as the block reads them: v is B x |v|; tokens are X⁰ (B x F x d),
+        then each interaction layer's B x F x d' output."""
+        x0 = self.field_tokens(sparse, dense)
         if self.interaction is not None:
-            v = self.interaction.forward_flat(tokens)
-        else:
-            v = tokens.flatten(1)
-        reprs = self.block(v)
-        return self.towers(reprs)
+            layers = self.interaction.forward_layers(x0, aux)
+            v = self.interaction.flatten_output(x0, layers[-1])
+            return v, [x0] + layers
+        return x0.flatten(1), [x0]
+
+    @torch.jit.export
+    def forward_with_aux(
+        self, sparse: KeyedJaggedTensor, dense: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """B x T logits and the auxiliary losses (already weighted) that blocks declared;
+        the training loss adds their sum to the task loss."""
+        aux: dict[str, torch.Tensor] = {}
+        v, tokens = self.block_inputs(sparse, dense, aux)
+        logits = self.towers(self.block(v, tokens, aux))
+        return chain_logits(logits, self.chain), aux
+
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        """B x T logits (of the joint probability for chained tasks)."""
+        return self.forward_with_aux(sparse, dense)[0]
 
     @torch.jit.export
     def predict(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
@@ -126,11 +204,16 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
             fill=spec.fill_value,
         )
         numeric = NumericEmbedding(len(spec.numeric), d)
-    num_fields = len(spec.sparse) + len(spec.numeric)
+    field_names = [f.name for f in spec.sparse] + [f.name for f in spec.numeric]
+    num_fields = len(field_names)
     interaction = build_interaction(cfg.model.interaction, num_fields, d)
-    flat = interaction.flat_features(num_fields) if interaction is not None else num_fields * d
-    builder = MULTITASK_REGISTRY[mt_cfg.type]
-    block = builder(flat, len(spec.tasks), mt_cfg)
+    if interaction is not None:
+        flat = interaction.flat_features(num_fields)
+        token_dims = [d] + [interaction.out_features_per_field] * len(interaction.layers)
+    else:
+        flat, token_dims = num_fields * d, [d]
+    inputs = BlockInputs(flat, list(spec.task_names), field_names, token_dims)
+    block = MULTITASK_REGISTRY[mt_cfg.type](inputs, mt_cfg)
     towers = TaskTowers(
         len(spec.tasks),
         block.out_features,
@@ -138,4 +221,7 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
         mt_cfg.activation,
         mt_cfg.dropout,
     )
-    return MultiTaskModel(sparse, normalizer, numeric, block, towers, spec.task_names, interaction)
+    chain = [spec.task_names.index(t) for t in mt_cfg.chain]
+    return MultiTaskModel(
+        sparse, normalizer, numeric, block, towers, spec.task_names, interaction, chain
+    )

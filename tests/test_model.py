@@ -159,8 +159,8 @@ def test_mmoe_gates_and_forward_match_explicit_mixture() -> None:
     manual_gates = torch.softmax(gate_logits.view(b, t, e), -1)
     torch.testing.assert_close(gates, manual_gates)
     with torch.no_grad():
-        out = block(x)
-        scripted = torch.jit.script(block)(x)
+        out = block(x, [], {})
+        scripted = torch.jit.script(block)(x, [], {})
     assert len(out) == t
     for k in range(t):
         expected = (manual_gates[:, k, :, None] * stacked).sum(1)
@@ -172,13 +172,13 @@ def test_shared_bottom_gives_every_task_the_same_representation() -> None:
     torch.manual_seed(0)
     block = SharedBottom(12, 3, [10, 6], act="relu").eval()
     x = torch.randn(5, 12, generator=seeded(2))
-    out = block(x)
+    out = block(x, [], {})
     assert len(out) == 3 and block.out_features == 6
     manual = block.mlp[3](block.mlp[1](block.mlp[0](x)))
     manual = torch.relu(manual)
     for r in out:
         torch.testing.assert_close(r, manual)
-    for a, b in zip(out, torch.jit.script(block)(x)):
+    for a, b in zip(out, torch.jit.script(block)(x, [], {})):
         exact(a, b)
 
 

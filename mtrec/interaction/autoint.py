@@ -165,18 +165,32 @@ class AutoInt(nn.Module):
         """Width of ``forward_flat`` for F fields."""
         return num_fields * self.out_features_per_field + self.dnn_out
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward_layers(
+        self, tokens: torch.Tensor, aux: dict[str, torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """B x F x d → each layer's B x F x A output (aux: where routed layers add losses)."""
+        outs: list[torch.Tensor] = []
         for layer in self.layers:
             tokens = layer(tokens)
-        return tokens
+            outs.append(tokens)
+        return outs
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        aux: dict[str, torch.Tensor] = {}
+        return self.forward_layers(tokens, aux)[-1]
+
+    @torch.jit.export
+    def flatten_output(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Flattened last layer ``last`` [⊕ DNN(flatten(tokens = E⁰))]."""
+        out = last.flatten(1)
+        if self.dnn is not None:
+            out = torch.cat([out, self.dnn(tokens.flatten(1))], dim=1)
+        return out
 
     @torch.jit.export
     def forward_flat(self, tokens: torch.Tensor) -> torch.Tensor:
         """B x F x d → B x (F · A [+ dnn[-1]]): flattened AutoInt output [⊕ DNN(flatten(E⁰))]."""
-        out = self.forward(tokens).flatten(1)
-        if self.dnn is not None:
-            out = torch.cat([out, self.dnn(tokens.flatten(1))], dim=1)
-        return out
+        return self.flatten_output(tokens, self.forward(tokens))
 
     @torch.jit.export
     def attention_maps(self, tokens: torch.Tensor) -> list[torch.Tensor]:

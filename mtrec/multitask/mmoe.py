@@ -29,7 +29,7 @@ class MMoE(nn.Module):
     Example::
 
         block = MMoE(64, num_tasks=2, num_experts=4, expert_hidden=[32, 16])
-        [r.shape for r in block(torch.randn(8, 64))]  # [torch.Size([8, 16])] * 2
+        [r.shape for r in block(torch.randn(8, 64), [], {})]  # [torch.Size([8, 16])] * 2
     """
 
     def __init__(
@@ -62,8 +62,10 @@ class MMoE(nn.Module):
         logits = self.input_layer(x)[:, split:]
         return torch.softmax(logits.reshape(-1, self.num_tasks, self.num_experts), dim=-1)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """B x |v| → T tensors of B x expert_hidden[-1]."""
+    def forward(
+        self, x: torch.Tensor, tokens: list[torch.Tensor], aux: dict[str, torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """B x |v| → T tensors of B x expert_hidden[-1] (tokens and aux unused)."""
         b = x.shape[0]
         # split (not slicing) keeps the backward from zero-filling two B x width buffers
         expert_in, gate_logits = self.input_layer(x).split(
@@ -101,6 +103,8 @@ class SharedBottom(nn.Module):
             layers += [nn.Linear(a, b), activation(act), FastDropout(dropout)]
         self.mlp = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, tokens: list[torch.Tensor], aux: dict[str, torch.Tensor]
+    ) -> list[torch.Tensor]:
         h = self.mlp(x)
         return [h for _ in range(self.num_tasks)]
