@@ -641,8 +641,7 @@ def _check_names(source: str, key: str, names: list[str], known: list[str], what
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(
-                f"{source}: {key}[{i}]: unknown {what} {name!r}{hint} "
-                f"(known: {', '.join(known)})"
+                f"{source}: {key}[{i}]: unknown {what} {name!r}{hint} (known: {', '.join(known)})"
             )
 
 

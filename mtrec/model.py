@@ -144,7 +144,7 @@ class MultiTaskModel(nn.Module):
         if self.interaction is not None:
             layers = self.interaction.forward_layers(x0, aux)
             v = self.interaction.flatten_output(x0, layers[-1])
-            return v, [x0] + layers
+            return v, [x0] + layers  # noqa: RUF005 (TorchScript has no list unpacking)
         return x0.flatten(1), [x0]
 
     @torch.jit.export
