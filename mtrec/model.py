@@ -6,8 +6,8 @@ new blocks plug in without touching the rest.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,38 +19,24 @@ from mtrec.embeddings.numeric import NumericEmbedding, NumericNormalizer
 from mtrec.embeddings.per_feature import PerFeatureEmbedding
 from mtrec.embeddings.unified import UnifiedEmbedding
 from mtrec.interaction import AutoInt, build_interaction
+from mtrec.multitask.base import BlockInputs
 from mtrec.multitask.mmoe import MMoE, SharedBottom
 from mtrec.multitask.towers import TaskTowers
 
 __all__ = ["MULTITASK_REGISTRY", "BlockInputs", "MultiTaskModel", "build_model", "chain_logits"]
 
 
-@dataclass(frozen=True)
-class BlockInputs:
-    """What a multi-task block is built for.
-
-    Every block's ``forward(v, tokens, aux)`` takes ``v`` (B x ``in_features``, the
-    flattened interaction output or flattened field tokens), ``tokens`` (a list of
-    B x F x ``token_dims[l]`` tensors: the field tokens X⁰, then each interaction layer's
-    output X¹..X^L; ``tokens[-1]`` is the last) and ``aux`` (a dict a block may add
-    already-weighted auxiliary losses to), and returns T tensors of B x ``out_features``.
-    """
-
-    in_features: int
-    task_names: list[str]
-    field_names: list[str]
-    token_dims: list[int]
-
-    @property
-    def num_tasks(self) -> int:
-        return len(self.task_names)
-
-    @property
-    def num_fields(self) -> int:
-        return len(self.field_names)
-
-
 BlockBuilder = Callable[[BlockInputs, MultiTaskConfig], nn.Module]
+
+
+def _lazy(module: str) -> BlockBuilder:
+    """Builder ``build(inputs, cfg)`` of ``mtrec.multitask.<module>``, imported on use."""
+
+    def build(inputs: BlockInputs, cfg: MultiTaskConfig) -> nn.Module:
+        return importlib.import_module(f"mtrec.multitask.{module}").build(inputs, cfg)
+
+    return build
+
 
 MULTITASK_REGISTRY: dict[str, BlockBuilder] = {
     "mmoe": lambda i, c: MMoE(
@@ -59,6 +45,10 @@ MULTITASK_REGISTRY: dict[str, BlockBuilder] = {
     "shared_bottom": lambda i, c: SharedBottom(
         i.in_features, i.num_tasks, c.expert_hidden, c.activation, c.dropout
     ),
+    "ple": _lazy("ple"),
+    "home": _lazy("home"),
+    "apem": _lazy("apem"),
+    "task_expert": _lazy("task_expert"),
 }
 
 
