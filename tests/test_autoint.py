@@ -12,7 +12,13 @@ import pytest
 import torch
 from helpers import first_batch, fitted_spec, seeded, small_config, small_data_dir
 
-from mtrec.config import ConfigError, ExperimentConfig, InteractionConfig, parse_config
+from mtrec.config import (
+    ConfigError,
+    ExperimentConfig,
+    HeadsRoutingConfig,
+    InteractionConfig,
+    parse_config,
+)
 from mtrec.data.batch import Batch
 from mtrec.data.spec import FeatureSpec
 from mtrec.interaction import AutoInt, InteractingLayer, build_interaction
@@ -365,3 +371,115 @@ def test_interaction_config_parses_and_validates() -> None:
         parse_interaction(type="autoint", dropout=1.0)
     with pytest.raises(ConfigError, match=r"model\.interaction\.attention_dim: expected int"):
         parse_interaction(attention_dim=8.5)
+
+
+# ------------------------------------------------------------------- MoH head routing
+
+
+def routed_layer(
+    shared: int = 1, top_k: int = 2, heads: int = 5, seed: int = 0
+) -> InteractingLayer:
+    torch.manual_seed(seed)
+    return InteractingLayer(
+        8, attention_dim=heads * 4, num_heads=heads, routing=(shared, top_k, 0.01)
+    )
+
+
+@pytest.mark.parametrize(("shared", "top_k"), [(1, 2), (0, 1), (2, 1)])
+def test_moh_exactly_shared_plus_k_heads_are_on_per_token(shared: int, top_k: int) -> None:
+    layer = routed_layer(shared, top_k)
+    x = tokens(b=16, f=7)
+    gates = layer.head_gates(x)  # B x F x H
+    assert gates.shape == (16, 7, 5)
+    on = (gates > 0).sum(-1)
+    assert (on == shared + top_k).all()
+    # shared heads always on; α₁ + α₂ = 1 and renormalised top-k: each token's gates sum to 1
+    assert (gates[..., :shared] > 0).all()
+    torch.testing.assert_close(gates.sum(-1), torch.ones(16, 7))
+    # routing differs between tokens (a router, not a fixed head choice)
+    picked = (gates[..., shared:] > 0).reshape(-1, 5 - shared)
+    assert len({tuple(r.tolist()) for r in picked}) > 1
+    # a head with a zero gate contributes nothing: zeroing its V rows changes no output there
+    out = layer(x)
+    h_off = int((gates[0, 0] == 0).nonzero()[0])
+    with torch.no_grad():
+        a, dh = layer.attention_dim, layer.head_dim
+        layer.qkv.weight[2 * a + h_off * dh : 2 * a + (h_off + 1) * dh] += 1.0
+    exact(layer(x)[0, 0], out[0, 0])
+
+
+def test_moh_output_matches_gated_reference() -> None:
+    layer = routed_layer(seed=3)
+    x = tokens(b=4, f=5, seed=4)
+    b, f = 4, 5
+    q, k, v = layer._heads(x)
+    heads = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(layer.head_dim), -1) @ v
+    gates = layer.head_gates(x)
+    gated = heads * gates.transpose(1, 2).unsqueeze(-1)
+    expected = gated.transpose(1, 2).reshape(b, f, -1) + layer.residual(x)
+    torch.testing.assert_close(layer(x), torch.relu(expected))
+
+
+def test_moh_balance_loss_is_positive_differentiable_and_reaches_aux() -> None:
+    torch.manual_seed(0)
+    net = AutoInt(8, num_layers=2, attention_dim=20, num_heads=5, routing=(1, 2, 0.01)).train()
+    x = tokens(b=8, f=6)
+    aux: dict[str, torch.Tensor] = {}
+    net.forward_layers(x, aux)
+    assert sorted(aux) == ["moh_balance_0", "moh_balance_1"]
+    total = sum(aux.values())
+    assert float(total) > 0
+    total.backward()
+    router_grad = net.layers[0].router.weight.grad
+    assert router_grad is not None and router_grad.abs().sum() > 0
+    # evaluation adds no auxiliary loss
+    aux_eval: dict[str, torch.Tensor] = {}
+    net.eval().forward_layers(x, aux_eval)
+    assert aux_eval == {}
+
+
+def test_moh_eager_equals_script_and_rejects_bad_routing() -> None:
+    net = AutoInt(8, num_layers=2, attention_dim=20, num_heads=5, routing=(1, 2, 0.01)).eval()
+    x = tokens()
+    scripted = torch.jit.script(net)
+    exact(net.forward_flat(x), scripted.forward_flat(x))
+    exact(net.layers[0].head_gates(x), scripted.layers[0].head_gates(x))
+    with pytest.raises(ValueError, match="top_k"):
+        InteractingLayer(8, 8, 2, routing=(1, 1, 0.01))
+
+
+def test_moh_model_trains_with_the_auxiliary_loss(setup) -> None:
+    cfg, spec, batch = setup
+    routing = HeadsRoutingConfig(shared=1, top_k=2)
+    cfg = with_interaction(cfg, **{**AUTOINT, "heads": 4}, heads_routing=routing)
+    model = build(cfg, spec).train()
+    logits, aux = model.forward_with_aux(batch.sparse, batch.dense)
+    assert sorted(aux) == ["moh_balance_0", "moh_balance_1"]
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if "sparse" not in n], lr=1e-2)
+    loss_fn = WeightedBCELoss([1.0] * len(cfg.tasks))
+    first = None
+    for _ in range(30):
+        logits, aux = model.forward_with_aux(batch.sparse, batch.dense)
+        loss = loss_fn(logits, batch.labels) + sum(aux.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = float(loss) if first is None else first
+    assert float(loss) < first
+    scripted = torch.jit.script(model.eval())
+    with torch.no_grad():
+        exact(model(batch.sparse, batch.dense), scripted(batch.sparse, batch.dense))
+
+
+def test_moh_config_errors() -> None:
+    base = {"type": "autoint", "layers": 1, "attention_dim": 8, "heads": 4}
+    for routing, match in (
+        ({"shared": 1, "top_k": 3}, "routes nothing"),
+        ({"shared": 3, "top_k": 2}, "shared \\+ top_k <="),
+        ({"shared": 1, "top_k": 0}, "top_k >= 1"),
+        ({"shared": 1, "top_kk": 1}, "did you mean 'top_k'"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            parse_interaction(**base, heads_routing=routing)
+    cfg = parse_interaction(**base, heads_routing={"shared": 1, "top_k": 2})
+    assert cfg.model.interaction.heads_routing == HeadsRoutingConfig(1, 2, 0.01)

@@ -23,4 +23,13 @@ def build_interaction(cfg: InteractionConfig, num_fields: int, dim: int) -> Auto
         dropout=cfg.dropout,
         dnn=cfg.dnn,
         num_fields=num_fields,
+        routing=(
+            None
+            if cfg.heads_routing is None
+            else (
+                cfg.heads_routing.shared,
+                cfg.heads_routing.top_k,
+                cfg.heads_routing.balance_weight,
+            )
+        ),
     )

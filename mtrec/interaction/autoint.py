@@ -10,6 +10,15 @@ normalised value for numeric fields) attends over all fields of its row::
 The flattened output of the last layer feeds the multi-task block. AutoInt+
 adds a parallel MLP on ``flatten(E⁰)`` whose output is concatenated to it.
 The paper's linear logit term is not built: here the task towers make the logits.
+
+Mixture-of-Head routing (MoH, Jin et al. 2024, arXiv 2410.11842), per field token x:
+the first h_s heads are shared (always on) with gates ``α₁ · softmax(W_s x)``; a router
+scores the other R = H − h_s heads, keeps the top k of ``softmax(W_r x)`` and renormalises
+them to sum to 1, times ``α₂``; ``[α₁, α₂] = softmax(W_h x)``. Each head's output is
+scaled by its gate before concatenation, so H − h_s − k heads contribute nothing to that
+token. The load-balance loss ``β · Σ_i f_i P_i`` (f_i: share of tokens that picked routed
+head i, P_i: mean router probability of i) enters the training loss through the model's
+auxiliary-loss channel.
 """
 
 from __future__ import annotations
@@ -37,7 +46,10 @@ class InteractingLayer(nn.Module):
     ``use_residual=False`` it does not exist (``self.residual is None``).
     LayerNorm, when enabled, normalises the residual sum *before* the ReLU (as in
     FuxiCTR/BARS, whose AutoInt settings METHODS.md cites), so outputs stay >= 0.
-    ``dropout`` drops attention weights (training only).
+    ``dropout`` drops attention weights (training only). ``routing = (h_s, k, β)`` turns
+    on MoH head routing (see the module docstring); ``self.router`` is then one
+    ``Linear(in_dim, h_s + R + 2)`` giving shared-head, routed-head and shared/routed
+    logits in one GEMM.
 
     Example::
 
@@ -54,6 +66,7 @@ class InteractingLayer(nn.Module):
         use_residual: bool = True,
         layer_norm: bool = False,
         dropout: float = 0.0,
+        routing: tuple[int, int, float] | None = None,
     ) -> None:
         super().__init__()
         if min(in_dim, attention_dim, num_heads) <= 0:
@@ -74,6 +87,18 @@ class InteractingLayer(nn.Module):
         self.residual = nn.Linear(in_dim, attention_dim, bias=False) if use_residual else None
         self.norm = nn.LayerNorm(attention_dim) if layer_norm else None
         self.dropout = FastDropout(dropout)
+        self.shared_heads, self.top_k, self.balance_weight = 0, 0, 0.0
+        self.router: nn.Linear | None = None
+        if routing is not None:
+            shared, top_k, beta = routing
+            routed = num_heads - shared
+            if shared < 0 or not 0 < top_k < routed:
+                raise ValueError(
+                    f"MoH needs 0 <= shared and 0 < top_k < heads - shared, got "
+                    f"shared={shared}, top_k={top_k}, heads={num_heads}"
+                )
+            self.shared_heads, self.top_k, self.balance_weight = shared, top_k, float(beta)
+            self.router = nn.Linear(in_dim, shared + routed + 2)
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """B x F x in → Q, K, V, each B x H x F x d_h."""
@@ -90,17 +115,56 @@ class InteractingLayer(nn.Module):
         q, k, _ = self._heads(x)
         return self._probs(q, k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B x F x (h_s + R + 2) router logits → (B x F x H head gates, scalar unweighted
+        balance loss Σ f_i P_i)."""
+        hs = self.shared_heads
+        routed_probs = torch.softmax(logits[..., hs:-2], dim=-1)  # B x F x R
+        top_vals, top_idx = routed_probs.topk(self.top_k, dim=-1)
+        top_vals = top_vals / top_vals.sum(-1, keepdim=True)
+        routed = torch.zeros_like(routed_probs).scatter(-1, top_idx, top_vals)
+        if hs > 0:
+            mix = torch.softmax(logits[..., -2:], dim=-1)  # α₁, α₂
+            shared = torch.softmax(logits[..., :hs], dim=-1) * mix[..., :1]
+            gates = torch.cat([shared, routed * mix[..., 1:]], dim=-1)
+        else:
+            gates = routed
+        picked = torch.zeros_like(routed_probs).scatter(-1, top_idx, 1.0)
+        tokens = routed_probs.shape[0] * routed_probs.shape[1]
+        f_share = picked.reshape(tokens, -1).mean(0)  # no gradient: a count
+        p_mean = routed_probs.reshape(tokens, -1).mean(0)
+        return gates, (f_share * p_mean).sum()
+
+    @torch.jit.export
+    def head_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """B x F x in → B x F x H gate per head and token (all ones without routing)."""
+        router = self.router
+        if router is None:
+            return torch.ones(x.shape[0], x.shape[1], self.num_heads, dtype=x.dtype)
+        return self._route(router(x))[0]
+
+    def forward_with_balance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """B x F x in → (B x F x A output, β-weighted MoH balance loss or None)."""
         b, f = x.shape[0], x.shape[1]
         q, k, v = self._heads(x)
         probs = self.dropout(self._probs(q, k))
+        heads = torch.matmul(probs, v)  # B x H x F x d_h
+        balance: torch.Tensor | None = None
+        router = self.router
+        if router is not None:
+            gates, raw = self._route(router(x))
+            heads = heads * gates.transpose(1, 2).unsqueeze(-1)
+            balance = raw * self.balance_weight
         # B x H x F x d_h → B x F x H·d_h (heads concatenated per field)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, f, self.attention_dim)
+        out = heads.transpose(1, 2).reshape(b, f, self.attention_dim)
         if self.residual is not None:
             out = out + self.residual(x)
         if self.norm is not None:
             out = self.norm(out)
-        return torch.relu(out)
+        return torch.relu(out), balance
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_balance(x)[0]
 
 
 class AutoInt(nn.Module):
@@ -120,6 +184,7 @@ class AutoInt(nn.Module):
         dropout: dropout on attention weights.
         dnn: AutoInt+ hidden widths of a ReLU MLP on ``flatten(E⁰)`` (empty: AutoInt).
         num_fields: F; required when ``dnn`` is set (the MLP's input is F · in_dim).
+        routing: ``(shared heads, top k, β)`` for MoH head routing in every layer (None: off).
 
     Example::
 
@@ -138,6 +203,7 @@ class AutoInt(nn.Module):
         dropout: float = 0.0,
         dnn: list[int] | None = None,
         num_fields: int | None = None,
+        routing: tuple[int, int, float] | None = None,
     ) -> None:
         super().__init__()
         if num_layers <= 0:
@@ -145,7 +211,7 @@ class AutoInt(nn.Module):
         widths = [in_dim] + [attention_dim] * num_layers
         self.layers = nn.ModuleList(
             [
-                InteractingLayer(a, b, num_heads, use_residual, layer_norm, dropout)
+                InteractingLayer(a, b, num_heads, use_residual, layer_norm, dropout, routing)
                 for a, b in pairwise(widths)
             ]
         )
@@ -170,8 +236,10 @@ class AutoInt(nn.Module):
     ) -> list[torch.Tensor]:
         """B x F x d → each layer's B x F x A output (aux: where routed layers add losses)."""
         outs: list[torch.Tensor] = []
-        for layer in self.layers:
-            tokens = layer(tokens)
+        for i, layer in enumerate(self.layers):
+            tokens, balance = layer.forward_with_balance(tokens)
+            if balance is not None and self.training:
+                aux["moh_balance_" + str(i)] = balance
             outs.append(tokens)
         return outs
 
