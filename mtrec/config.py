@@ -119,18 +119,18 @@ class DatasetConfig:
 class EmbeddingConfig:
     """Sparse feature embeddings.
 
-    ``type: per_feature`` is one hashed table per feature (``buckets`` rows each);
-    ``type: unified`` multiplexes every sparse feature into one shared table of
+    ``type: unified`` (the default) multiplexes every sparse feature into one shared table of
     ``rows`` × ``chunk_dim`` (Unified Embedding, see ``mtrec.embeddings.unified``):
     feature i reads ``chunks[i]`` salted rows and concatenates them; a feature whose
     ``chunks[i] * chunk_dim != dim`` gets its own linear projection to ``dim``.
-    Rule of thumb for ``chunks``: ``k = min(3, 1 + floor(log10(vocabulary) / 2))``
+    ``type: per_feature`` is the baseline: one hashed table per feature (``buckets`` rows
+    each). Rule of thumb for ``chunks``: ``k = min(3, 1 + floor(log10(vocabulary) / 2))``
     (1 below ~100 values, 2 up to ~10^4, 3 above), then more for the features that
     matter most. The ``unified`` keys are ignored by ``per_feature`` (so one config can
     switch ``type`` by override) and ``buckets`` is ignored by ``unified``.
     """
 
-    type: Literal["per_feature", "unified"] = "per_feature"
+    type: Literal["per_feature", "unified"] = "unified"
     dim: int = 16
     # default hash buckets per categorical / multi-hot feature
     buckets: int = 100000
@@ -186,9 +186,12 @@ class HoMEConfig:
 
 @dataclass
 class APEMConfig:
-    """APEM (arXiv 2301.02494): field groups → set attention with inducing points → SE
-    over fields → per-task pattern selector. ``field_groups`` lists field names per group
-    (empty: one group of all fields)."""
+    """APEM (arXiv 2301.02494) on the last field tokens: field groups → set attention
+    with ``inducing_points`` learnable points (``heads`` heads; must divide the token
+    width) → SE over fields → per-task pattern selector; each task's r_t then goes through
+    a per-task MLP of ``expert_hidden`` widths. ``field_groups`` lists field names per
+    group; fields listed in no group form one extra group (empty: one group of all
+    fields)."""
 
     field_groups: list[list[str]] = field(default_factory=list)
     inducing_points: int = 4
@@ -200,10 +203,15 @@ class APEMConfig:
 @dataclass
 class TaskExpertConfig:
     """TaskExpert (Ye & Xu 2023) over field tokens: ``num_experts`` experts per layer,
-    per-task per-token gates over experts + the task's feature memory."""
+    per-task per-token gates over experts + the task's feature memory. With AutoInt there
+    is one layer per interacting layer (reading its output) and ``layers`` is ignored;
+    without, ``layers`` layers each read the field tokens. Each task's head is a per-task
+    MLP of ``expert_hidden`` widths on its flattened final memory."""
 
     layers: int = 2
     num_experts: int = 4
+    # width of every expert and of the memory (0: the width of the last tokens read)
+    expert_dim: int = 0
     # memory write: replace (M_t^l = F_t^l) or residual (M_t^l = M_t^{l-1} + F_t^l)
     memory: Literal["replace", "residual"] = "replace"
 
@@ -669,6 +677,20 @@ def _check_multitask(cfg: ExperimentConfig, source: str) -> None:
         ("task_expert.num_experts", tex.num_experts),
     ):
         _positive(source, f"model.multitask.{key}", value)
+    if tex.expert_dim < 0:
+        raise ConfigError(
+            f"{source}: model.multitask.task_expert.expert_dim: must be >= 0 (0: the token "
+            f"width), got {tex.expert_dim}"
+        )
+    if mt.type == "apem":
+        ia = cfg.model.interaction
+        width = ia.attention_dim if ia.type == "autoint" else cfg.model.embedding.dim
+        if width % apem.heads:
+            raise ConfigError(
+                f"{source}: model.multitask.apem.heads: {apem.heads} heads must divide the "
+                f"token width {width} (model.embedding.dim, or model.interaction.attention_dim "
+                "with AutoInt); pick a divisor"
+            )
     for key, value in (
         ("ple.shared_experts", ple.shared_experts),
         ("home.shared_experts", home.shared_experts),

@@ -485,8 +485,8 @@ def test_config_accepts_unified_options() -> None:
         {"tags": 2},
         1,
     )
-    # the default stays per_feature
-    assert parse_config(copy.deepcopy(BASE)).model.embedding.type == "per_feature"
+    # unified is the default; per_feature stays selectable
+    assert parse_config(copy.deepcopy(BASE)).model.embedding.type == "unified"
 
 
 UNKNOWN = "model.embedding.chunks.user_i: unknown feature; did you mean 'user_id'?"
@@ -544,8 +544,11 @@ def test_build_model_selects_the_embedding_by_type(data: Path, tmp_path: Path) -
     total = sum(f.buckets or cfg2.model.embedding.buckets for f in spec.sparse)
     assert isinstance(emb2, UnifiedEmbedding) and emb2.rows % 7 == 0
     assert total <= emb2.rows < total + 7
-    per_feature = build_model(small_config(data, tmp_path), spec).sparse_embedding
-    assert isinstance(per_feature, PerFeatureEmbedding)
+    assert isinstance(
+        build_model(small_config(data, tmp_path), spec).sparse_embedding, UnifiedEmbedding
+    )
+    baseline = small_config(data, tmp_path, model={"embedding": {"type": "per_feature"}})
+    assert isinstance(build_model(baseline, spec).sparse_embedding, PerFeatureEmbedding)
 
 
 def test_train_and_export_a_unified_model(data: Path, tmp_path: Path) -> None:
@@ -613,3 +616,20 @@ def test_resume_of_a_unified_run_reproduces_it(data: Path, tmp_path: Path) -> No
         exact(a["model"][k], b["model"][k])
     (sparse_state,) = a["sparse_optimizer"].values()
     assert sparse_state["state"], "no row-wise Adagrad state was checkpointed"
+
+
+def test_every_shipped_config_uses_unified_embedding(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mtrec.config import load_config
+    from mtrec.data.synthetic import synthesize
+
+    monkeypatch.setenv("MTREC_DATA_DIR", str(tmp_path))
+    shipped = sorted(Path(__file__).parent.parent.glob("configs/**/*.yaml"))
+    assert shipped
+    for path in shipped:
+        assert load_config(path).model.embedding.type == "unified", path
+    # the configs `mtrec data synth` writes (the demo's and the criteo-like bench's)
+    assert load_config(data / "config.yaml").model.embedding.type == "unified"
+    synthesize(tmp_path / "criteo", rows=200, preset="criteo-like")
+    assert load_config(tmp_path / "criteo" / "config.yaml").model.embedding.type == "unified"

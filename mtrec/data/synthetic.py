@@ -783,7 +783,7 @@ def _config_dict(preset_name: str, preset: _Preset, seed: int) -> dict[str, Any]
     }
     cfg["model"] = {
         "embedding": {
-            "type": "per_feature",
+            "type": "unified",
             "dim": 16,
             "buckets": 100_000,
             "learning_rate": 0.05,
