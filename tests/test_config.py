@@ -175,3 +175,25 @@ def test_override_paths_resolve_against_the_working_directory(
     )
     assert cfg.dataset.valid == str(work / "rel" / "v.parquet")
     assert cfg.dataset.test == "/data/here/t.parquet"
+
+
+def test_extends_expands_environment_variables(tmp_path: Path, monkeypatch) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.yaml").write_text(
+        "dataset: {train: train.parquet}\n"
+        "features: [{name: a, kind: categorical}]\n"
+        "tasks: [{name: click}]\n"
+    )
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: ${MTREC_SYNTH_DIR}/config.yaml\nname: child\n")
+    monkeypatch.setenv("MTREC_SYNTH_DIR", str(base))
+    cfg = load_config(child)
+    # the parent's relative dataset path resolves against the parent's own directory
+    assert cfg.name == "child" and cfg.dataset.train == str(base / "train.parquet")
+    monkeypatch.setenv("MTREC_SYNTH_DIR", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="run `make demo`"):
+        load_config(child)
+    child.write_text("extends: ${MTREC_NO_SUCH_VAR}/config.yaml\n")
+    with pytest.raises(ConfigError, match="MTREC_NO_SUCH_VAR is not set"):
+        load_config(child)

@@ -619,17 +619,20 @@ def test_resume_of_a_unified_run_reproduces_it(data: Path, tmp_path: Path) -> No
 
 
 def test_every_shipped_config_uses_unified_embedding(
-    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mtrec.config import load_config
     from mtrec.data.synthetic import synthesize
 
+    # the configs `mtrec data synth` writes (the demo's and the criteo-like bench's)
+    synthesize(tmp_path / "synth", rows=200)
+    synthesize(tmp_path / "criteo", rows=200, preset="criteo-like")
+    for written in ("synth", "criteo"):
+        assert load_config(tmp_path / written / "config.yaml").model.embedding.type == "unified"
+    # configs/census_kdd/* read ${MTREC_DATA_DIR}; configs/synthetic/* extend the demo data
     monkeypatch.setenv("MTREC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("MTREC_SYNTH_DIR", str(tmp_path / "synth"))
     shipped = sorted(Path(__file__).parent.parent.glob("configs/**/*.yaml"))
-    assert shipped
+    assert len(shipped) >= 9
     for path in shipped:
         assert load_config(path).model.embedding.type == "unified", path
-    # the configs `mtrec data synth` writes (the demo's and the criteo-like bench's)
-    assert load_config(data / "config.yaml").model.embedding.type == "unified"
-    synthesize(tmp_path / "criteo", rows=200, preset="criteo-like")
-    assert load_config(tmp_path / "criteo" / "config.yaml").model.embedding.type == "unified"

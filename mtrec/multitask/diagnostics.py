@@ -27,6 +27,7 @@ __all__ = [
     "Diagnostics",
     "dead_fraction",
     "gate_summary",
+    "model_diagnostics",
     "shared_usage",
 ]
 
@@ -77,3 +78,29 @@ def shared_usage(
         total = sum(weights.values())
         usage[expert] = {t: (w / total if total > 0 else float("nan")) for t, w in weights.items()}
     return usage
+
+
+def model_diagnostics(model: torch.nn.Module, batch: Any) -> Diagnostics | None:
+    """The block's diagnostics on one :class:`~mtrec.data.batch.Batch` (None when the
+    block has no ``diagnostics`` method), with numbers rounded for logging.
+
+    Runs in the model's current mode under ``torch.no_grad()``.
+    """
+    block = getattr(model, "block", None)
+    method = getattr(block, "diagnostics", None)
+    if method is None:
+        return None
+    with torch.no_grad():
+        aux: dict[str, torch.Tensor] = {}
+        v, tokens = model.block_inputs(batch.sparse, batch.dense, aux)
+        return _rounded(method(v, tokens))
+
+
+def _rounded(value: Any, digits: int = 4) -> Any:
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
