@@ -341,6 +341,9 @@ def _expand(value: str) -> str:
         name = m.group(1)
         if name == "MTREC_DATA_DIR":
             return os.environ.get(name, _default_data_dir())
+        if name == "MTREC_SYNTH_DIR":
+            # where `make demo` writes its planted data (configs/synthetic/*.yaml extend it)
+            return os.environ.get(name, str(Path("demo_out/data").resolve()))
         if name not in os.environ:
             raise KeyError(name)
         return os.environ[name]
@@ -410,11 +413,22 @@ def _load_raw(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: extends: expected a file path (str), got {type(parent).__name__}"
         )
-    parent_path = Path(parent)
+    try:
+        parent_path = Path(_expand(parent))
+    except KeyError as exc:
+        raise ConfigError(
+            f"{path}: extends: environment variable {exc.args[0]} is not set"
+        ) from None
     if not parent_path.is_absolute():
         parent_path = path.parent / parent_path
     if not parent_path.exists():
-        raise ConfigError(f"{path}: extends: base file {parent_path} does not exist")
+        hint = ""
+        if "MTREC_SYNTH_DIR" in parent:
+            hint = (
+                "; run `make demo` (or `mtrec data synth --out DIR` and set MTREC_SYNTH_DIR=DIR)"
+                " to create the synthetic data first"
+            )
+        raise ConfigError(f"{path}: extends: base file {parent_path} does not exist{hint}")
     return deep_merge(_load_raw(parent_path, (*chain, path)), raw)
 
 
@@ -699,6 +713,14 @@ def _check_multitask(cfg: ExperimentConfig, source: str) -> None:
     ):
         if value < 0:
             raise ConfigError(f"{source}: model.multitask.{key}: must be >= 0, got {value}")
+    # HoME: every gate needs an expert (level-1 group gates with the hierarchy, task gates
+    # without it)
+    own_key = "group_experts" if home.hierarchy else "task_experts"
+    if mt.type == "home" and home.shared_experts + getattr(home, own_key) < 1:
+        raise ConfigError(
+            f"{source}: model.multitask.home: shared_experts + {own_key} must be >= 1 "
+            f"(hierarchy: {str(home.hierarchy).lower()}); raise one of them"
+        )
     if home.task_groups:
         owner: dict[str, str] = {}
         for group, members in home.task_groups.items():
