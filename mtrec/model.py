@@ -40,7 +40,13 @@ def _lazy(module: str) -> BlockBuilder:
 
 MULTITASK_REGISTRY: dict[str, BlockBuilder] = {
     "mmoe": lambda i, c: MMoE(
-        i.in_features, i.num_tasks, c.num_experts, c.expert_hidden, c.activation, c.dropout
+        i.in_features,
+        i.num_tasks,
+        c.num_experts,
+        c.expert_hidden,
+        c.activation,
+        c.dropout,
+        i.task_names,
     ),
     "shared_bottom": lambda i, c: SharedBottom(
         i.in_features, i.num_tasks, c.expert_hidden, c.activation, c.dropout
@@ -70,7 +76,8 @@ def chain_logits(logits: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
         log_p = log_p + torch.nn.functional.logsigmoid(logits[:, t])
         # logit(p) = log p - log(1 - p); clamp keeps p < 1 so log(1 - p) is finite
         safe = log_p.clamp(max=-1e-7)
-        cols[t] = safe - torch.log(-torch.expm1(safe))
+        # the round trip through log space can land an ulp above the previous step
+        cols[t] = torch.minimum(safe - torch.log(-torch.expm1(safe)), cols[int(chain[j - 1])])
     return torch.stack(cols, dim=1)
 
 
