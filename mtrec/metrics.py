@@ -18,20 +18,25 @@ result equals ``sklearn.metrics.roc_auc_score(..., sample_weight=w)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "BOOTSTRAP_METHODS",
     "GAUC_WEIGHTINGS",
     "ScoreCollector",
     "auc",
+    "bootstrap",
     "bootstrap_ci",
     "calibration",
     "ece",
     "gauc",
     "logloss",
+    "reliability",
+    "roc_curve",
     "task_metrics",
 ]
 
@@ -390,6 +395,165 @@ def gauc(
 
 # --------------------------------------------------------------------------- bootstrap
 
+BOOTSTRAP_METHODS = ("multinomial", "poisson")
+
+# Poisson(1) by inverse CDF on 32-bit uniforms: count = #{k >= 1 : u >= 2^32 P(X < k)}.
+# P(X >= 13) < 2^-32, so 12 thresholds cover every count a 32-bit uniform can express.
+_POISSON_MAX = 12
+_POISSON_THRESHOLDS = np.array(
+    [
+        min(
+            round(math.fsum(math.exp(-1.0) / math.factorial(j) for j in range(k)) * 2.0**32),
+            2**32 - 1,
+        )
+        for k in range(1, _POISSON_MAX + 1)
+    ],
+    dtype=np.uint32,
+)
+
+
+def _draw_counts(rng: np.random.Generator, n: int, method: str) -> np.ndarray:
+    """How often each of ``n`` positions appears in one bootstrap resample (int [n]).
+
+    ``multinomial``: the classic resample of n rows with replacement
+    (``bincount(rng.integers(0, n, n))``). ``poisson``: independent Poisson(1) counts (the
+    total varies around n; Hanley & MacGibbon 2006), about 2x cheaper to draw.
+    """
+    if method == "multinomial":
+        return np.bincount(rng.integers(0, n, n), minlength=n)
+    u = rng.integers(0, 2**32, n, dtype=np.uint32)
+    counts = (u >= _POISSON_THRESHOLDS[0]).astype(np.uint8)
+    for t in _POISSON_THRESHOLDS[1:6]:
+        counts += u >= t
+    # counts above 6 are rare (P = 8e-5): finish them on the few rows that can have one
+    tail = np.flatnonzero(u >= _POISSON_THRESHOLDS[6])
+    if tail.size:
+        ut = u[tail]
+        counts[tail] += (ut[:, None] >= _POISSON_THRESHOLDS[None, 6:]).sum(1, dtype=np.uint8)
+    return counts
+
+
+class _Resampler:
+    """One task's rows prepared once so that each bootstrap resample costs O(n) sequential work.
+
+    Rows are laid out as ``[negatives by score, positives by score]``. Resampling rows of
+    that layout by counts ``c`` is a valid bootstrap of the original rows (counts are
+    exchangeable; rows are only ever resampled, never paired with other arrays). With
+    ``C`` the cumulative negative counts and ``lo_i`` / ``hi_i`` the number of negatives
+    strictly below / at-or-below positive i (precomputed by binary search):
+    ``2U = sum_i c_i (C[lo_i] + C[hi_i])`` (ties count 1/2), all in int64, so the resampled
+    AUC is exact. Nothing is gathered at random positions per resample.
+    """
+
+    def __init__(self, y: np.ndarray, s: np.ndarray, with_logloss: bool) -> None:
+        neg = np.sort(s[~y])
+        pos = np.sort(s[y])
+        self.n_neg, self.n = neg.size, y.size
+        self.lo = np.searchsorted(neg, pos, "left")
+        self.hi = np.searchsorted(neg, pos, "right")
+        self.losses: np.ndarray | None = None
+        if with_logloss:  # per-row losses in the same layout
+            self.losses = np.concatenate(
+                [
+                    _per_row_logloss(np.zeros(neg.size, bool), neg, 1e-7),
+                    _per_row_logloss(np.ones(pos.size, bool), pos, 1e-7),
+                ]
+            )
+        # buffers reused by every resample (fresh large arrays cost a page fault per 4 KiB)
+        self._cum = np.zeros(self.n_neg + 1, dtype=np.int64)
+        self._below = np.empty(pos.size, dtype=np.int64)
+        self._upto = np.empty(pos.size, dtype=np.int64)
+        self._float_counts = np.empty(self.n, dtype=np.float64) if with_logloss else None
+
+    def metrics(self, counts: np.ndarray) -> tuple[float, float]:
+        """(AUC, logloss) of the resample with these per-position counts (int [n])."""
+        cn, cp = counts[: self.n_neg], counts[self.n_neg :]
+        cum = self._cum
+        np.cumsum(cn, out=cum[1:])
+        w_pos, w_neg = int(cp.sum(dtype=np.int64)), int(cum[-1])
+        a = _NAN
+        if w_pos > 0 and w_neg > 0:
+            np.take(cum, self.lo, out=self._below)
+            np.take(cum, self.hi, out=self._upto)
+            np.add(self._below, self._upto, out=self._below)
+            u2 = int(np.dot(cp.astype(np.int64, copy=False), self._below))
+            a = u2 / (2 * w_pos * w_neg)
+        ll = _NAN
+        if self.losses is not None and self._float_counts is not None and w_pos + w_neg > 0:
+            # float64 holds the integer counts exactly. einsum, not np.dot: BLAS threads
+            # spin on a busy machine (measured 50x more CPU time than einsum's loop)
+            self._float_counts[:] = counts
+            ll = float(np.einsum("i,i->", self._float_counts, self.losses) / (w_pos + w_neg))
+        return a, ll
+
+
+def _percentile_ci(values: np.ndarray, alpha: float) -> tuple[float, float]:
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return _NAN, _NAN
+    lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def _check_bootstrap_args(n_resamples: int, alpha: float, method: str) -> None:
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if method not in BOOTSTRAP_METHODS:
+        raise ValueError(f"method must be one of {BOOTSTRAP_METHODS}, got {method!r}")
+
+
+def _bootstrap(
+    y: np.ndarray,
+    s: np.ndarray,
+    with_logloss: bool,
+    n_resamples: int,
+    alpha: float,
+    seed: int,
+    method: str,
+) -> dict[str, tuple[float, float]]:
+    out = {"auc": (_NAN, _NAN), "logloss": (_NAN, _NAN)}
+    n = y.size
+    if n == 0:
+        return out
+    res = _Resampler(y, s, with_logloss)
+    rng = np.random.default_rng(seed)
+    values = np.empty((n_resamples, 2), dtype=np.float64)
+    for r in range(n_resamples):
+        values[r] = res.metrics(_draw_counts(rng, n, method))
+    out["auc"] = _percentile_ci(values[:, 0], alpha)
+    if with_logloss:
+        out["logloss"] = _percentile_ci(values[:, 1], alpha)
+    return out
+
+
+def bootstrap(
+    labels: npt.ArrayLike,
+    probs: npt.ArrayLike,
+    n_resamples: int = 200,
+    alpha: float = 0.05,
+    seed: int = 0,
+    method: str = "poisson",
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap ``(1 - alpha)`` intervals of AUC and logloss from the same resamples.
+
+    Returns ``{"auc": (lo, hi), "logloss": (lo, hi)}``. Resample r draws per-row counts from
+    ``np.random.default_rng(seed)``. ``method="poisson"`` (default): independent Poisson(1)
+    counts per row (the Poisson bootstrap; asymptotically the same as the textbook one,
+    Hanley & MacGibbon 2006) -- about 2x cheaper to draw at millions of rows, where the
+    scattered ``bincount`` of the textbook draw is memory-bound. ``"multinomial"``: n rows
+    with replacement. The interval is the ``alpha/2`` and ``1 - alpha/2`` quantiles
+    (linear interpolation) of the resampled metric. Resamples whose AUC is undefined (one
+    class) are dropped from the AUC interval; ``(nan, nan)`` if none remain. One sort per
+    call, then O(n) sequential work per resample (see :class:`_Resampler`): measured
+    about 40 ms (Poisson) / 80 ms (multinomial) CPU per resample at 5M rows.
+    """
+    _check_bootstrap_args(n_resamples, alpha, method)
+    y = _check_labels(labels)
+    p = _check_probs(probs, "probs", y.size)
+    return _bootstrap(y, p, True, int(n_resamples), alpha, seed, method)
+
 
 def bootstrap_ci(
     labels: npt.ArrayLike,
@@ -398,43 +562,74 @@ def bootstrap_ci(
     n_resamples: int = 200,
     alpha: float = 0.05,
     seed: int = 0,
+    method: str = "poisson",
 ) -> tuple[float, float]:
-    """Percentile bootstrap ``(1 - alpha)`` CI for ``"auc"`` or ``"logloss"``.
-
-    Resample r uses ``idx = rng.integers(0, n, n)`` from ``np.random.default_rng(seed)``
-    (deterministic per seed); the CI is the ``alpha/2`` and ``1 - alpha/2`` quantiles of
-    the resampled metric (linear interpolation). Resamples with an undefined AUC (one
-    class) are dropped; ``(nan, nan)`` if none remain. AUC resamples reuse one sort (the
-    draw becomes integer row counts), so each costs O(n).
-    """
+    """Percentile bootstrap ``(1 - alpha)`` CI of one metric, ``"auc"`` (any scores) or
+    ``"logloss"`` (probabilities); the resamples of :func:`bootstrap` for the same seed."""
     if metric not in ("auc", "logloss"):
         raise ValueError(f"metric must be 'auc' or 'logloss', got {metric!r}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    _check_bootstrap_args(n_resamples, alpha, method)
     y = _check_labels(labels)
-    n = y.size
     check = _check_scores if metric == "auc" else _check_probs
-    s = check(scores, "scores", n)
-    if n == 0:
-        return _NAN, _NAN
-    rng = np.random.default_rng(seed)
-    values = np.empty(n_resamples, dtype=np.float64)
-    if metric == "auc":
-        index = _AucIndex(y, s)
-        for r in range(n_resamples):
-            counts = np.bincount(rng.integers(0, n, n), minlength=n)
-            values[r] = index.auc(counts)
-    else:
-        losses = _per_row_logloss(y, s, 1e-7)
-        for r in range(n_resamples):
-            values[r] = losses[rng.integers(0, n, n)].mean()
-    values = values[~np.isnan(values)]
-    if values.size == 0:
-        return _NAN, _NAN
-    lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
+    s = check(scores, "scores", y.size)
+    out = _bootstrap(y, s, metric == "logloss", int(n_resamples), alpha, seed, method)
+    return out[metric]
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def roc_curve(
+    labels: npt.ArrayLike, scores: npt.ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC points ``(fpr, tpr, thresholds)``, one per distinct score, highest threshold first.
+
+    Point k classifies ``score >= thresholds[k]`` as positive; the curve starts at (0, 0)
+    with threshold ``inf`` (as ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``).
+    Rates are ``nan`` when a class is absent.
+    """
+    y = _check_labels(labels)
+    s = _check_scores(scores, "scores", y.size)
+    order = np.argsort(s, kind="stable")[::-1]
+    ss, ys = s[order], y[order]
+    # last row of each block of equal scores (descending order)
+    ends = np.flatnonzero(np.concatenate((ss[1:] != ss[:-1], [s.size > 0])))
+    tp = np.cumsum(ys, dtype=np.int64)[ends]
+    fp = (ends + 1) - tp
+    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = np.concatenate(([0.0], tp / n_pos)) if n_pos else np.full(tp.size + 1, _NAN)
+        fpr = np.concatenate(([0.0], fp / n_neg)) if n_neg else np.full(fp.size + 1, _NAN)
+    thresholds = np.concatenate(([np.inf], ss[ends].astype(np.float64)))
+    return fpr, tpr, thresholds
+
+
+def reliability(
+    labels: npt.ArrayLike, probs: npt.ArrayLike, n_bins: int = 15
+) -> dict[str, np.ndarray]:
+    """Reliability-diagram bins: the equal-width bins of :func:`ece` over ``[0, 1]``.
+
+    Returns ``{"edges" [n_bins + 1], "count", "mean_prob", "mean_label"}`` (each
+    ``[n_bins]``; means are ``nan`` for empty bins), so that
+    ``ece == sum(count / N * |mean_prob - mean_label|)`` over non-empty bins.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    y = _check_labels(labels)
+    p = _check_probs(probs, "probs", y.size).astype(np.float64)
+    bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    sum_p = np.bincount(bins, weights=p, minlength=n_bins)
+    sum_y = np.bincount(bins, weights=y.astype(np.float64), minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.where(count > 0, sum_p / count, _NAN)
+        mean_y = np.where(count > 0, sum_y / count, _NAN)
+    return {
+        "edges": np.linspace(0.0, 1.0, n_bins + 1),
+        "count": count,
+        "mean_prob": mean_p,
+        "mean_label": mean_y,
+    }
 
 
 # --------------------------------------------------------------------------- per-task summary

@@ -255,21 +255,78 @@ def test_gauc_lexsort_fallback_matches_packed_path() -> None:
 # --------------------------------------------------------------------------- bootstrap
 
 
+def _layout(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows in the bootstrap's layout: negatives by score, then positives by score."""
+    yb = y.astype(bool)
+    order = np.concatenate(
+        [np.flatnonzero(~yb)[np.argsort(s[~yb])], np.flatnonzero(yb)[np.argsort(s[yb])]]
+    )
+    return y[order], s[order]
+
+
 def test_bootstrap_auc_deterministic_and_matches_naive_resampling() -> None:
     y, s = _data(800, 3, decimals=1)
-    ci = bootstrap_ci(y, s, "auc", n_resamples=60, seed=42)
-    assert ci == bootstrap_ci(y, s, "auc", n_resamples=60, seed=42)
-    assert ci != bootstrap_ci(y, s, "auc", n_resamples=60, seed=43)
+    ci = bootstrap_ci(y, s, "auc", n_resamples=60, seed=42, method="multinomial")
+    assert ci == bootstrap_ci(y, s, "auc", n_resamples=60, seed=42, method="multinomial")
+    assert ci != bootstrap_ci(y, s, "auc", n_resamples=60, seed=43, method="multinomial")
     point = auc(y, s)
     assert ci[0] < point < ci[1]
-    # The O(n) count-weighted resampling equals literally resampling rows.
+    # The count-based resampling equals literally resampling rows (of the sorted layout,
+    # which is a permutation of the rows: the bootstrap does not depend on row order).
+    ly, ls = _layout(y, s)
     rng = np.random.default_rng(42)
     vals = []
     for _ in range(60):
         idx = rng.integers(0, y.size, y.size)
-        vals.append(roc_auc_score(y[idx], s[idx]))
+        vals.append(roc_auc_score(ly[idx], ls[idx]))
     lo, hi = np.quantile(vals, [0.025, 0.975])
     assert ci == pytest.approx((lo, hi), abs=1e-12)
+
+
+def test_bootstrap_does_not_depend_on_row_order() -> None:
+    y, s = _data(600, 8, decimals=2)
+    perm = np.random.default_rng(0).permutation(y.size)
+    out = metrics_mod.bootstrap(y, s, n_resamples=40, seed=5)
+    assert out == metrics_mod.bootstrap(y[perm], s[perm], n_resamples=40, seed=5)
+
+
+@pytest.mark.parametrize("method", ["multinomial", "poisson"])
+def test_resampled_metrics_equal_weighted_sklearn(method: str) -> None:
+    y, s = _data(1500, 4, decimals=2)
+    s = np.clip(s, 0.01, 0.99)
+    ly, ls = _layout(y, s)
+    res = metrics_mod._Resampler(ly.astype(bool), ls, with_logloss=True)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        counts = metrics_mod._draw_counts(rng, y.size, method)
+        a, ll = res.metrics(counts)
+        assert a == pytest.approx(roc_auc_score(ly, ls, sample_weight=counts), abs=1e-12)
+        assert ll == pytest.approx(log_loss(ly, ls, sample_weight=counts, labels=[0, 1]), rel=1e-10)
+
+
+def test_poisson_counts_are_poisson_one() -> None:
+    counts = metrics_mod._draw_counts(np.random.default_rng(0), 400_000, "poisson")
+    freq = np.bincount(counts, minlength=5)[:5] / counts.size
+    expected = [math.exp(-1) / math.factorial(k) for k in range(5)]
+    assert freq == pytest.approx(expected, abs=3e-3)
+    assert counts.mean() == pytest.approx(1.0, abs=5e-3)
+    assert counts.var() == pytest.approx(1.0, abs=2e-2)
+    # thresholds are increasing and the table reaches P(X >= 13) < 2^-32
+    t = metrics_mod._POISSON_THRESHOLDS.astype(np.int64)
+    assert (np.diff(t) > 0).all() and 2**32 - t[-1] < 2**32 * 1e-9
+
+
+def test_bootstrap_both_metrics_share_resamples() -> None:
+    y, p = _data(700, 6, decimals=2)
+    p = np.clip(p, 0.01, 0.99)
+    out = metrics_mod.bootstrap(y, p, n_resamples=50, seed=9)
+    assert out["auc"] == bootstrap_ci(y, p, "auc", n_resamples=50, seed=9)
+    assert out["logloss"] == bootstrap_ci(y, p, "logloss", n_resamples=50, seed=9)
+    multi = metrics_mod.bootstrap(y, p, n_resamples=50, seed=9, method="multinomial")
+    assert multi != out and multi["auc"][0] < auc(y, p) < multi["auc"][1]
+    assert out["auc"][0] < auc(y, p) < out["auc"][1]
+    with pytest.raises(ValueError, match="method"):
+        metrics_mod.bootstrap(y, p, method="jackknife")
 
 
 def test_bootstrap_logloss() -> None:
@@ -290,6 +347,51 @@ def test_bootstrap_edge_cases() -> None:
         bootstrap_ci([0, 1], [0.1, 0.2], alpha=1.5)
     with pytest.raises(ValueError, match="NaN"):
         bootstrap_ci([0, 1], [0.1, np.nan])
+    # all-one-class input: every resample's AUC is undefined -> (nan, nan), logloss defined
+    one = metrics_mod.bootstrap([0, 0, 0, 0], [0.1, 0.2, 0.3, 0.4], n_resamples=10)
+    assert all(math.isnan(v) for v in one["auc"])
+    assert all(math.isfinite(v) for v in one["logloss"])
+    assert all(math.isnan(v) for v in metrics_mod.bootstrap([], [], n_resamples=3)["auc"])
+
+
+# --------------------------------------------------------------------------- curves
+
+
+@pytest.mark.parametrize("decimals", [1, 3, None])
+def test_roc_curve_matches_sklearn(decimals: int | None) -> None:
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    y, s = _data(2000, 2, decimals=decimals)
+    fpr, tpr, thr = metrics_mod.roc_curve(y, s)
+    sk_fpr, sk_tpr, sk_thr = sk_roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, atol=1e-15)
+    np.testing.assert_allclose(tpr, sk_tpr, atol=1e-15)
+    np.testing.assert_array_equal(thr[1:], sk_thr[1:])
+    assert thr[0] == np.inf
+    # the trapezoid area under the points is the tie-aware AUC
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auc(y, s), abs=1e-12)
+
+
+def test_roc_curve_edge_cases() -> None:
+    fpr, tpr, thr = metrics_mod.roc_curve([1, 1], [0.2, 0.4])
+    assert np.isnan(fpr).all() and tpr.tolist() == [0.0, 0.5, 1.0]
+    fpr, tpr, thr = metrics_mod.roc_curve([], [])
+    assert fpr.size == tpr.size == thr.size == 1
+
+
+def test_reliability_bins_give_ece() -> None:
+    y, p = _data(3000, 13, decimals=None)
+    rel = metrics_mod.reliability(y, p, n_bins=15)
+    ok = rel["count"] > 0
+    assert rel["count"].sum() == y.size and rel["edges"].size == 16
+    weighted_gap = rel["count"][ok] / y.size * np.abs(rel["mean_prob"][ok] - rel["mean_label"][ok])
+    assert weighted_gap.sum() == pytest.approx(ece(y, p, n_bins=15), abs=1e-12)
+    assert np.isnan(rel["mean_prob"][~ok]).all()
+    # p = 1 falls in the last bin, p = 0 in the first
+    edge = metrics_mod.reliability([1, 0], [1.0, 0.0], n_bins=4)
+    assert edge["count"].tolist() == [1, 0, 0, 1]
+    with pytest.raises(ValueError, match="n_bins"):
+        metrics_mod.reliability([1], [0.5], n_bins=0)
 
 
 # --------------------------------------------------------------------------- task_metrics

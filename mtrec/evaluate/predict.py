@@ -24,11 +24,15 @@ def collect_scores(
     source: EncodedChunk | str | Path,
     batch_size: int,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    expected_rows: int | None = None,
 ) -> ScoreCollector:
-    """Run ``model`` over ``source`` (in memory or streamed); collect labels and probabilities."""
+    """Run ``model`` over ``source`` (in memory or streamed); collect labels and probabilities.
+
+    Only labels, probabilities (and true probabilities / group ids) are kept, never the
+    features; ``expected_rows`` sizes the buffers once (no doubling copies)."""
     was_training = model.training
     model.eval()
-    collector = ScoreCollector()
+    collector = ScoreCollector(initial_capacity=max(1, expected_rows or 4096))
     try:
         for batch in iter_batches(source, spec, batch_size, chunk_rows=chunk_rows):
             probs = torch.sigmoid(model(batch.sparse, batch.dense))
