@@ -10,13 +10,14 @@ STAMP := $(VENV)/.mtrec-installed
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DIR ?= demo_out
 
-.PHONY: help venv test demo lint bench clean
+.PHONY: help venv test demo lint bench docs clean
 
 help:
 	@echo "make demo   # end-to-end: synthetic data -> train -> evaluate -> export -> predict"
 	@echo "make test   # the test suite"
 	@echo "make lint   # ruff"
 	@echo "make bench  # benchmarks (JSON lines)"
+	@echo "make docs   # regenerate docs/configuration.md from the config schema"
 
 venv: $(STAMP)
 
@@ -46,6 +47,9 @@ demo: venv
 bench: venv
 	$(PY) bench/loader.py
 	$(PY) bench/train.py
+
+docs: venv
+	$(PY) -m mtrec.docs --out docs/configuration.md
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
