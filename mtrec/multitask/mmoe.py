@@ -7,6 +7,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
+from mtrec.multitask.diagnostics import Diagnostics, dead_fraction, gate_summary, shared_usage
 from mtrec.multitask.layers import FastDropout, GroupedLinear, activation
 
 __all__ = ["MMoE", "SharedBottom"]
@@ -25,6 +26,7 @@ class MMoE(nn.Module):
         expert_hidden: expert MLP widths; the last is the task representation size.
         act: expert activation.
         dropout: dropout after each expert layer.
+        task_names: names of the T tasks for the diagnostics (default ``task0``, ...).
 
     Example::
 
@@ -40,8 +42,12 @@ class MMoE(nn.Module):
         expert_hidden: list[int],
         act: str = "relu",
         dropout: float = 0.0,
+        task_names: list[str] | None = None,
     ) -> None:
         super().__init__()
+        if task_names is not None and len(task_names) != num_tasks:
+            raise ValueError(f"{len(task_names)} task names for {num_tasks} tasks")
+        self.task_names = list(task_names or [f"task{t}" for t in range(num_tasks)])
         self.num_tasks = num_tasks
         self.num_experts = num_experts
         self.first_width = expert_hidden[0]
@@ -80,6 +86,29 @@ class MMoE(nn.Module):
         # cheaper than B tiny T x E @ E x h matmuls)
         return [(gate[:, t].t().unsqueeze(-1) * h).sum(0) for t in range(self.num_tasks)]
 
+    @torch.jit.ignore
+    def diagnostics(self, x: torch.Tensor, tokens: list[torch.Tensor]) -> Diagnostics:
+        """Expert health on one batch (see :mod:`mtrec.multitask.diagnostics`): experts
+        ``expert0..``, gates ``task:<name>``; every expert is shared."""
+        names = [f"expert{i}" for i in range(self.num_experts)]
+        with torch.no_grad():
+            b = x.shape[0]
+            expert_in = self.input_layer(x)[:, : self.num_experts * self.first_width]
+            h = expert_in.reshape(b, self.num_experts, self.first_width).transpose(0, 1)
+            h = self.dropout(self.act(h))
+            for layer in self.deep_layers:
+                h = self.dropout(self.act(layer(h)))
+            gate = self.gates(x)
+        gates = {
+            f"task:{task}": gate_summary(gate[:, t], names)
+            for t, task in enumerate(self.task_names)
+        }
+        return {
+            "experts": {n: {"dead_fraction": dead_fraction(h[i])} for i, n in enumerate(names)},
+            "gates": gates,
+            "shared_usage": shared_usage(gates, names),
+        }
+
 
 class SharedBottom(nn.Module):
     """One shared MLP whose output every task reads (the classic baseline).
@@ -108,3 +137,15 @@ class SharedBottom(nn.Module):
     ) -> list[torch.Tensor]:
         h = self.mlp(x)
         return [h for _ in range(self.num_tasks)]
+
+    @torch.jit.ignore
+    def diagnostics(self, x: torch.Tensor, tokens: list[torch.Tensor]) -> Diagnostics:
+        """Expert health on one batch: the bottom MLP is one expert (``bottom``, dead
+        fraction of its output); there are no gates, so no usage shares."""
+        with torch.no_grad():
+            h = self.mlp(x)
+        return {
+            "experts": {"bottom": {"dead_fraction": dead_fraction(h)}},
+            "gates": {},
+            "shared_usage": {},
+        }
