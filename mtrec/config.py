@@ -721,7 +721,9 @@ def _check_multitask(cfg: ExperimentConfig, source: str) -> None:
             f"{source}: model.multitask.home: shared_experts + {own_key} must be >= 1 "
             f"(hierarchy: {str(home.hierarchy).lower()}); raise one of them"
         )
-    if home.task_groups:
+    # a block's own settings are checked only when it is the block in use, so one config can
+    # switch model.multitask.type by override (and drop tasks) without editing them
+    if mt.type == "home" and home.task_groups:
         owner: dict[str, str] = {}
         for group, members in home.task_groups.items():
             key = f"model.multitask.home.task_groups.{group}"
@@ -742,7 +744,7 @@ def _check_multitask(cfg: ExperimentConfig, source: str) -> None:
                 "add them to a group"
             )
     seen_fields: set[str] = set()
-    for g, members in enumerate(apem.field_groups):
+    for g, members in enumerate(apem.field_groups if mt.type == "apem" else []):
         key = f"model.multitask.apem.field_groups[{g}]"
         if not members:
             raise ConfigError(f"{source}: {key}: a group needs at least one field")

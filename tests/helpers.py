@@ -25,9 +25,12 @@ from mtrec.data.spec import FeatureSpec
 
 MAX_BUCKETS = 256
 
+# the plain stack (MMoE on the flattened tokens) unless a test asks for more: the data's
+# own config.yaml is the full demo stack (AutoInt → HoME)
 SMALL_MODEL: dict[str, Any] = {
     "embedding": {"dim": 8, "buckets": MAX_BUCKETS, "learning_rate": 0.05},
-    "multitask": {"num_experts": 2, "expert_hidden": [16, 8], "tower_hidden": [8]},
+    "interaction": {"type": "none"},
+    "multitask": {"type": "mmoe", "num_experts": 2, "expert_hidden": [16, 8], "tower_hidden": [8]},
 }
 
 SMALL_TRAINING: dict[str, Any] = {

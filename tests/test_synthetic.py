@@ -156,8 +156,18 @@ def test_config_loads_and_names_existing_columns(run: str, request: pytest.Fixtu
             assert schema[t.true_prob] == pl.Float64
         if cfg.group_key is not None:
             assert schema[cfg.group_key] == pl.Int64
-    assert cfg.model.embedding.dim == 16
-    assert cfg.model.multitask.type == "mmoe"
+    assert cfg.model.embedding.dim == 16 and cfg.model.embedding.type == "unified"
+    if run == "default_run":
+        # the design's full stack: unified embedding → AutoInt → HoME over the planted groups
+        assert cfg.model.interaction.type == "autoint"
+        assert cfg.model.multitask.type == "home"
+        assert cfg.model.multitask.home.task_groups == {
+            "engage_a": ["click", "like"],
+            "engage_b": ["share", "follow"],
+        }
+    else:
+        assert cfg.model.interaction.type == "none"
+        assert cfg.model.multitask.type == "mmoe"
     assert cfg.model.multitask.num_experts == 4
     assert cfg.model.multitask.expert_hidden == [128, 64]
     assert cfg.model.multitask.tower_hidden == [64]

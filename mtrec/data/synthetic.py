@@ -801,6 +801,19 @@ def _config_dict(preset_name: str, preset: _Preset, seed: int) -> dict[str, Any]
             "dropout": 0.0,
         },
     }
+    groups = {g: list(ts) for g, ts in preset.groups.items() if ts}
+    if groups:
+        # the design's full stack: unified embedding → AutoInt → HoME over the planted
+        # task groups (the structure HoME's hierarchy is for)
+        cfg["model"]["interaction"] = {
+            "type": "autoint",
+            "layers": 2,
+            "attention_dim": 16,
+            "heads": 2,
+            "layer_norm": True,
+        }
+        cfg["model"]["multitask"]["type"] = "home"
+        cfg["model"]["multitask"]["home"] = {"task_groups": groups}
     cfg["training"] = {
         "batch_size": 4096 if criteo else 1024,
         "eval_batch_size": 16384 if criteo else 8192,
