@@ -1,50 +1,85 @@
 """Export a run's best model to TorchScript, verified against the eager model.
 
-The file carries its contract as the TorchScript extra file ``signature.json``
-(features in input order, kinds, numeric normalisation, tasks, the stable-hash
-definition, mtrec version, config hash); the same JSON is written beside it as
-``<model stem>.signature.json``.
-Loading needs ``torch`` plus ``import fbgemm_gpu`` (torchrec's KeyedJaggedTensor
-uses fbgemm operators inside the scripted graph).
+``export_run`` scripts :class:`~mtrec.export.serving.ServingModule` around the run's
+best checkpoint (eval mode: BatchNorm running statistics, no dropout), checks it on
+held-out rows, and only then writes the file (atomically, with its ``.signature.json``
+beside it). The file carries its contract as the TorchScript extra file
+``signature.json``: features in input order (names, columns, kinds, pooling),
+numeric normalisation, tasks and ESMM chaining, the stable-hash definition with
+example ids, mtrec version and config hash. It loads with ``torch`` alone
+(``signature["requires"]``): the serving graph holds no torchrec or FBGEMM code.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import mtrec
+from mtrec.data.batch import Batch
 from mtrec.data.batcher import encoded_chunks, to_batch
+from mtrec.data.hashing import MISSING_ID, RARE_ID, hash_value
 from mtrec.data.hashing import __doc__ as HASH_DOC
 from mtrec.data.spec import FeatureSpec
+from mtrec.export.errors import ExportError
 from mtrec.export.serving import ServingModule
-from mtrec.io import atomic_path, atomic_write_text
+from mtrec.io import atomic_path
+from mtrec.model import MultiTaskModel
+from mtrec.serving import SIGNATURE_FILE, load_model
 from mtrec.train.loop import load_trained_model, run_config_hash
 
-__all__ = ["ExportError", "export_run", "load_exported", "signature_of"]
+__all__ = [
+    "PARITY_TOLERANCE",
+    "ExportError",
+    "check_parity",
+    "export_run",
+    "load_exported",
+    "script_serving",
+    "signature_of",
+]
 
 PARITY_TOLERANCE = 1e-5
+"""Largest |scripted - eager| probability an export accepts."""
+
+# values whose ids the signature lists, so a client can check its own hash implementation
+_HASH_EXAMPLES: list[str | int | float | None] = [42, "42", "abc", "", "日本", 34.0, 0.5, -7, None]
 
 
-class ExportError(RuntimeError):
-    """Export failed; nothing was written."""
-
-
-def signature_of(spec: FeatureSpec, cfg_hash: str) -> dict[str, Any]:
+def signature_of(
+    spec: FeatureSpec,
+    cfg_hash: str,
+    model: MultiTaskModel | None = None,
+    model_cfg: Any = None,
+    data_format: str = "parquet",
+    csv_separator: str = ",",
+    requires: list[str] | None = None,
+) -> dict[str, Any]:
+    """The contract of an export (stored inside the file as ``signature.json``)."""
+    stats = spec.stats_dict()
+    chain = [] if model is None else [model.task_names[int(i)] for i in model.chain.tolist()]
     return {
         "format": "mtrec-serving-v1",
         "mtrec_version": mtrec.__version__,
+        "torch_version": torch.__version__.split("+")[0],
         "config_hash": cfg_hash,
+        "trained_epoch": -1 if model is None else model.trained_epoch,
+        "requires": requires or ["torch"],
         "inputs": {
-            "values": "int64 [sum(lengths)] stable value ids, feature-major",
-            "lengths": "int32 [num_sparse * B] ids per (feature, row), feature-major",
-            "dense": "float32 [B, num_numeric] raw numeric values, NaN = missing",
+            "values": "int64 [sum(lengths)] stable value ids (see hash), feature-major: every "
+            "id of sparse feature 0 for rows 0..B-1, then feature 1, ...",
+            "lengths": "int32 or int64 [num_sparse_features * B] ids per (feature, row), "
+            "feature-major (torchrec KeyedJaggedTensor layout)",
+            "dense": "float32 [B, num_numeric_features] RAW numeric values in numeric_features "
+            "order, NaN = missing; the module normalises them itself",
         },
-        "output": "float32 [B, T] probabilities",
+        "output": "float32 [B, T] probabilities, tasks in `tasks` order",
         "sparse_features": [
             {
                 "name": f.name,
@@ -52,17 +87,125 @@ def signature_of(spec: FeatureSpec, cfg_hash: str) -> dict[str, Any]:
                 "kind": f.kind,
                 "delimiter": f.delimiter,
                 "pooling": f.pooling,
+                "min_count": spec.min_count_of(f.name),
             }
             for f in spec.sparse
         ],
         "numeric_features": [
-            {"name": f.name, "column": f.source, **spec.stats_dict()[f.name]} for f in spec.numeric
+            {"name": f.name, "column": f.source, **stats[f.name]} for f in spec.numeric
         ],
+        "normalisation": "x' = (g(x) - mean) / std with g(x) = sign(x)·log1p(|x|) for "
+        "log1p_* transforms, else g(x) = x; a non-finite x' becomes fill_value",
         "nan_policy": spec.nan_policy,
         "fill_value": spec.fill_value,
         "tasks": spec.task_names,
-        "hash": (HASH_DOC or "").strip(),
+        "chain": chain,
+        "chain_note": "ESMM: task chain[j] (j >= 1) outputs the joint probability "
+        "p(chain[0] and ... and chain[j])",
+        "model": None
+        if model_cfg is None
+        else {
+            "embedding": model_cfg.embedding.type,
+            "interaction": model_cfg.interaction.type,
+            "multitask": model_cfg.multitask.type,
+        },
+        "data_format": data_format,
+        "csv_separator": csv_separator,
+        "hash": {
+            "name": "fnv1a64-fmix64",
+            "definition": (HASH_DOC or "").strip(),
+            "missing_id": MISSING_ID,
+            "rare_id": RARE_ID,
+            "examples": [{"value": v, "id": hash_value(v)} for v in _HASH_EXAMPLES],
+            "inside_the_module": "per-feature bucketing (id mod buckets), the frequency "
+            "filter (rare ids) and Unified Embedding's salted (feature, chunk) hash",
+        },
     }
+
+
+def script_serving(model: MultiTaskModel, spec: FeatureSpec) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` of the serving module around ``model`` (put in eval mode)."""
+    model.eval()
+    serving = ServingModule(model, spec.sparse_names, len(spec.numeric)).eval()
+    try:
+        scripted = torch.jit.script(serving)
+    except Exception as exc:  # TorchScript's frontend raises several types
+        raise ExportError(
+            "cannot script the serving module; every block must be TorchScript-compatible "
+            f"({type(exc).__name__}: {str(exc).strip()[:1500]})"
+        ) from None
+    training = [name or "<root>" for name, m in scripted.named_modules() if m.training]
+    if training:
+        raise ExportError(f"modules still in training mode after eval(): {training[:5]}")
+    return scripted
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def check_parity(
+    scripted: nn.Module, model: MultiTaskModel, batch: Batch, where: str = "the parity batch"
+) -> float:
+    """Max |scripted - eager| probability on ``batch``; raises past the tolerance.
+
+    Also scores the first row alone: a module whose output depends on the rest of the
+    batch (BatchNorm or dropout left in training mode) fails here.
+    """
+    kjt = batch.sparse
+    with torch.no_grad():
+        eager = model.predict(kjt, batch.dense)
+        script_out = scripted(kjt.values(), kjt.lengths(), batch.dense)
+    diff = _max_diff(eager, script_out)
+    if not diff <= PARITY_TOLERANCE:
+        raise ExportError(
+            f"scripted and eager models differ by {diff:.3g} > {PARITY_TOLERANCE} on "
+            f"{batch.batch_size} rows of {where}; nothing was written"
+        )
+    if batch.batch_size > 1:
+        values, lengths = _first_row(kjt.values(), kjt.lengths(), len(kjt.keys()))
+        with torch.no_grad():
+            alone = scripted(values, lengths, batch.dense[:1])
+        single = _max_diff(alone, script_out[:1])
+        if not single <= PARITY_TOLERANCE:
+            raise ExportError(
+                f"the scripted model scores row 0 of {where} differently alone than in a batch "
+                f"(by {single:.3g}): a module depends on the batch (BatchNorm or dropout in "
+                "training mode?); nothing was written"
+            )
+    return diff
+
+
+def _first_row(
+    values: torch.Tensor, lengths: torch.Tensor, num_features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and lengths of row 0 alone, from feature-major KJT values / lengths."""
+    if num_features == 0:
+        return values[:0], lengths[:0]
+    by_feature = lengths.view(num_features, -1).to(torch.int64)
+    starts = (torch.cumsum(by_feature.sum(1), 0) - by_feature.sum(1)).tolist()
+    counts = by_feature[:, 0].tolist()
+    parts = [values[s : s + n] for s, n in zip(starts, counts)]
+    first = torch.cat(parts) if parts else values[:0]
+    return first, lengths.view(num_features, -1)[:, 0].contiguous()
+
+
+def _parity_batch(spec: FeatureSpec, path: str, rows: int) -> Batch:
+    for chunk in encoded_chunks(spec, path, rows, need_labels=False):
+        return to_batch(chunk.slice(0, min(rows, chunk.rows)), spec)
+    raise ExportError(f"{path}: no rows for the parity check")
+
+
+def _requires(archive: bytes) -> list[str]:
+    """What loading the saved graph needs: ``torch``, plus ``fbgemm_gpu`` if any of its
+    code calls an FBGEMM operator."""
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        for name in zf.namelist():
+            if "/code/" in name and name.endswith(".py") and b"fbgemm" in zf.read(name):
+                return ["torch", "fbgemm_gpu"]
+    return ["torch"]
 
 
 def _signature_path(model_path: Path) -> Path:
@@ -70,68 +213,60 @@ def _signature_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + ".signature.json")
 
 
-def _parity_batch(spec: FeatureSpec, path: str, rows: int) -> Any:
-    for chunk in encoded_chunks(spec, path, rows, need_labels=False):
-        return to_batch(chunk.slice(0, min(rows, chunk.rows)), spec)
-    raise ExportError(f"{path}: no rows for the parity check")
-
-
 def export_run(
     run_dir: str | Path, out: str | Path | None = None, parity_rows: int = 512
 ) -> dict[str, Any]:
-    """Script the run's best model, check parity on held-out rows, write atomically."""
+    """Script the run's best model, check parity on held-out rows, write atomically.
+
+    Raises :class:`~mtrec.train.checkpoint.CheckpointError` for a missing, corrupt or
+    mismatched checkpoint and :class:`ExportError` when scripting or the parity check
+    fails; in every case nothing is written.
+    """
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     cfg, spec, model = load_trained_model(run_dir)
     out = Path(out) if out else run_dir / "export" / "model.pt"
-    serving = ServingModule(model, spec.sparse_names, len(spec.numeric)).eval()
-    scripted = torch.jit.script(serving)
+    scripted = script_serving(model, spec)
     held_out = cfg.dataset.valid or cfg.dataset.test or cfg.dataset.train
     batch = _parity_batch(spec, held_out, parity_rows)
+    diff = check_parity(scripted, model, batch, where=str(held_out))
+
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    signature = signature_of(
+        spec,
+        run_config_hash(run_dir),
+        model,
+        cfg.model,
+        data_format=cfg.dataset.format,
+        csv_separator=cfg.dataset.csv_separator,
+        requires=_requires(buffer.getvalue()),
+    )
+    sig_text = json.dumps(signature, indent=2, ensure_ascii=False) + "\n"
     kjt = batch.sparse
     with torch.no_grad():
-        eager = torch.sigmoid(model(kjt, batch.dense))
-        script_out = scripted(kjt.values(), kjt.lengths(), batch.dense)
-    diff = float((eager - script_out).abs().max())
-    if not diff <= PARITY_TOLERANCE:
-        raise ExportError(
-            f"{run_dir}: scripted and eager models differ by {diff:.3g} > {PARITY_TOLERANCE} on "
-            f"{batch.batch_size} rows of {held_out}; nothing was written"
-        )
-    signature = signature_of(spec, run_config_hash(run_dir))
-    sig_text = json.dumps(signature, indent=2) + "\n"
-    with atomic_path(out) as tmp:
-        torch.jit.save(scripted, str(tmp), _extra_files={"signature.json": sig_text})
-        # reload what was written before it replaces anything
-        reloaded = torch.jit.load(str(tmp))
+        expected = scripted(kjt.values(), kjt.lengths(), batch.dense)
+    sig_path = _signature_path(out)
+    # both files appear together or not at all (the inner one is renamed first)
+    with atomic_path(out) as tmp, atomic_path(sig_path) as sig_tmp:
+        torch.jit.save(scripted, str(tmp), _extra_files={SIGNATURE_FILE: sig_text})
+        reloaded, _ = load_model(tmp)  # what was written, before it replaces anything
         with torch.no_grad():
             again = reloaded(kjt.values(), kjt.lengths(), batch.dense)
-        if float((again - script_out).abs().max()) > PARITY_TOLERANCE:
+        if not _max_diff(again, expected) <= PARITY_TOLERANCE:
             raise ExportError(f"{out}: the saved file does not reproduce the scripted model")
-    atomic_write_text(_signature_path(out), sig_text)
+        sig_tmp.write_text(sig_text)
     return {
         "model": str(out),
-        "signature": str(_signature_path(out)),
+        "signature": str(sig_path),
         "parity_max_abs_diff": diff,
         "parity_rows": batch.batch_size,
+        "requires": signature["requires"],
+        "size_mb": round(out.stat().st_size / 2**20, 2),
         "wall_s": round(time.perf_counter() - t0, 2),
     }
 
 
 def load_exported(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """Load an exported model and its signature."""
-    import fbgemm_gpu  # noqa: F401  (registers the fbgemm operators the graph calls)
-
-    path = Path(path)
-    if not path.exists():
-        raise ExportError(f"{path}: no exported model; run `mtrec export --run RUN_DIR` first")
-    extra = {"signature.json": ""}
-    try:
-        module = torch.jit.load(str(path), _extra_files=extra)
-    except RuntimeError as exc:
-        raise ExportError(
-            f"{path}: cannot load TorchScript model: {str(exc).splitlines()[0]}"
-        ) from None
-    if not extra["signature.json"]:
-        raise ExportError(f"{path}: not an mtrec export (no signature.json inside)")
-    return module, json.loads(extra["signature.json"])
+    """Load an exported model and its signature (:func:`mtrec.serving.load_model`)."""
+    return load_model(path)
