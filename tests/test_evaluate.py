@@ -380,3 +380,34 @@ def test_compare_pools_seeds_and_marks_unsupported_differences(
         "click": True,
         "like": False,
     }
+
+
+def test_expert_health_is_row_weighted_and_reported(autoint_setup) -> None:
+    """Dead fractions and shared-expert usage of MMoE's diagnostics, averaged over batches
+    by rows, reach the insights and the Markdown report."""
+    from mtrec.evaluate.report import _health_markdown
+
+    cfg, spec, model = autoint_setup
+    ins = collect_insights(model, spec, cfg.dataset.valid, batch_size=128, max_rows=300)
+    chunk = load_encoded(spec, cfg.dataset.valid, cfg.dataset.chunk_rows).slice(0, 300)
+    per_batch, sizes = [], []
+    model.eval()
+    with torch.no_grad():
+        for b in iter_batches(chunk, spec, 128):
+            v, tokens = model.block_inputs(b.sparse, b.dense, {})
+            per_batch.append(model.block.diagnostics(v, tokens))
+            sizes.append(b.batch_size)
+    experts = list(per_batch[0]["experts"])
+    assert list(ins.expert_dead_fraction) == experts
+    for e in experts:
+        expected = sum(d["experts"][e]["dead_fraction"] * n for d, n in zip(per_batch, sizes))
+        assert ins.expert_dead_fraction[e] == pytest.approx(expected / sum(sizes))
+        assert 0.0 <= ins.expert_dead_fraction[e] <= 1.0
+    # every MMoE expert is shared: its task shares sum to 1
+    assert set(ins.shared_usage) == set(experts)
+    for shares in ins.shared_usage.values():
+        assert set(shares) == set(spec.task_names)
+        assert sum(shares.values()) == pytest.approx(1.0)
+    text = "\n".join(_health_markdown(ins.to_dict()))
+    assert "## Expert health" in text and experts[0] in text
+    assert "| shared expert | " + " | ".join(sorted(spec.task_names)) + " |" in text

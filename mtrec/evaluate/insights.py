@@ -8,7 +8,9 @@ Two views, each drawn only when the model has the part it needs:
 * **Expert gates** (blocks with a ``diagnostics(v, tokens)`` method, format in
   :mod:`mtrec.multitask.diagnostics`): the mean weight each task's gate
   (``gates["task:<name>"]``) puts on each expert, as a task × expert matrix; an expert a
-  task's gate does not mix is NaN.
+  task's gate does not mix is NaN. Also each expert's dead-activation fraction and, for
+  shared experts, each task's share of the gate weight they receive (HoME's collapse,
+  degradation and underfitting failure modes, measured).
 
 Both are means over at most ``max_rows`` rows (the first rows of the split, streamed), so
 the cost is bounded whatever the size of the test set. Batches are weighted by their rows.
@@ -50,6 +52,10 @@ class ModelInsights:
     gate_experts: list[str] = field(default_factory=list)
     gates: np.ndarray | None = None
     gate_entropy: dict[str, float] = field(default_factory=dict)
+    # expert -> row-weighted mean fraction of (near-)zero activations
+    expert_dead_fraction: dict[str, float] = field(default_factory=dict)
+    # shared expert -> task -> share of the gate weight it receives
+    shared_usage: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (NaN cells stay NaN; ``mtrec.io.to_json`` writes them as null)."""
@@ -67,6 +73,10 @@ class ModelInsights:
                 "mean_weight": self.gates.tolist(),
                 "entropy": dict(self.gate_entropy),
             }
+        if self.expert_dead_fraction:
+            out["expert_dead_fraction"] = dict(self.expert_dead_fraction)
+        if self.shared_usage:
+            out["shared_usage"] = {e: dict(u) for e, u in self.shared_usage.items()}
         return out
 
 
@@ -77,8 +87,16 @@ class _GateSums:
         self.weight: dict[str, dict[str, float]] = {}  # task -> expert -> sum(rows * w)
         self.entropy: dict[str, float] = {}
         self.experts: list[str] = []  # first-seen order
+        self.dead: dict[str, float] = {}  # expert -> sum(rows * dead fraction)
+        self.usage: dict[str, dict[str, float]] = {}  # expert -> task -> sum(rows * share)
 
     def add(self, diagnostics: dict[str, Any], rows: int) -> None:
+        for expert, health in diagnostics.get("experts", {}).items():
+            self.dead[expert] = self.dead.get(expert, 0.0) + rows * float(health["dead_fraction"])
+        for expert, shares in diagnostics.get("shared_usage", {}).items():
+            acc = self.usage.setdefault(expert, {})
+            for task, share in shares.items():
+                acc[task] = acc.get(task, 0.0) + rows * float(share)
         for gate, summary in diagnostics.get("gates", {}).items():
             if not gate.startswith(_TASK_GATE):
                 continue
@@ -161,6 +179,11 @@ def collect_insights(
             out.rows, list(spec.task_names)
         )
         out.gate_experts = list(gate_sums.experts)
+    if has_gates:
+        out.expert_dead_fraction = {e: d / out.rows for e, d in gate_sums.dead.items()}
+        out.shared_usage = {
+            e: {t: v / out.rows for t, v in u.items()} for e, u in gate_sums.usage.items()
+        }
     return out
 
 

@@ -274,9 +274,44 @@ def _markdown(report: dict[str, Any]) -> str:
         lines.append(
             "`oracle_auc`: AUC of the true probabilities: the best any model can reach here."
         )
+    lines += _health_markdown(report.get("insights", {}))
     for kind, name in report.get("plots", {}).items():
         lines += ["", f"## {_TITLES.get(kind, kind)}", "", f"![{kind}]({name})"]
     return "\n".join(lines) + "\n"
+
+
+def _health_markdown(insights: dict[str, Any]) -> list[str]:
+    """Expert health: dead-activation fraction per expert, shared experts' use per task."""
+    dead = insights.get("expert_dead_fraction") or {}
+    if not dead:
+        return []
+    lines = [
+        "",
+        f"## Expert health (first {insights['rows']} rows)",
+        "",
+        "| expert | dead fraction |",
+        "|---|---|",
+    ]
+    lines += [f"| {e} | {_fmt(float(d))} |" for e, d in dead.items()]
+    usage = insights.get("shared_usage") or {}
+    if usage:
+        tasks = sorted({t for u in usage.values() for t in u})
+        lines += [
+            "",
+            "Share of each shared expert's gate weight by task (one task near 1: the expert "
+            "has degraded into that task's own):",
+            "",
+            "| shared expert | " + " | ".join(tasks) + " |",
+            "|---" * (len(tasks) + 1) + "|",
+        ]
+        lines += [
+            f"| {e} | " + " | ".join(_fmt(u.get(t)) for t in tasks) + " |" for e, u in usage.items()
+        ]
+    lines.append(
+        "\nDead fraction: share of activations with |a| <= 1e-4 after the expert's "
+        "activation (ReLU experts die at exactly 0)."
+    )
+    return lines
 
 
 # ----------------------------------------------------------------------------- entry
