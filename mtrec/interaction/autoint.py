@@ -104,7 +104,8 @@ class InteractingLayer(nn.Module):
         """B x F x in → Q, K, V, each B x H x F x d_h."""
         b, f = x.shape[0], x.shape[1]
         qkv = self.qkv(x).view(b, f, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv.unbind(0)  # unbind: its backward stacks, indexing would zero-fill 3x
+        return q, k, v
 
     def _probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * self.scale, dim=-1)
