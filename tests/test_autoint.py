@@ -262,7 +262,7 @@ def build(cfg: ExperimentConfig, spec: FeatureSpec, seed: int = 0) -> MultiTaskM
 
 def test_default_config_builds_no_interaction(setup) -> None:
     cfg, spec, _ = setup
-    assert cfg.model.interaction == InteractionConfig() and cfg.model.interaction.type == "none"
+    assert InteractionConfig().type == "none" and cfg.model.interaction.type == "none"
     assert build_interaction(cfg.model.interaction, 5, 8) is None
     model = build(cfg, spec)
     assert model.interaction is None
