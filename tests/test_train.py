@@ -105,6 +105,17 @@ def test_run_directory_layout_and_metrics(run: Path) -> None:
             assert 0.0 <= m["auc"] <= 1.0 and m["logloss"] > 0
         aucs = [m["auc"] for m in record["valid"].values()]
         assert record["valid_mean_auc"] == pytest.approx(sum(aucs) / len(aucs), abs=1e-5)
+        # expert health of the block (MMoE here) on the first validation rows, every epoch
+        health = record["diagnostics"]
+        experts = [f"expert{i}" for i in range(cfg.model.multitask.num_experts)]
+        assert list(health["experts"]) == experts
+        assert all(0.0 <= h["dead_fraction"] <= 1.0 for h in health["experts"].values())
+        assert set(health["gates"]) == {f"task:{t}" for t in cfg.task_names}
+        for gate in health["gates"].values():
+            assert gate["experts"] == experts and sum(gate["mean_weight"]) == pytest.approx(1)
+            assert 0.0 <= gate["entropy"] <= math.log(len(experts)) + 1e-6
+        for shares in health["shared_usage"].values():
+            assert sum(shares.values()) == pytest.approx(1, abs=1e-3)
 
 
 def test_checkpoints_load_safely(run: Path) -> None:

@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +35,7 @@ from mtrec.data.vocab import load_kept_ids, save_kept_ids
 from mtrec.evaluate.predict import evaluate_split
 from mtrec.io import atomic_write_text, to_json
 from mtrec.model import MultiTaskModel, build_model
+from mtrec.multitask.diagnostics import model_diagnostics
 from mtrec.train.checkpoint import (
     CheckpointError,
     best_path,
@@ -163,17 +165,55 @@ def _update_run_length(cfg: ExperimentConfig, out: Path) -> None:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(stored, sort_keys=False))
 
 
+# the local loop's signature: (cfg, spec, out, resume_state, train_source, valid_source,
+# stop_after_epochs, wall_start) -> run summary
+Runner = Callable[
+    [
+        ExperimentConfig,
+        FeatureSpec,
+        Path,
+        dict[str, Any] | None,
+        EncodedChunk | str,
+        EncodedChunk | None,
+        int | None,
+        float,
+    ],
+    dict[str, Any],
+]
+
+
+def write_run_files(
+    cfg: ExperimentConfig, spec: FeatureSpec, out: Path, resume_state: dict[str, Any] | None
+) -> None:
+    """A new run: write config.yaml, the fitted statistics and kept ids. A resumed run:
+    load them into ``spec`` and record changed run-length keys."""
+    stats_file = out / "feature_stats.json"
+    if resume_state is not None:
+        spec.load_stats(stats_file)
+        spec.kept_ids = load_kept_ids(out / VOCAB_FILE, spec)
+        _update_run_length(cfg, out)
+    else:  # fitted in train(), before the run directory was touched
+        spec.save_stats(stats_file)
+        if spec.kept_ids:
+            save_kept_ids(spec.kept_ids, out / VOCAB_FILE)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
 def train(
     cfg: ExperimentConfig,
     out: str | Path | None = None,
     *,
     resume: bool = False,
     stop_after_epochs: int | None = None,
+    runner: Runner | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` locally; returns the run summary (also the CLI's last stdout line).
 
     ``stop_after_epochs`` ends this invocation after that many epochs (used to
     test resuming); the run can continue with ``resume=True``.
+    ``runner`` (the Ray Train trainer passes one) trains instead of the local loop, once
+    the data is validated, the statistics fitted and the run directory checked; it
+    takes the local loop's arguments and the training split stays on disk.
     """
     wall_start = time.perf_counter()
     tr = cfg.training
@@ -191,7 +231,7 @@ def train(
             spec.check_schema(read_schema(spec.scan(path), path), path)
     chunk_rows = cfg.dataset.chunk_rows
     train_source: EncodedChunk | str = cfg.dataset.train
-    if tr.cache_in_memory:
+    if tr.cache_in_memory and runner is None:
         train_source = load_encoded(spec, cfg.dataset.train, chunk_rows)
     if resume_state is None:
         # one pass fits the statistics and, encoding every row, validates the values
@@ -207,7 +247,7 @@ def train(
 
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _train_in(
+        return (runner or _train_in)(
             cfg,
             spec,
             out,
@@ -240,16 +280,7 @@ def _train_in(
 ) -> dict[str, Any]:
     tr = cfg.training
     chunk_rows = cfg.dataset.chunk_rows
-    stats_file = out / "feature_stats.json"
-    if resume_state is not None:
-        spec.load_stats(stats_file)
-        spec.kept_ids = load_kept_ids(out / VOCAB_FILE, spec)
-        _update_run_length(cfg, out)
-    else:  # fitted in train(), before the run directory was touched
-        spec.save_stats(stats_file)
-        if spec.kept_ids:
-            save_kept_ids(spec.kept_ids, out / VOCAB_FILE)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_run_files(cfg, spec, out, resume_state)
 
     trainer = TrainStep(cfg, spec)
     model = trainer.model
@@ -321,6 +352,9 @@ def _train_in(
             mean_auc = _mean_auc(valid)
             record["valid"] = _short(valid)
             record["valid_mean_auc"] = round(mean_auc, 6)
+            health = block_health(model, spec, valid_source)
+            if health is not None:
+                record["diagnostics"] = health
             if math.isnan(mean_auc):
                 # no task has both classes in the validation split: AUC says nothing, so
                 # keep the latest epoch as "best" rather than never writing best.pt
@@ -373,6 +407,25 @@ def _train_in(
         "samples_per_s": round(st.train_samples / max(st.train_seconds, 1e-9), 1),
         "wall_s": round(time.perf_counter() - wall_start, 2),
     }
+
+
+# rows of the validation split the per-epoch expert diagnostics are measured on
+DIAGNOSTIC_ROWS = 4096
+
+
+def block_health(
+    model: MultiTaskModel, spec: FeatureSpec, valid: EncodedChunk
+) -> dict[str, Any] | None:
+    """Expert-health diagnostics of the multi-task block (dead activations per expert, gate
+    weights and entropy, shared experts' use per task; see
+    :mod:`mtrec.multitask.diagnostics`) on the first validation rows, in eval mode; None
+    for a block without diagnostics."""
+    if valid.rows == 0 or not callable(getattr(model.block, "diagnostics", None)):
+        return None
+    rows = min(DIAGNOSTIC_ROWS, valid.rows)
+    batch = next(iter(iter_batches(valid.slice(0, rows), spec, rows)))
+    model.eval()
+    return model_diagnostics(model, batch)
 
 
 def load_trained_model(run_dir: str | Path) -> tuple[ExperimentConfig, FeatureSpec, MultiTaskModel]:
