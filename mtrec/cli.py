@@ -49,39 +49,67 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from mtrec.config import load_config
     from mtrec.train.loop import train
 
-    if args.workers != 1:
-        raise UsageError(
-            f"--workers {args.workers}: distributed training under Ray Train is not part of "
-            "this release yet; use --workers 1"
-        )
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: must be >= 1")
+    from mtrec.train.ray_trainer import cluster_address, train_distributed
+
     cfg = load_config(args.config, overrides=args.set)
-    return train(cfg, args.out, resume=args.resume)
+    address = cluster_address(args.address)
+    if args.workers is None and address is None:
+        return train(cfg, args.out, resume=args.resume)
+    return train_distributed(
+        cfg, args.out, workers=args.workers or 1, address=address, resume=args.resume
+    )
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from mtrec.evaluate.report import evaluate_run
 
-    return evaluate_run(args.run, split=args.split, data=args.data, out=args.out)
+    for flag, value, low in (("--bootstrap", args.bootstrap, 0), ("--seed", args.seed, 0)):
+        if value < low:
+            raise UsageError(f"{flag} {value}: must be >= {low}")
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: must be >= 1")
+    if args.diag_rows < 0:
+        raise UsageError(f"--diag-rows {args.diag_rows}: must be >= 0")
+    return evaluate_run(
+        args.run,
+        split=args.split,
+        data=args.data,
+        out=args.out,
+        bootstrap_resamples=args.bootstrap,
+        seed=args.seed,
+        bootstrap_method=args.bootstrap_method,
+        workers=args.workers,
+        address=args.address,
+        plots=not args.no_plots,
+        diag_rows=args.diag_rows,
+    )
 
 
 def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from mtrec.export.exporter import export_run
 
-    return export_run(args.run, out=args.out)
+    if args.parity_rows <= 0:
+        raise UsageError(f"--parity-rows {args.parity_rows}: must be > 0")
+    return export_run(args.run, out=args.out, parity_rows=args.parity_rows)
 
 
 def _cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     from mtrec.export.predictor import predict_file
 
-    if args.batch_size <= 0:
-        raise UsageError(f"--batch-size {args.batch_size}: must be > 0")
-    return predict_file(args.model, args.input, out=args.out, batch_size=args.batch_size)
+    for flag, value in (("--batch-size", args.batch_size), ("--chunk-rows", args.chunk_rows)):
+        if value <= 0:
+            raise UsageError(f"{flag} {value}: must be > 0")
+    return predict_file(
+        args.model, args.input, out=args.out, batch_size=args.batch_size, chunk_rows=args.chunk_rows
+    )
 
 
 def _cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     from mtrec.evaluate.compare import compare_runs
 
-    return compare_runs(args.runs, split=args.split)
+    return compare_runs(args.runs, split=args.split, out=args.out)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,7 +138,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set training.epochs=3 (repeatable)",
     )
-    t.add_argument("--workers", type=int, default=1)
+    t.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="train with N Ray Train workers (torchrec-sharded embeddings); without it, "
+        "--address and $RAY_ADDRESS training runs in this process",
+    )
+    t.add_argument(
+        "--address",
+        help="Ray cluster to train on, HOST:PORT (default $RAY_ADDRESS, else an embedded "
+        "local instance on 127.0.0.1 when --workers is given)",
+    )
     t.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.set_defaults(fn=_cmd_train)
@@ -120,23 +159,72 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test")
     e.add_argument("--data", help="evaluate this file instead of the configured split")
     e.add_argument("--out", help="report directory (default RUN/eval)")
+    e.add_argument(
+        "--bootstrap",
+        type=int,
+        default=200,
+        metavar="N",
+        help="bootstrap resamples for the 95%% intervals of AUC and logloss (0: none)",
+    )
+    e.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
+    e.add_argument(
+        "--bootstrap-method",
+        choices=["poisson", "multinomial"],
+        default="poisson",
+        help="Poisson(1) row weights (default; 2x faster at millions of rows) or n rows "
+        "drawn with replacement",
+    )
+    e.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="score disjoint row ranges in N parallel Ray tasks (same metrics as 1)",
+    )
+    e.add_argument(
+        "--address",
+        help="Ray cluster to run --workers on (default $RAY_ADDRESS, else an embedded "
+        "local instance on 127.0.0.1)",
+    )
+    e.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    e.add_argument(
+        "--diag-rows",
+        type=int,
+        default=8192,
+        metavar="N",
+        help="rows averaged for the attention / expert-gate heatmaps",
+    )
     e.set_defaults(fn=_cmd_evaluate)
 
     x = sub.add_parser("export", help="export a run's best model to TorchScript")
     x.add_argument("--run", required=True)
     x.add_argument("--out", help="model file (default RUN/export/model.pt)")
+    x.add_argument(
+        "--parity-rows",
+        type=int,
+        default=512,
+        help="held-out rows scored eager vs scripted before writing (default 512)",
+    )
     x.set_defaults(fn=_cmd_export)
 
-    r = sub.add_parser("predict", help="score a file with an exported model")
-    r.add_argument("--model", required=True)
-    r.add_argument("--input", required=True)
-    r.add_argument("--out")
+    r = sub.add_parser(
+        "predict", help="score a file with an exported model (streaming, atomic output)"
+    )
+    r.add_argument("--model", required=True, help="an exported model.pt")
+    r.add_argument("--input", required=True, help="parquet / CSV file, directory or glob")
+    r.add_argument("--out", help="output .parquet or .csv (default INPUT_STEM.predictions.parquet)")
     r.add_argument("--batch-size", type=int, default=8192)
+    r.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=131072,
+        help="rows read, scored and written at a time (bounds memory)",
+    )
     r.set_defaults(fn=_cmd_predict)
 
     c = sub.add_parser("compare", help="side-by-side table of runs")
     c.add_argument("runs", nargs="+")
     c.add_argument("--split", default="test")
+    c.add_argument("--out", metavar="FILE", help="also write the tables as Markdown here")
     c.set_defaults(fn=_cmd_compare)
     return p
 

@@ -1,6 +1,9 @@
 """Ray job entry point: `ray job submit --working-dir . -- python pipelines/train.py ...`.
 
-Takes the same arguments as `mtrec train` and prints the same final JSON line.
+Takes the same arguments as `mtrec train` and prints the same final JSON line. Inside a
+job `$RAY_ADDRESS` is set, so training runs under Ray Train on that cluster
+(`--workers N`, default 1); give `--out` as an absolute path, since the job runs in an
+unpacked copy of the working directory.
 """
 
 import sys

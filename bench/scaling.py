@@ -1,0 +1,133 @@
+"""Distributed training speed: samples/s with 1 and 2 Ray Train workers on one machine.
+
+Prints JSON lines (progress on stderr):
+
+``{"bench": "scaling_ray_init", "ray_init_s"}`` — start of the embedded Ray instance.
+
+``{"bench": "scaling", "workers": N, ...}`` for N = 1 and 2, each worker with
+``--threads`` intra-op threads (default 1) and one CPU:
+
+* ``samples_per_s``: training rows/s of all workers together over the epochs after the
+  first (warm-up) one, from the run's ``metrics.jsonl`` (training steps only: no
+  validation, checkpoints or start-up);
+* ``samples_per_s_per_worker``: the same per worker (last epoch);
+* ``workers_start_s``: seconds from ``fit()`` to the workers' train function (Ray
+  actors, process group); ``worker_setup_s``: then to the first step (sharded model,
+  data shards); ``fit_wall_s``: the whole ``train_distributed`` call.
+
+``{"bench": "scaling_summary", "speedup_2_workers", ...}`` — ``samples_per_s`` of 2
+workers over 1 worker (target >= 1.6 on 2 cores), and the local loop's samples/s with
+the same threads for reference.
+
+``training.batch_size`` is the global batch (``--batch-size``, default 4096): each of
+N workers takes batch/N rows per step, so both runs do the same steps.
+
+Usage: ``.venv/bin/python bench/scaling.py [--rows 300000] [--epochs 3] [--threads 1]
+[--preset criteo-like]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as C
+
+MODEL = [
+    "model.embedding.dim=16",
+    "model.multitask.type=mmoe",
+    "model.multitask.num_experts=4",
+    "model.multitask.expert_hidden=[128, 64]",
+    "model.multitask.tower_hidden=[64]",
+]
+
+
+def steady_samples_per_s(run: Path) -> tuple[float, list[float]]:
+    """Rows/s over the epochs after the first, and the last epoch's per-worker rows/s."""
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    timed = records[1:] or records
+    rows = sum(r["train_rows"] for r in timed)
+    seconds = sum(r["train_seconds"] for r in timed)
+    return rows / max(seconds, 1e-9), records[-1].get("samples_per_s_per_worker", [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    C.add_common_args(parser)
+    parser.set_defaults(threads=1)
+    parser.add_argument("--rows", type=int, default=300_000)
+    parser.add_argument("--preset", default="criteo-like", choices=["default", "criteo-like"])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    args = parser.parse_args()
+
+    data = C.ensure_synthetic(args.cache_dir, args.rows, preset=args.preset)
+    overrides = [
+        *MODEL,
+        f"training.batch_size={args.batch_size}",
+        f"training.epochs={args.epochs}",
+        f"training.threads={args.threads}",
+        "training.early_stopping_patience=0",
+        "training.progress=false",
+    ]
+    from mtrec.config import load_config
+    from mtrec.train.loop import train
+    from mtrec.train.ray_trainer import start_local_ray, train_distributed
+
+    cfg = load_config(data / "config.yaml", overrides=overrides)
+    root = Path(tempfile.mkdtemp(prefix="mtrec-scaling-"))
+    try:
+        C.log(f"local loop, {args.threads} thread(s)")
+        train(cfg, root / "local")
+        local, _ = steady_samples_per_s(root / "local")
+
+        t0 = time.perf_counter()
+        start_local_ray(num_cpus=2)
+        C.emit("scaling_ray_init", ray_init_s=round(time.perf_counter() - t0, 2))
+
+        results: dict[int, dict[str, Any]] = {}
+        for workers in (1, 2):
+            C.log(f"{workers} worker(s), {args.threads} thread(s) each")
+            t0 = time.perf_counter()
+            summary = train_distributed(cfg, root / f"w{workers}", workers=workers)
+            wall = time.perf_counter() - t0
+            rate, per_worker = steady_samples_per_s(root / f"w{workers}")
+            results[workers] = C.emit(
+                "scaling",
+                workers=workers,
+                threads_per_worker=args.threads,
+                samples_per_s=round(rate, 1),
+                samples_per_s_per_worker=per_worker,
+                workers_start_s=summary.get("workers_start_s"),
+                worker_setup_s=summary.get("worker_setup_s"),
+                fit_wall_s=round(wall, 2),
+                rows=args.rows,
+                preset=args.preset,
+                global_batch=args.batch_size,
+                epochs=args.epochs,
+                valid_mean_auc=round(
+                    sum(m["auc"] for m in summary["valid"].values()) / len(summary["valid"]), 5
+                ),
+            )
+        C.emit(
+            "scaling_summary",
+            speedup_2_workers=round(results[2]["samples_per_s"] / results[1]["samples_per_s"], 3),
+            samples_per_s_1_worker=results[1]["samples_per_s"],
+            samples_per_s_2_workers=results[2]["samples_per_s"],
+            local_samples_per_s=round(local, 1),
+            threads_per_worker=args.threads,
+        )
+    finally:
+        import ray
+
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

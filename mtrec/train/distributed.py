@@ -1,0 +1,447 @@
+"""Sharded training step: the model under torchrec ``DistributedModelParallel`` (DMP).
+
+Runs inside each worker of a ``torch.distributed`` process group (gloo on CPU, NCCL on
+GPU). Embedding tables are declared on the ``meta`` device, planned by torchrec's
+sharding planner (one plan agreed by all ranks) and materialised as FBGEMM
+table-batched kernels with row-wise Adagrad fused into backward; dense layers are
+replicated (DDP) and trained by Adam, exactly as in :class:`mtrec.train.step.TrainStep`.
+
+Every rank starts from the weights the local loop starts from (the model is built
+once under ``cfg.seed`` and each rank copies its shards), so one worker reproduces a
+local run step for step.
+
+States:
+
+* :meth:`ShardedTrainStep.sharded_state` / :meth:`load_sharded_state`: this rank's
+  shards (model, fused optimizer) and the dense parts; what a Ray checkpoint holds.
+  Loading needs the same world size and plan (checked).
+* :meth:`full_state` / :meth:`load_full_state`: the unsharded state in the local
+  format of ``checkpoints/last.pt`` (``TrainStep.state_dict``), gathered on rank 0;
+  a run can resume from it with any number of workers, or locally.
+
+Example (inside an initialised process group)::
+
+    step = ShardedTrainStep(cfg, spec, device=torch.device("cpu"))
+    for batch in batches:
+        loss = step.step(batch)
+    state = step.full_state()  # rank 0: TrainStep.state_dict() layout; others: None
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.types import (
+    KernelConfig,
+    ParameterConstraints,
+    TopologyFactory,
+    TrainerConfig,
+)
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mtrec.config import ExperimentConfig
+from mtrec.data.batch import Batch
+from mtrec.data.spec import FeatureSpec
+from mtrec.model import MultiTaskModel, build_model
+from mtrec.train.losses import WeightedBCELoss
+
+__all__ = [
+    "CPU_SHARDING_TYPES",
+    "GPU_SHARDING_TYPES",
+    "ShardedTrainStep",
+    "ShardingError",
+    "check_sharding_types",
+]
+
+# Sharding types whose tables run on FBGEMM's fused table-batched kernels. On CPU
+# (gloo) row-wise sharding is not available; data_parallel is left out everywhere: it
+# keeps tables as dense parameters under the dense optimizer (a dense gradient over
+# every row of every table each step, see shared/STACK.md).
+CPU_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise")
+GPU_SHARDING_TYPES = (*CPU_SHARDING_TYPES, "row_wise", "table_row_wise")
+
+_PREFIX = "model."  # state-dict keys under the _WithAux adapter
+
+
+class ShardingError(ValueError):
+    """Sharding types that cannot work on this device; the message names them and the fix."""
+
+
+def check_sharding_types(types: Sequence[str] | None, use_gpu: bool) -> tuple[str, ...]:
+    """The sharding types to plan with (default: every supported one for the device)."""
+    allowed = GPU_SHARDING_TYPES if use_gpu else CPU_SHARDING_TYPES
+    if not types:
+        return allowed
+    bad = [t for t in types if t not in allowed]
+    if bad:
+        device = "GPU (NCCL)" if use_gpu else "CPU (gloo)"
+        raise ShardingError(
+            f"sharding types {bad} are not supported on {device}; choose from {list(allowed)}"
+        )
+    return tuple(types)
+
+
+class _WithAux(nn.Module):
+    """``forward`` = ``MultiTaskModel.forward_with_aux``: DMP and DDP only run ``forward``,
+    and the auxiliary losses (e.g. MoH balance) must go through it."""
+
+    def __init__(self, model: MultiTaskModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, sparse: KeyedJaggedTensor, dense: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.model.forward_with_aux(sparse, dense)
+
+
+def _embedding_collections(model: nn.Module) -> dict[str, EmbeddingBagCollection]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, EmbeddingBagCollection)}
+
+
+def _to_meta(model: nn.Module, cfg: ExperimentConfig) -> None:
+    """Replace every EmbeddingBagCollection by one on the meta device (DMP allocates
+    only each rank's shards) carrying the row-wise Adagrad that FBGEMM fuses."""
+    emb = cfg.model.embedding
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, EmbeddingBagCollection):
+                meta = EmbeddingBagCollection(
+                    child.embedding_bag_configs(), device=torch.device("meta")
+                )
+                apply_optimizer_in_backward(
+                    RowWiseAdagrad, meta.parameters(), {"lr": emb.learning_rate, "eps": emb.eps}
+                )
+                setattr(parent, name, meta)
+
+
+def _shards(t: ShardedTensor) -> list[tuple[list[int], torch.Tensor]]:
+    return [(list(s.metadata.shard_offsets), s.tensor) for s in t.local_shards()]
+
+
+def _region(offsets: Sequence[int], tensor: torch.Tensor) -> tuple[slice, ...]:
+    return tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape))
+
+
+def _momentum_names(dmp_key: str, state_key: str) -> tuple[str, str, str]:
+    """DMP ``a.b.embedding_bags.t_x.weight`` / ``t_x.momentum1`` → the local
+    ``FusedEmbeddingBagCollection`` names: module ``a.b``, param ``t_x.weight``, state
+    ``t_x.weight.momentum_1``."""
+    module, param = dmp_key.split(".embedding_bags.", 1)
+    table = param.rsplit(".", 1)[0]
+    suffix = state_key[len(table) + 1 :] if state_key.startswith(table + ".") else state_key
+    suffix = {"momentum1": "momentum_1", "momentum2": "momentum_2"}.get(suffix, suffix)
+    return module, param, f"{param}.{suffix}"
+
+
+class ShardedTrainStep:
+    """The model of ``cfg`` sharded over the process group, its optimizers and loss.
+
+    Args:
+        cfg: the experiment.
+        spec: fitted feature spec (numeric statistics, kept ids).
+        device: this rank's device (CPU, or its CUDA device).
+        sharding_types: allowed sharding types (see :func:`check_sharding_types`).
+        batch_size: per-rank batch size the planner costs the plan with.
+        local_world_size: ranks per machine (default: all of them on one).
+
+    ``step(batch)`` trains on this rank's batch (every rank must call it the same number
+    of times); ``logits(batch)`` runs the forward only (also collective).
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        spec: FeatureSpec,
+        *,
+        device: torch.device,
+        sharding_types: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        local_world_size: int | None = None,
+    ) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("ShardedTrainStep needs an initialised torch.distributed group")
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = device
+        types = check_sharding_types(sharding_types, device.type == "cuda")
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, spec)
+        # the local loop's initial weights; each rank copies its shards after planning
+        init = {_PREFIX + k: v for k, v in model.state_dict().items()}
+        self.collections = list(_embedding_collections(model))
+        _to_meta(model, cfg)
+        wrapped = _WithAux(model)
+        # torchrec's floor for column shards (128 wide) keeps usual tables whole: on CPU
+        # a lookup costs per row more than per column, so narrower shards do not pay
+        constraints = {
+            c.name: ParameterConstraints(sharding_types=list(types))
+            for ebc in _embedding_collections(model).values()
+            for c in ebc.embedding_bag_configs()
+        }
+        topology = TopologyFactory.create_topology(
+            TrainerConfig(
+                world_size=self.world_size, local_world_size=local_world_size or self.world_size
+            ),
+            kernel_config=KernelConfig(compute_device=device.type),
+        )
+        planner = EmbeddingShardingPlanner(
+            topology=topology,
+            batch_size=batch_size or cfg.training.batch_size,
+            constraints=constraints,
+            debug=False,
+        )
+        self.plan = planner.collective_plan(wrapped, get_default_sharders(), dist.GroupMember.WORLD)
+        self.model = DistributedModelParallel(wrapped, device=device, plan=self.plan)
+        self._load_tensors(init)
+        # dense parameters in the order of the plain model, so the optimizer state has the
+        # layout of TrainStep's (a local run can resume from it and back)
+        dense = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
+        tr = cfg.training
+        self.dense_opt = torch.optim.Adam(
+            dense, lr=tr.learning_rate, weight_decay=tr.weight_decay, foreach=True
+        )
+        self.loss_fn = WeightedBCELoss([t.weight for t in cfg.tasks])
+        self.bf16 = tr.precision == "bf16"
+        self.model.train()
+
+    # ------------------------------------------------------------------ compute
+
+    def _inputs(self, batch: Batch) -> tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor]:
+        if self.device.type == "cpu":
+            return batch.sparse, batch.dense, batch.labels
+        return (
+            batch.sparse.to(self.device, non_blocking=True),
+            batch.dense.to(self.device, non_blocking=True),
+            batch.labels.to(self.device, non_blocking=True),
+        )
+
+    def step(self, batch: Batch) -> torch.Tensor:
+        """Forward, backward (FBGEMM updates the looked-up rows), Adam step; the loss."""
+        sparse, dense, labels = self._inputs(batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits, aux = self.model(sparse, dense)
+        loss = self.loss_fn(logits.float(), labels)
+        for value in aux.values():
+            loss = loss + value.float()
+        self.dense_opt.zero_grad(set_to_none=True)
+        # DDP averages dense gradients over ranks; each embedding row sums the gradients
+        # of every rank's batch. Row-wise Adagrad divides by the gradient's running RMS,
+        # so that constant factor does not change its updates.
+        loss.backward()
+        self.dense_opt.step()
+        return loss
+
+    @torch.no_grad()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """B x T logits in eval mode (dropout off), on CPU."""
+        sparse, dense, _ = self._inputs(batch)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.model(sparse, dense)[0].float().cpu()
+        finally:
+            self.model.train(was_training)
+
+    # ------------------------------------------------------------------ sharded state
+
+    def sharded_state(self) -> dict[str, Any]:
+        """This rank's shards and the dense parts (CPU copies), for a Ray checkpoint."""
+        model: dict[str, Any] = {}
+        for key, value in self.model.state_dict().items():
+            if isinstance(value, ShardedTensor):
+                model[key] = [(o, t.detach().cpu().clone()) for o, t in _shards(value)]
+            else:
+                model[key] = value.detach().cpu().clone()
+        sparse: dict[str, dict[str, Any]] = {}
+        for key, states in self.model.fused_optimizer.state_dict()["state"].items():
+            sparse[key] = {
+                name: [(o, t.detach().cpu().clone()) for o, t in _shards(v)]
+                if isinstance(v, ShardedTensor)
+                else v.detach().cpu().clone()
+                for name, v in states.items()
+            }
+        return {
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "model": model,
+            "sparse_optimizer": sparse,
+            "dense_optimizer": copy.deepcopy(self.dense_opt.state_dict()),
+        }
+
+    def layout_matches(self, state: dict[str, Any]) -> bool:
+        """Whether :meth:`sharded_state` ``state`` has this rank's shards (same world size,
+        rank and plan), so :meth:`load_sharded_state` can restore it."""
+        if state.get("world_size") != self.world_size or state.get("rank") != self.rank:
+            return False
+        for key, value in self.model.state_dict().items():
+            saved = state["model"].get(key)
+            if saved is None:
+                return False
+            if isinstance(value, ShardedTensor):
+                mine = [(o, tuple(t.shape)) for o, t in _shards(value)]
+                if mine != [(list(o), tuple(t.shape)) for o, t in saved]:
+                    return False
+        return True
+
+    def load_sharded_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`sharded_state` of this rank (see :meth:`layout_matches`)."""
+        if not self.layout_matches(state):
+            raise ValueError(
+                f"the checkpoint of rank {state.get('rank')}/{state.get('world_size')} does not "
+                f"have the shards of rank {self.rank}/{self.world_size} under this plan"
+            )
+        with torch.no_grad():
+            for key, value in self.model.state_dict().items():
+                saved = state["model"][key]
+                if isinstance(value, ShardedTensor):
+                    _copy_shards(key, _shards(value), saved)
+                else:
+                    value.copy_(saved)
+            fused = self.model.fused_optimizer.state_dict()
+            for key, states in fused["state"].items():
+                for name, v in states.items():
+                    saved = state["sparse_optimizer"][key][name]
+                    if isinstance(v, ShardedTensor):
+                        _copy_shards(f"{key}/{name}", _shards(v), saved)
+                    else:
+                        v.copy_(saved)
+            self.model.fused_optimizer.load_state_dict(fused)
+        self.dense_opt.load_state_dict(state["dense_optimizer"])
+
+    # ------------------------------------------------------------------ full state
+
+    def full_state(self, dst: int = 0) -> dict[str, Any] | None:
+        """The unsharded state in ``TrainStep.state_dict()`` layout, on rank ``dst``.
+
+        Collective: every rank must call it. Each rank sends its shards to ``dst``
+        (``gather_object``), which assembles whole tables. Column-wise shards keep one
+        row-wise Adagrad accumulator per shard; the whole table's accumulator is their
+        mean weighted by shard width (exact: it is a mean of squared gradients over
+        the row's columns).
+        """
+        sd = self.model.state_dict()
+        fused = self.model.fused_optimizer.state_dict()["state"]
+        pieces: dict[str, Any] = {"model": {}, "momentum": {}}
+        for key, value in sd.items():
+            if isinstance(value, ShardedTensor):
+                pieces["model"][key] = [(o, t.detach().cpu()) for o, t in _shards(value)]
+        for key, states in fused.items():
+            for name, v in states.items():
+                if isinstance(v, ShardedTensor):
+                    shards = [(o, t.detach().cpu()) for o, t in _shards(v)]
+                    pieces["momentum"][(key, name)] = (list(v.size()), shards)
+        gathered: list[Any] | None = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(pieces, gathered, dst=dst)
+        if gathered is None:
+            return None
+        model: dict[str, torch.Tensor] = {}
+        widths: dict[str, list[int]] = {}
+        for key, value in sd.items():
+            name = _strip(key)
+            if not isinstance(value, ShardedTensor):
+                model[name] = value.detach().cpu().clone()
+                continue
+            full = torch.empty(tuple(value.size()), dtype=value.dtype)
+            for part in gathered:
+                for offsets, tensor in part["model"].get(key, []):
+                    full[_region(offsets, tensor)] = tensor
+            model[name] = full
+            # column widths of the shards, in column order (for the accumulators below)
+            meta = sorted(value.metadata().shards_metadata, key=lambda m: m.shard_offsets[1])
+            widths[key] = [m.shard_sizes[1] for m in meta]
+        sparse: dict[str, dict[str, Any]] = {}
+        momenta: dict[tuple[str, str], tuple[list[int], list[Any]]] = {}
+        for part in gathered:
+            for k, (size, shards) in part["momentum"].items():
+                momenta.setdefault(k, (size, []))[1].extend(shards)
+        for (key, state_name), (size, shards) in momenta.items():
+            flat = torch.empty(size, dtype=shards[0][1].dtype)
+            for offsets, tensor in shards:
+                flat[_region(offsets, tensor)] = tensor
+            rows = int(sd[key].size()[0])
+            if flat.numel() != rows:  # one accumulator per column shard
+                w = torch.tensor(widths[key], dtype=flat.dtype)
+                flat = (flat.view(len(w), rows) * w[:, None]).sum(0) / w.sum()
+            module, param, local_name = _momentum_names(_strip(key), state_name)
+            sparse.setdefault(module, {"state": {}})["state"].setdefault(param, {})[local_name] = (
+                flat
+            )
+        return {
+            "model": model,
+            "dense_optimizer": copy.deepcopy(self.dense_opt.state_dict()),
+            "sparse_optimizer": sparse,
+        }
+
+    def load_full_state(self, state: dict[str, Any]) -> None:
+        """Load a ``TrainStep.state_dict()``-layout state (``last.pt``): each rank copies
+        its shards. A column-wise shard's accumulator starts from the whole row's."""
+        self._load_tensors({_PREFIX + k: v for k, v in state["model"].items()})
+        with torch.no_grad():
+            fused = self.model.fused_optimizer.state_dict()
+            for key, states in fused["state"].items():
+                rows = int(self.model.state_dict()[key].size()[0])
+                for state_name, v in states.items():
+                    module, param, local_name = _momentum_names(_strip(key), state_name)
+                    try:
+                        full = state["sparse_optimizer"][module]["state"][param][local_name]
+                    except KeyError:
+                        raise KeyError(
+                            f"sparse optimizer state {module}/{param}/{local_name} missing"
+                        ) from None
+                    if isinstance(v, ShardedTensor):
+                        for (offset, *_), tensor in _shards(v):
+                            start = offset % rows  # column shards stack [n·rows]
+                            tensor.copy_(full[start : start + tensor.shape[0]])
+                    else:
+                        v.copy_(full)
+            self.model.fused_optimizer.load_state_dict(fused)
+        self.dense_opt.load_state_dict(state["dense_optimizer"])
+
+    def _load_tensors(self, full: dict[str, torch.Tensor]) -> None:
+        """Copy whole tensors (keys as in the DMP state dict) into this rank's parameters
+        and shards."""
+        with torch.no_grad():
+            for key, value in self.model.state_dict().items():
+                if key not in full:
+                    raise KeyError(f"model state has no '{_strip(key)}'")
+                src = full[key]
+                if isinstance(value, ShardedTensor):
+                    for offsets, tensor in _shards(value):
+                        tensor.copy_(src[_region(offsets, tensor)])
+                else:
+                    value.copy_(src)
+
+    def plan_summary(self) -> str:
+        """One line per table: sharding type and ranks."""
+        lines = []
+        for module, params in self.plan.plan.items():
+            for name, p in params.items():  # type: ignore[union-attr]
+                ranks = sorted(set(p.ranks or []))
+                lines.append(f"{module}.{name}: {p.sharding_type} on ranks {ranks}")
+        return "; ".join(lines)
+
+
+def _copy_shards(key: str, shards: list[tuple[list[int], torch.Tensor]], saved: Any) -> None:
+    if len(saved) != len(shards):
+        raise ValueError(f"{key}: checkpoint has {len(saved)} shards here, the plan {len(shards)}")
+    for (offsets, tensor), (saved_offsets, saved_tensor) in zip(shards, saved):
+        if list(saved_offsets) != list(offsets) or saved_tensor.shape != tensor.shape:
+            raise ValueError(f"{key}: checkpoint shard layout differs from this plan")
+        tensor.copy_(saved_tensor)
+
+
+def _strip(key: str) -> str:
+    return key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
