@@ -63,13 +63,17 @@ class FeatureConfig:
     multi-hot tokens are turned into stable int64 ids (see ``mtrec.data.hashing``).
     """
 
+    # feature name (unique; also the column unless `column` is set)
     name: str
+    # categorical (one id), multi_hot (a list of ids) or numeric (a float)
     kind: FeatureKind
+    # source column (default: name); one column may feed several features
     column: str | None = None
     # numeric only
     transform: NumericTransform = "standardize"
     # multi_hot only: split string columns on this delimiter (list columns need none)
     delimiter: str | None = None
+    # multi_hot only: how the ids of one row combine
     pooling: Literal["sum", "mean"] = "sum"
     # per-feature hash buckets of the baseline embedding (None: model.embedding.buckets)
     buckets: int | None = None
@@ -86,8 +90,11 @@ class FeatureConfig:
 class TaskConfig:
     """A binary task: ``label`` column with values in {0, 1}."""
 
+    # task name (unique)
     name: str
+    # label column of 0/1 values (default: name)
     label: str | None = None
+    # weight of this task's BCE in the training loss
     weight: float = 1.0
     # column holding the true probability (planted synthetic data) for oracle AUC
     true_prob: str | None = None
@@ -102,12 +109,17 @@ class DatasetConfig:
     """Where the data lies. Paths may use ``${MTREC_DATA_DIR}`` and are resolved
     relative to the YAML file that sets them."""
 
+    # file format of the splits (criteo: raw TSV or its header'd CSV variant)
     format: DataFormat = "parquet"
+    # training split: a file, a directory of shards or a glob (relative paths: to the YAML file)
     train: str = ""
+    # validation split (early stopping, best checkpoint); optional
     valid: str | None = None
+    # test split read by `mtrec evaluate`; optional
     test: str | None = None
     # what to do with NaN / inf / null in numeric columns
     nan_policy: Literal["fail", "fill"] = "fail"
+    # with nan_policy fill: the value missing / NaN numerics become
     fill_value: float = 0.0
     # rows per chunk read from disk by the streaming batcher
     chunk_rows: int = DEFAULT_CHUNK_ROWS
@@ -130,12 +142,15 @@ class EmbeddingConfig:
     switch ``type`` by override) and ``buckets`` is ignored by ``unified``.
     """
 
+    # unified (one multiplexed table, default) or per_feature (baseline)
     type: Literal["per_feature", "unified"] = "unified"
+    # d, the width of every field token
     dim: int = 16
     # default hash buckets per categorical / multi-hot feature
     buckets: int = 100000
     # row-wise Adagrad (FBGEMM fused) on the embedding rows
     learning_rate: float = 0.05
+    # row-wise Adagrad epsilon
     eps: float = 1e-8
     # default frequency filter of categorical / multi-hot features: values seen fewer than
     # this many times in the training split map to one shared "rare" id inside the model
@@ -158,8 +173,11 @@ class PLEConfig:
     ``task_experts`` experts per task; task gates mix own + shared experts, the shared
     gate mixes all experts (not needed on the last level)."""
 
+    # CGC levels stacked
     levels: int = 2
+    # shared experts per level
     shared_experts: int = 2
+    # experts per task per level
     task_experts: int = 1
 
 
@@ -169,9 +187,13 @@ class HoMEConfig:
     tasks; every task in exactly one group (empty: one group of all tasks). Each fix can
     be switched off for ablation."""
 
+    # group (meta-category) name -> its tasks; empty: one group
     task_groups: dict[str, list[str]] = field(default_factory=dict)
+    # shared experts per level
     shared_experts: int = 1
+    # experts per group (level 1 and 2)
     group_experts: int = 1
+    # experts per task (level 2)
     task_experts: int = 1
     # expert normalisation: Swish(BatchNorm(MLP(v)))
     expert_norm: bool = True
@@ -179,6 +201,7 @@ class HoMEConfig:
     hierarchy: bool = True
     # per-expert LoRA-style feature gate v * 2σ(v B A), rank feature_gate_rank
     feature_gate: bool = True
+    # rank l of the feature gates' B A
     feature_gate_rank: int = 8
     # residual self-gate over a node's own experts
     self_gate: bool = True
@@ -193,10 +216,15 @@ class APEMConfig:
     group; fields listed in no group form one extra group (empty: one group of all
     fields)."""
 
+    # field names per group; unlisted fields form one more group
     field_groups: list[list[str]] = field(default_factory=list)
+    # m, learnable inducing points of each group's set attention
     inducing_points: int = 4
+    # attention heads of the set attention (divide the token width)
     heads: int = 2
+    # squeeze-and-excitation bottleneck: F / se_reduction
     se_reduction: int = 4
+    # hidden width of the pattern selector's sample-adaptive MLP
     selector_hidden: int = 32
 
 
@@ -208,7 +236,9 @@ class TaskExpertConfig:
     without, ``layers`` layers each read the field tokens. Each task's head is a per-task
     MLP of ``expert_hidden`` widths on its flattened final memory."""
 
+    # expert layers without AutoInt (with it: one per AutoInt layer)
     layers: int = 2
+    # n, experts per layer
     num_experts: int = 4
     # width of every expert and of the memory (0: the width of the last tokens read)
     expert_dim: int = 0
@@ -225,12 +255,19 @@ class MultiTaskConfig:
     ``[click, purchase]``; each later task predicts the joint probability
     p(click ∧ purchase) = p(click) · p(purchase | click) and is trained on the joint label."""
 
+    # the multi-task block
     type: Literal["mmoe", "shared_bottom", "ple", "home", "apem", "task_expert"] = "mmoe"
+    # experts of MMoE (PLE/HoME/TaskExpert have their own counts)
     num_experts: int = 4
+    # expert MLP widths; the last is the task representation size
     expert_hidden: list[int] = field(default_factory=lambda: [128, 64])
+    # hidden widths of each task's tower (ends in one logit)
     tower_hidden: list[int] = field(default_factory=lambda: [64])
+    # activation of experts and towers (HoME's normalised experts use Swish)
     activation: Literal["relu", "silu", "gelu"] = "relu"
+    # dropout after expert and tower layers
     dropout: float = 0.0
+    # ESMM funnel: task names in order; later tasks predict joint probabilities
     chain: list[str] = field(default_factory=list)
     ple: PLEConfig = field(default_factory=PLEConfig)
     home: HoMEConfig = field(default_factory=HoMEConfig)
@@ -243,8 +280,11 @@ class HeadsRoutingConfig:
     """MoH (arXiv 2410.11842): ``shared`` heads always on; a per-token router picks
     ``top_k`` of the remaining heads; ``balance_weight`` β of the load-balance loss."""
 
+    # h_s heads always on
     shared: int = 1
+    # routed heads each token picks
     top_k: int = 1
+    # β of the load-balance auxiliary loss
     balance_weight: float = 0.01
 
 
@@ -261,13 +301,21 @@ class InteractionConfig:
     tokens, concatenated to the attention output (see ``mtrec.interaction.autoint``).
     """
 
+    # none (flattened tokens to the block) or autoint
     type: Literal["none", "autoint"] = "none"
+    # interacting layers
     layers: int = 3
+    # A, output width per field (all heads)
     attention_dim: int = 32
+    # attention heads (divide attention_dim)
     heads: int = 2
+    # add the W_res residual projection
     residual: bool = True
+    # LayerNorm on the residual sum, before the ReLU
     layer_norm: bool = False
+    # dropout on attention weights
     dropout: float = 0.0
+    # AutoInt+: widths of the parallel MLP on the flattened tokens (empty: off)
     dnn: list[int] = field(default_factory=list)
     # Mixture-of-Head routing (MoH); None: every head always on
     heads_routing: HeadsRoutingConfig | None = None
@@ -282,10 +330,15 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
+    # rows per training step (global over Ray workers)
     batch_size: int = 1024
+    # rows per batch when scoring
     eval_batch_size: int = 8192
+    # maximum epochs
     epochs: int = 10
+    # Adam learning rate of the dense parameters
     learning_rate: float = 1e-3
+    # Adam weight decay of the dense parameters
     weight_decay: float = 0.0
     # stop after this many epochs without a better mean validation AUC (0: never)
     early_stopping_patience: int = 2
@@ -299,7 +352,9 @@ class TrainingConfig:
     cache_in_memory: bool = True
     # stop an epoch after this many batches (0: full epoch); for smoke runs
     max_steps_per_epoch: int = 0
+    # read the loss (and log it) every this many steps
     log_every_steps: int = 50
+    # show a progress bar on stderr
     progress: bool = True
 
 
@@ -310,7 +365,9 @@ class ExperimentConfig:
     dataset: DatasetConfig
     features: list[FeatureConfig]
     tasks: list[TaskConfig]
+    # experiment name (shown in reports and `mtrec compare`)
     name: str = "experiment"
+    # seed of weight init, shuffling and dropout: same seed + data = same metrics
     seed: int = 2026
     # column used to group rows for GAUC (e.g. user id)
     group_key: str | None = None
