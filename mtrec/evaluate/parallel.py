@@ -32,6 +32,7 @@ from mtrec.data.encode import EncodedChunk, encode_chunk
 from mtrec.data.errors import DataError
 from mtrec.data.readers import iter_chunks, read_schema
 from mtrec.data.spec import FeatureSpec
+from mtrec.evaluate.predict import score_batches
 from mtrec.metrics import ScoreCollector
 
 __all__ = [
@@ -116,21 +117,8 @@ def score_range(
     chunk_rows: int,
 ) -> ScoreCollector:
     """Labels, probabilities (and true probs / group ids) of rows ``[lo, hi)``."""
-    was_training = model.training
-    model.eval()
-    collector = ScoreCollector(initial_capacity=max(1, min(hi - lo, 1 << 20)))
-    try:
-        for batch in iter_range_batches(spec, path, lo, hi, batch_size, chunk_rows):
-            probs = torch.sigmoid(model(batch.sparse, batch.dense))
-            collector.add(
-                labels=batch.labels.numpy(),
-                probs=probs.numpy(),
-                true_probs=None if batch.true_probs is None else batch.true_probs.numpy(),
-                groups=None if batch.groups is None else batch.groups.numpy(),
-            )
-    finally:
-        model.train(was_training)
-    return collector
+    batches = iter_range_batches(spec, path, lo, hi, batch_size, chunk_rows)
+    return score_batches(model, batches, min(hi - lo, 1 << 20))
 
 
 def _arrays(collector: ScoreCollector) -> dict[str, np.ndarray | None]:

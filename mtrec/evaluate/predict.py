@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -9,12 +10,13 @@ import torch
 from torch import nn
 
 from mtrec.config import DEFAULT_CHUNK_ROWS
+from mtrec.data.batch import Batch
 from mtrec.data.batcher import iter_batches
 from mtrec.data.encode import EncodedChunk
 from mtrec.data.spec import FeatureSpec
 from mtrec.metrics import ScoreCollector
 
-__all__ = ["collect_scores", "evaluate_split"]
+__all__ = ["collect_scores", "evaluate_split", "score_batches"]
 
 
 @torch.no_grad()
@@ -30,11 +32,19 @@ def collect_scores(
 
     Only labels, probabilities (and true probabilities / group ids) are kept, never the
     features; ``expected_rows`` sizes the buffers once (no doubling copies)."""
+    batches = iter_batches(source, spec, batch_size, chunk_rows=chunk_rows)
+    return score_batches(model, batches, expected_rows or 4096)
+
+
+@torch.no_grad()
+def score_batches(model: nn.Module, batches: Iterable[Batch], capacity: int) -> ScoreCollector:
+    """Probabilities of ``model`` (eval mode, restored after) on ``batches``, collected with
+    the labels (and true probabilities / group ids); ``capacity``: expected rows."""
     was_training = model.training
     model.eval()
-    collector = ScoreCollector(initial_capacity=max(1, expected_rows or 4096))
+    collector = ScoreCollector(initial_capacity=max(1, capacity))
     try:
-        for batch in iter_batches(source, spec, batch_size, chunk_rows=chunk_rows):
+        for batch in batches:
             probs = torch.sigmoid(model(batch.sparse, batch.dense))
             collector.add(
                 labels=batch.labels.numpy(),
