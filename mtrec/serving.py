@@ -34,7 +34,7 @@ import polars as pl
 import torch
 
 from mtrec.config import FeatureConfig, TaskConfig
-from mtrec.data.encode import EncodedChunk, encode_chunk
+from mtrec.data.encode import EncodedChunk, encode_chunk, feature_major_ids
 from mtrec.data.errors import DataError
 from mtrec.data.hashing import _text as category_text
 from mtrec.data.spec import FeatureSpec
@@ -170,23 +170,10 @@ def load_model(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]
 def chunk_inputs(chunk: EncodedChunk, spec: FeatureSpec) -> ServingInputs:
     """The module's inputs for encoded rows: the values / lengths of the training batch's
     KJT (``mtrec.data.batcher.to_batch``), as plain tensors."""
-    rows = chunk.rows
-    values: list[torch.Tensor] = []
-    lengths: list[torch.Tensor] = []
-    cat = multi = 0
-    for f in spec.sparse:
-        if f.kind == "categorical":
-            values.append(chunk.cat_ids[:, cat])
-            lengths.append(torch.ones(rows, dtype=torch.int32))
-            cat += 1
-        else:
-            offsets = chunk.multi_offsets[multi]
-            values.append(chunk.multi_values[multi])
-            lengths.append((offsets[1:] - offsets[:-1]).to(torch.int32))
-            multi += 1
+    values, lengths = feature_major_ids(chunk, spec)
     return ServingInputs(
-        values=torch.cat(values) if values else torch.zeros(0, dtype=torch.int64),
-        lengths=torch.cat(lengths) if lengths else torch.zeros(0, dtype=torch.int32),
+        values=values,
+        lengths=lengths,
         dense=chunk.dense,
     )
 

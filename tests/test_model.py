@@ -31,7 +31,10 @@ def setup(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[ExperimentConfig, FeatureSpec, Batch]:
     data = small_data_dir(tmp_path_factory)
-    cfg = small_config(data, tmp_path_factory.mktemp("model_cfg"))
+    # the per-feature baseline's layout (UnifiedEmbedding has tests/test_unified.py)
+    cfg = small_config(
+        data, tmp_path_factory.mktemp("model_cfg"), model={"embedding": {"type": "per_feature"}}
+    )
     spec = fitted_spec(cfg)
     return cfg, spec, first_batch(cfg, spec, rows=64)
 

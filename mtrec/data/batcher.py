@@ -9,7 +9,7 @@ the shuffle buffer) and chunks are visited in file order; with
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -17,37 +17,24 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtrec.config import DEFAULT_CHUNK_ROWS
 from mtrec.data.batch import Batch
-from mtrec.data.encode import EncodedChunk, encode_chunk
+from mtrec.data.encode import EncodedChunk, encode_chunk, feature_major_ids
 from mtrec.data.errors import DataError
 from mtrec.data.readers import iter_chunks, read_schema
 from mtrec.data.spec import FeatureSpec
 
-__all__ = ["encoded_chunks", "iter_batches", "load_encoded", "to_batch"]
+__all__ = [
+    "encoded_chunks",
+    "iter_batches",
+    "load_encoded",
+    "stream_batches",
+    "to_batch",
+]
 
 
 def to_batch(chunk: EncodedChunk, spec: FeatureSpec) -> Batch:
     """Assemble a Batch (KJT in ``spec.sparse`` order) from encoded rows."""
     b = chunk.rows
-    kinds = [f.kind for f in spec.sparse]
-    if "multi_hot" not in kinds:
-        # single-valued features only: one transpose gives the feature-major values
-        values = chunk.cat_ids.t().reshape(-1)
-        lengths = torch.ones(values.numel(), dtype=torch.int32)
-    else:
-        vals, lens = [], []
-        ci = mi = 0
-        for kind in kinds:
-            if kind == "categorical":
-                vals.append(chunk.cat_ids[:, ci])
-                lens.append(torch.ones(b, dtype=torch.int32))
-                ci += 1
-            else:
-                offsets = chunk.multi_offsets[mi]
-                vals.append(chunk.multi_values[mi])
-                lens.append((offsets[1:] - offsets[:-1]).to(torch.int32))
-                mi += 1
-        values = torch.cat(vals) if vals else torch.zeros(0, dtype=torch.int64)
-        lengths = torch.cat(lens) if lens else torch.zeros(0, dtype=torch.int32)
+    values, lengths = feature_major_ids(chunk, spec)
     sparse = KeyedJaggedTensor(keys=spec.sparse_names, values=values, lengths=lengths, stride=b)
     return Batch(
         sparse=sparse,
@@ -97,6 +84,29 @@ def _batches_of(
             yield to_batch(chunk.slice(start, min(start + batch_size, chunk.rows)), spec)
 
 
+def stream_batches(
+    chunks: Iterable[EncodedChunk],
+    spec: FeatureSpec,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+) -> Iterator[Batch]:
+    """Batches of a stream of encoded chunks: each chunk permuted with ``generator`` (if
+    given), rows left over at a chunk's end rolled into the next one, so every batch but
+    the last has exactly ``batch_size`` rows."""
+    carry: EncodedChunk | None = None
+    for chunk in chunks:
+        if carry is not None:
+            chunk = EncodedChunk.concat([carry, chunk])
+        if generator is not None:
+            chunk = chunk.take(torch.randperm(chunk.rows, generator=generator))
+        full = chunk.rows - chunk.rows % batch_size
+        for start in range(0, full, batch_size):
+            yield to_batch(chunk.slice(start, start + batch_size), spec)
+        carry = chunk.slice(full, chunk.rows) if full < chunk.rows else None
+    if carry is not None:
+        yield to_batch(carry, spec)
+
+
 def iter_batches(
     source: EncodedChunk | str | Path,
     spec: FeatureSpec,
@@ -117,15 +127,4 @@ def iter_batches(
     if isinstance(source, EncodedChunk):
         yield from _batches_of(source, spec, batch_size, generator)
         return
-    carry: EncodedChunk | None = None
-    for chunk in encoded_chunks(spec, source, chunk_rows):
-        if carry is not None:
-            chunk = EncodedChunk.concat([carry, chunk])
-        if generator is not None:
-            chunk = chunk.take(torch.randperm(chunk.rows, generator=generator))
-        full = chunk.rows - chunk.rows % batch_size
-        for start in range(0, full, batch_size):
-            yield to_batch(chunk.slice(start, start + batch_size), spec)
-        carry = chunk.slice(full, chunk.rows) if full < chunk.rows else None
-    if carry is not None:
-        yield to_batch(carry, spec)
+    yield from stream_batches(encoded_chunks(spec, source, chunk_rows), spec, batch_size, generator)

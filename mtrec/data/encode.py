@@ -18,7 +18,7 @@ from mtrec.data.errors import DataError
 from mtrec.data.hashing import hash_series
 from mtrec.data.spec import FeatureSpec
 
-__all__ = ["EncodedChunk", "encode_chunk"]
+__all__ = ["EncodedChunk", "encode_chunk", "feature_major_ids"]
 
 
 @dataclass
@@ -227,3 +227,27 @@ def encode_chunk(
         true_probs=None if true_probs is None else torch.from_numpy(true_probs),
         groups=groups,
     )
+
+
+def feature_major_ids(chunk: EncodedChunk, spec: FeatureSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KJT ``values`` (int64) and ``lengths`` (int32, feature-major: every row of
+    feature 0, then feature 1, ...) of encoded rows, in ``spec.sparse`` order."""
+    b = chunk.rows
+    kinds = [f.kind for f in spec.sparse]
+    if "multi_hot" not in kinds:
+        # single-valued features only: one transpose gives the feature-major values
+        values = chunk.cat_ids.t().reshape(-1)
+        return values, torch.ones(values.numel(), dtype=torch.int32)
+    vals, lens = [], []
+    ci = mi = 0
+    for kind in kinds:
+        if kind == "categorical":
+            vals.append(chunk.cat_ids[:, ci])
+            lens.append(torch.ones(b, dtype=torch.int32))
+            ci += 1
+        else:
+            offsets = chunk.multi_offsets[mi]
+            vals.append(chunk.multi_values[mi])
+            lens.append((offsets[1:] - offsets[:-1]).to(torch.int32))
+            mi += 1
+    return torch.cat(vals), torch.cat(lens)

@@ -31,7 +31,7 @@ import polars as pl
 import torch
 
 from mtrec.data.batch import Batch
-from mtrec.data.batcher import iter_batches, to_batch
+from mtrec.data.batcher import iter_batches, stream_batches, to_batch
 from mtrec.data.encode import EncodedChunk, encode_chunk
 from mtrec.data.errors import DataError
 from mtrec.data.readers import iter_chunks, read_schema
@@ -136,17 +136,9 @@ def train_batches(
         return
     path, rows = source
     generator = torch.Generator().manual_seed(seed)
-    carry: EncodedChunk | None = None
-    for chunk in shard_chunks(spec, path, rows, chunk_rows):
-        if carry is not None:
-            chunk = EncodedChunk.concat([carry, chunk])
-        chunk = chunk.take(torch.randperm(chunk.rows, generator=generator))
-        full = chunk.rows - chunk.rows % batch_size
-        for start in range(0, full, batch_size):
-            yield to_batch(chunk.slice(start, start + batch_size), spec)
-        carry = chunk.slice(full, chunk.rows) if full < chunk.rows else None
-    if carry is not None:
-        yield to_batch(carry, spec)
+    yield from stream_batches(
+        shard_chunks(spec, path, rows, chunk_rows), spec, batch_size, generator
+    )
 
 
 def padded_eval_batches(
