@@ -811,6 +811,9 @@ def _config_dict(preset_name: str, preset: _Preset, seed: int) -> dict[str, Any]
             "attention_dim": 16,
             "heads": 2,
             "layer_norm": True,
+            # AutoInt+: the parallel DNN branch (measured on this data, 3 seeds: mean AUC
+            # 0.8166 vs 0.8139 DNN-only; the attention alone feeding a block: 0.8113-0.8128)
+            "dnn": [256, 128],
         }
         cfg["model"]["multitask"]["type"] = "home"
         cfg["model"]["multitask"]["home"] = {"task_groups": groups}
