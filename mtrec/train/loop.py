@@ -394,7 +394,9 @@ def _train_in(
             },
             last_path(out),
         )
-        print(f"[mtrec] epoch {st.epoch}: " + to_json(record), file=sys.stderr, flush=True)
+        # the console line leaves out the (long) expert diagnostics; metrics.jsonl has them
+        shown = {k: v for k, v in record.items() if k != "diagnostics"}
+        print(f"[mtrec] epoch {st.epoch}: " + to_json(shown), file=sys.stderr, flush=True)
 
     if st.best_epoch < 0:
         raise CheckpointError(f"{out}: no epoch completed; nothing to summarise")
