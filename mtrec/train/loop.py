@@ -123,6 +123,17 @@ class _State:
     train_samples: int = 0
     train_seconds: float = 0.0
 
+    def summary(self, out: Path, stopped_early: bool) -> dict[str, Any]:
+        """The run summary (the last stdout line of ``mtrec train``) so far."""
+        return {
+            "run_dir": str(out),
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epoch,
+            "stopped_early": stopped_early,
+            "valid": self.best_valid or {},
+            "samples_per_s": round(self.train_samples / max(self.train_seconds, 1e-9), 1),
+        }
+
 
 def _check_run_dir(cfg: ExperimentConfig, out: Path, resume: bool) -> dict[str, Any] | None:
     """Check (reading only) that ``out`` can take this run; returns the checkpoint to
@@ -400,15 +411,7 @@ def _train_in(
 
     if st.best_epoch < 0:
         raise CheckpointError(f"{out}: no epoch completed; nothing to summarise")
-    return {
-        "run_dir": str(out),
-        "best_epoch": st.best_epoch,
-        "epochs_run": st.epoch,
-        "stopped_early": stopped_early,
-        "valid": st.best_valid or {},
-        "samples_per_s": round(st.train_samples / max(st.train_seconds, 1e-9), 1),
-        "wall_s": round(time.perf_counter() - wall_start, 2),
-    }
+    return {**st.summary(out, stopped_early), "wall_s": round(time.perf_counter() - wall_start, 2)}
 
 
 # rows of the validation split the per-epoch expert diagnostics are measured on

@@ -661,12 +661,7 @@ def _epochs(
     if st.best_epoch < 0:  # returned, not raised: Ray would retry a raised error
         return {"run_error": f"{out}: no epoch completed; nothing to summarise"}
     return {
-        "run_dir": str(out),
-        "best_epoch": st.best_epoch,
-        "epochs_run": st.epoch,
-        "stopped_early": stopped_early,
-        "valid": st.best_valid or {},
-        "samples_per_s": round(st.train_samples / max(st.train_seconds, 1e-9), 1),
+        **st.summary(out, stopped_early),
         "workers": world,
         "restarts": len(resumed_at),
         "resumed_after_epochs": resumed_at,
