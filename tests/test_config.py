@@ -157,9 +157,21 @@ def test_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "path", sorted(Path(__file__).resolve().parent.parent.joinpath("configs").rglob("*.yaml"))
 )
-def test_shipped_configs_load(path: Path) -> None:
+def test_shipped_configs_load(path: Path, synth_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # configs/synthetic/* extend the demo's data config: point them at a tiny planted set
+    # (a fresh clone has no demo_out/)
+    monkeypatch.setenv("MTREC_SYNTH_DIR", str(synth_dir))
     cfg = load_config(path)
     assert cfg.features and cfg.tasks
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mtrec.data.synthetic import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, rows=200)
+    return out
 
 
 def test_override_paths_resolve_against_the_working_directory(
