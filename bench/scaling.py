@@ -64,6 +64,14 @@ def main() -> None:
     parser.add_argument("--preset", default="criteo-like", choices=["default", "criteo-like"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. model.embedding.num_tables=2 (one table per worker)",
+    )
     args = parser.parse_args()
 
     data = C.ensure_synthetic(args.cache_dir, args.rows, preset=args.preset)
@@ -74,6 +82,7 @@ def main() -> None:
         f"training.threads={args.threads}",
         "training.early_stopping_patience=0",
         "training.progress=false",
+        *args.sets,
     ]
     from mtrec.config import load_config
     from mtrec.train.loop import train
