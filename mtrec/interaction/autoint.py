@@ -116,9 +116,11 @@ class InteractingLayer(nn.Module):
         q, k, _ = self._heads(x)
         return self._probs(q, k)
 
-    def _route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route(
+        self, logits: torch.Tensor, with_balance: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """B x F x (h_s + R + 2) router logits → (B x F x H head gates, scalar unweighted
-        balance loss Σ f_i P_i)."""
+        balance loss Σ f_i P_i, or None when ``with_balance`` is off)."""
         hs = self.shared_heads
         routed_probs = torch.softmax(logits[..., hs:-2], dim=-1)  # B x F x R
         top_vals, top_idx = routed_probs.topk(self.top_k, dim=-1)
@@ -130,6 +132,8 @@ class InteractingLayer(nn.Module):
             gates = torch.cat([shared, routed * mix[..., 1:]], dim=-1)
         else:
             gates = routed
+        if not with_balance:  # inference (serving): the loss is not needed
+            return gates, None
         picked = torch.zeros_like(routed_probs).scatter(-1, top_idx, 1.0)
         tokens = routed_probs.shape[0] * routed_probs.shape[1]
         f_share = picked.reshape(tokens, -1).mean(0)  # no gradient: a count
@@ -142,7 +146,7 @@ class InteractingLayer(nn.Module):
         router = self.router
         if router is None:
             return torch.ones(x.shape[0], x.shape[1], self.num_heads, dtype=x.dtype)
-        return self._route(router(x))[0]
+        return self._route(router(x), False)[0]
 
     def forward_with_balance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """B x F x in → (B x F x A output, β-weighted MoH balance loss or None)."""
@@ -153,9 +157,10 @@ class InteractingLayer(nn.Module):
         balance: torch.Tensor | None = None
         router = self.router
         if router is not None:
-            gates, raw = self._route(router(x))
+            gates, raw = self._route(router(x), self.training)
             heads = heads * gates.transpose(1, 2).unsqueeze(-1)
-            balance = raw * self.balance_weight
+            if raw is not None:
+                balance = raw * self.balance_weight
         # B x H x F x d_h → B x F x H·d_h (heads concatenated per field)
         out = heads.transpose(1, 2).reshape(b, f, self.attention_dim)
         if self.residual is not None:
