@@ -367,9 +367,7 @@ def phase_breakdown(trainer: Trainer, source: Any, steps: int = 50, seed: int = 
         batch = next(it)
         t1 = clock()
         logits, aux = model.forward_with_aux(batch.sparse, batch.dense)
-        loss = loss_fn(logits, batch.labels)
-        for value in aux.values():
-            loss = loss + value
+        loss = loss_fn(logits, batch.labels, aux)
         t2 = clock()
         opt.zero_grad(set_to_none=True)
         t3 = clock()

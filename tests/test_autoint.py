@@ -460,7 +460,8 @@ def test_moh_model_trains_with_the_auxiliary_loss(setup) -> None:
     first = None
     for _ in range(30):
         logits, aux = model.forward_with_aux(batch.sparse, batch.dense)
-        loss = loss_fn(logits, batch.labels) + sum(aux.values())
+        loss = loss_fn(logits, batch.labels, aux)  # the training loss: BCE + aux losses
+        torch.testing.assert_close(loss, loss_fn(logits, batch.labels) + sum(aux.values()))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -233,9 +233,7 @@ class ShardedTrainStep:
         sparse, dense, labels = self._inputs(batch)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits, aux = self.model(sparse, dense)
-        loss = self.loss_fn(logits.float(), labels)
-        for value in aux.values():
-            loss = loss + value.float()
+        loss = self.loss_fn(logits, labels, aux)
         self.dense_opt.zero_grad(set_to_none=True)
         # DDP averages dense gradients over ranks; each embedding row sums the gradients
         # of every rank's batch. Row-wise Adagrad divides by the gradient's running RMS,

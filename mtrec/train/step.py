@@ -41,9 +41,7 @@ class TrainStep:
         """Forward, backward (updates looked-up embedding rows), Adam step; returns the loss."""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             logits, aux = self.model.forward_with_aux(batch.sparse, batch.dense)
-        loss = self.loss_fn(logits.float(), batch.labels)
-        for value in aux.values():  # auxiliary losses blocks declared (e.g. MoH balance)
-            loss = loss + value.float()
+        loss = self.loss_fn(logits, batch.labels, aux)
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.dense_opt.step()
