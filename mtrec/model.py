@@ -1,4 +1,9 @@
-"""Assembles embedding → (interaction) → multi-task block → task towers from a config.
+"""Assembles the model from a config: a sparse arch (ids → field tokens) and a task arch
+(numeric embedding → (interaction) → multi-task block → task towers → ESMM chain).
+
+Training composes :class:`SparseArch` (torchrec/FBGEMM lookup) with :class:`TaskArch`;
+the exported serving module composes the sparse arch's torch-only pooling with the SAME
+task arch object (``mtrec.export.serving``), so the forward exists once.
 
 ``MULTITASK_REGISTRY`` maps the ``model.multitask.type`` name to a builder, so
 new blocks plug in without touching the rest.
@@ -16,14 +21,25 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mtrec.config import ExperimentConfig, MultiTaskConfig
 from mtrec.data.spec import FeatureSpec
 from mtrec.embeddings.numeric import NumericEmbedding, NumericNormalizer
-from mtrec.embeddings.per_feature import PerFeatureEmbedding
-from mtrec.embeddings.unified import UnifiedEmbedding
+from mtrec.embeddings.per_feature import PerFeatureEmbedding, PerFeaturePooling
+from mtrec.embeddings.unified import UnifiedEmbedding, UnifiedPooling
 from mtrec.interaction import AutoInt, build_interaction
 from mtrec.multitask.base import BlockInputs
 from mtrec.multitask.mmoe import MMoE, SharedBottom
 from mtrec.multitask.towers import TaskTowers
 
-__all__ = ["MULTITASK_REGISTRY", "BlockInputs", "MultiTaskModel", "build_model", "chain_logits"]
+__all__ = [
+    "MULTITASK_REGISTRY",
+    "BlockInputs",
+    "MultiTaskModel",
+    "SparseArch",
+    "TaskArch",
+    "build_model",
+    "chain_logits",
+    "remap_legacy_key",
+    "remap_legacy_state_dict",
+    "remap_legacy_train_state",
+]
 
 
 BlockBuilder = Callable[[BlockInputs, MultiTaskConfig], nn.Module]
@@ -66,39 +82,75 @@ def chain_logits(logits: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
     Computed in log space (log p = Σ log σ) so tiny joint probabilities stay finite; the
     joint probability never exceeds the first step's.
     """
-    n = chain.numel()
+    steps: list[int] = chain.tolist()
+    return _chain_steps(logits, steps, logits.size(1))
+
+
+def _chain_steps(logits: torch.Tensor, chain: list[int], num_tasks: int) -> torch.Tensor:
+    """:func:`chain_logits` with the chain and T as Python ints, so ``torch.fx`` can trace
+    it (no tensor-valued control flow)."""
+    n = len(chain)
     if n < 2:
         return logits
-    cols = list(logits.unbind(1))
-    log_p = torch.nn.functional.logsigmoid(logits[:, int(chain[0])])
+    cols = [logits[:, t] for t in range(num_tasks)]
+    log_p = torch.nn.functional.logsigmoid(logits[:, chain[0]])
     for j in range(1, n):
-        t = int(chain[j])
+        t = chain[j]
         log_p = log_p + torch.nn.functional.logsigmoid(logits[:, t])
         # logit(p) = log p - log(1 - p); clamp keeps p < 1 so log(1 - p) is finite
         safe = log_p.clamp(max=-1e-7)
         # the round trip through log space can land an ulp above the previous step
-        cols[t] = torch.minimum(safe - torch.log(-torch.expm1(safe)), cols[int(chain[j - 1])])
+        cols[t] = torch.minimum(safe - torch.log(-torch.expm1(safe)), cols[chain[j - 1]])
     return torch.stack(cols, dim=1)
 
 
-class MultiTaskModel(nn.Module):
-    """Field embeddings → (interaction) → flat v → multi-task block → towers → logits.
+class SparseArch(nn.Module):
+    """Sparse features → field tokens: KJT of raw ids → B x F_s x d.
+
+    Wraps the embedding module (torchrec ``EmbeddingBagCollection`` inside, FBGEMM kernels
+    once fused or sharded). :meth:`torch_pooling` gives the same lookup as a torch-only
+    module over plain tensors, built from this embedding (same maths, same weights).
 
     Args:
-        sparse_embedding: KJT of raw ids → B x F_s x d (or None without sparse features).
-        normalizer: raw numeric values → normalised values.
-        numeric_embedding: B x F_n → B x F_n x d (or None without numeric features).
+        embedding: :class:`PerFeatureEmbedding` or :class:`UnifiedEmbedding`.
+    """
+
+    def __init__(self, embedding: PerFeatureEmbedding | UnifiedEmbedding) -> None:
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return self.embedding(sparse)
+
+    def torch_pooling(self) -> PerFeaturePooling | UnifiedPooling:
+        """``(values [N], lengths [F_s·B], B) → B x F_s x d`` without torchrec or FBGEMM."""
+        return self.embedding.torch_pooling()
+
+
+class TaskArch(nn.Module):
+    """Field tokens and raw numeric values → B x T task logits.
+
+    Numeric normalisation and embedding, (interaction), multi-task block, towers, ESMM
+    chaining: everything after the sparse lookup, shared as is by training (after
+    :class:`SparseArch`) and serving (after its torch-only pooling).
+
+    Args:
+        normalizer: raw numeric values → normalised values (None without numeric features).
+        numeric_embedding: B x F_n → B x F_n x d (None without numeric features).
         block: v → T task representations; v is B x F·d, or the interaction's flat output.
         towers: T representations → B x T logits.
-        interaction: B x F x d tokens → flat v (``forward_flat``), or None (v = flat tokens).
+        task_names: the T tasks.
+        interaction: B x F x d tokens → per-layer tokens and flat v, or None (v = flat tokens).
+        chain: task indices of the ESMM chain, funnel order (empty: no chaining).
 
-    ``forward(sparse, dense)`` returns B x T logits; ``predict`` returns probabilities;
-    ``forward_with_aux`` also returns the auxiliary losses for training.
+    Shapes: sparse B x F_s x d (or None without sparse features), dense B x F_n →
+    B x T logits; F = F_s + F_n tokens, sparse fields first.
     """
+
+    chain_tasks: list[int]  # task indices of the ESMM chain (type set below the class)
 
     def __init__(
         self,
-        sparse_embedding: PerFeatureEmbedding | UnifiedEmbedding | None,
         normalizer: NumericNormalizer | None,
         numeric_embedding: NumericEmbedding | None,
         block: nn.Module,
@@ -108,36 +160,33 @@ class MultiTaskModel(nn.Module):
         chain: list[int] | None = None,
     ) -> None:
         super().__init__()
-        self.sparse_embedding = sparse_embedding
         self.normalizer = normalizer
         self.numeric_embedding = numeric_embedding
         self.interaction = interaction
         self.block = block
         self.towers = towers
         self.task_names = list(task_names)
-        # task indices of the ESMM chain, funnel order (empty: no chaining); a buffer, as
-        # TorchScript cannot type an empty list attribute
+        self.num_tasks = len(task_names)
+        self.chain_tasks = list(chain or [])
+        # the chain as a tensor too (exporter, callers); not part of the state dict
         self.register_buffer(
-            "chain", torch.tensor(list(chain or []), dtype=torch.long), persistent=False
+            "chain", torch.tensor(self.chain_tasks, dtype=torch.long), persistent=False
         )
-        # epoch of the checkpoint the weights came from (-1: not loaded from a run)
-        self.trained_epoch = -1
 
-    def field_tokens(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+    def field_tokens(self, sparse: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
         """B x F x d tokens: sparse fields, then numeric fields."""
         tokens: list[torch.Tensor] = []
-        if self.sparse_embedding is not None:
-            tokens.append(self.sparse_embedding(sparse))
+        if sparse is not None:
+            tokens.append(sparse)
         if self.numeric_embedding is not None and self.normalizer is not None:
             tokens.append(self.numeric_embedding(self.normalizer(dense)))
         return torch.cat(tokens, dim=1)
 
     def block_inputs(
-        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, aux: dict[str, torch.Tensor]
+        self, x0: torch.Tensor, aux: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(v, tokens) as the block reads them: v is B x |v|; tokens are X⁰ (B x F x d),
         then each interaction layer's B x F x d' output."""
-        x0 = self.field_tokens(sparse, dense)
         if self.interaction is not None:
             layers = self.interaction.forward_layers(x0, aux)
             v = self.interaction.flatten_output(x0, layers[-1])
@@ -146,14 +195,156 @@ class MultiTaskModel(nn.Module):
 
     @torch.jit.export
     def forward_with_aux(
+        self, sparse: torch.Tensor | None, dense: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """B x T logits and the auxiliary losses (already weighted) that blocks declared."""
+        aux: dict[str, torch.Tensor] = {}
+        v, tokens = self.block_inputs(self.field_tokens(sparse, dense), aux)
+        logits = self.towers(self.block(v, tokens, aux))
+        return _chain_steps(logits, self.chain_tasks, self.num_tasks), aux
+
+    def forward(self, sparse: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
+        """B x T logits (of the joint probability for chained tasks)."""
+        return self.forward_with_aux(sparse, dense)[0]
+
+
+# TorchScript cannot type an empty list attribute and reads class annotations unevaluated
+# (a string under ``from __future__ import annotations``): declare the type itself
+TaskArch.__annotations__["chain_tasks"] = list[int]
+
+# the task arch's parts, reachable as model.<name> (model.block, ...) for callers
+_TASK_PARTS = ("normalizer", "numeric_embedding", "interaction", "block", "towers")
+
+# state-dict prefixes before the sparse / task split → after
+_LEGACY_PREFIXES = (("sparse_embedding.", "sparse_arch.embedding."),) + tuple(
+    (f"{name}.", f"task_arch.{name}.") for name in _TASK_PARTS
+)
+
+
+def remap_legacy_key(key: str) -> str:
+    """A state-dict key or module name of the model before the sparse / task split
+    (``sparse_embedding.*``, ``block.*``, ...) → its current name; other keys unchanged."""
+    for old, new in _LEGACY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+        if key + "." == old:  # the module itself
+            return new[:-1]
+    return key
+
+
+def remap_legacy_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model state dict with pre-split keys → current keys (current keys pass as they are)."""
+    return {remap_legacy_key(k): v for k, v in state.items()}
+
+
+def remap_legacy_train_state(state: dict) -> dict:
+    """A ``TrainStep.state_dict()``-layout state (``last.pt``) with pre-split names → current
+    names: model keys and the sparse optimizers' module names."""
+    out = dict(state)
+    out["model"] = remap_legacy_state_dict(state["model"])
+    if isinstance(state.get("sparse_optimizer"), dict):
+        out["sparse_optimizer"] = {
+            remap_legacy_key(k): v for k, v in state["sparse_optimizer"].items()
+        }
+    return out
+
+
+def _legacy_keys_hook(
+    state: dict[str, torch.Tensor], prefix: str, *_: object, **__: object
+) -> None:
+    """``load_state_dict`` pre-hook: renames pre-split keys in place, so checkpoints written
+    before the sparse / task split load unchanged."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        new = prefix + remap_legacy_key(key[len(prefix) :])
+        if new != key:
+            state[new] = state.pop(key)
+
+
+class MultiTaskModel(nn.Module):
+    """Sparse arch → task arch: KJT of raw ids and raw numeric values → B x T logits.
+
+    Args:
+        sparse_arch: KJT → B x F_s x d field tokens (None without sparse features).
+        task_arch: (tokens, dense) → logits: normaliser, numeric embedding, interaction,
+            multi-task block, towers, ESMM chain.
+
+    ``forward(sparse, dense)`` returns B x T logits; ``predict`` returns probabilities;
+    ``forward_with_aux`` also returns the auxiliary losses for training. The task arch's
+    parts stay reachable as ``model.block``, ``model.interaction``, ... (eager only).
+    State dicts written before the split (``sparse_embedding.*``, ``block.*``, ...) load
+    through :func:`remap_legacy_state_dict` (a load pre-hook).
+    """
+
+    __jit_unused_properties__ = ["sparse_embedding", "chain", *_TASK_PARTS]  # noqa: RUF012
+
+    def __init__(self, sparse_arch: SparseArch | None, task_arch: TaskArch) -> None:
+        super().__init__()
+        self.sparse_arch = sparse_arch
+        self.task_arch = task_arch
+        self.task_names = list(task_arch.task_names)
+        # epoch of the checkpoint the weights came from (-1: not loaded from a run)
+        self.trained_epoch = -1
+        self._register_load_state_dict_pre_hook(_legacy_keys_hook)
+
+    # eager-only views of the parts (older callers read model.block etc.)
+    @property
+    def sparse_embedding(self) -> nn.Module | None:
+        return None if self.sparse_arch is None else self.sparse_arch.embedding
+
+    @property
+    def chain(self) -> torch.Tensor:
+        return self.task_arch.chain
+
+    @property
+    def normalizer(self) -> NumericNormalizer | None:
+        return self.task_arch.normalizer
+
+    @property
+    def numeric_embedding(self) -> NumericEmbedding | None:
+        return self.task_arch.numeric_embedding
+
+    @property
+    def interaction(self) -> AutoInt | None:
+        return self.task_arch.interaction
+
+    @property
+    def block(self) -> nn.Module:
+        return self.task_arch.block
+
+    @property
+    def towers(self) -> TaskTowers:
+        return self.task_arch.towers
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # ``model.block = other`` swaps the task arch's block (as before the split)
+        if name in _TASK_PARTS and "task_arch" in self.__dict__.get("_modules", {}):
+            setattr(self.task_arch, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def sparse_tokens(self, sparse: KeyedJaggedTensor) -> torch.Tensor | None:
+        """B x F_s x d sparse field tokens (None without sparse features)."""
+        if self.sparse_arch is None:
+            return None
+        return self.sparse_arch(sparse)
+
+    def field_tokens(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        """B x F x d tokens: sparse fields, then numeric fields."""
+        return self.task_arch.field_tokens(self.sparse_tokens(sparse), dense)
+
+    def block_inputs(
+        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, aux: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(v, tokens) as the block reads them (see :meth:`TaskArch.block_inputs`)."""
+        return self.task_arch.block_inputs(self.field_tokens(sparse, dense), aux)
+
+    @torch.jit.export
+    def forward_with_aux(
         self, sparse: KeyedJaggedTensor, dense: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """B x T logits and the auxiliary losses (already weighted) that blocks declared;
         the training loss adds their sum to the task loss."""
-        aux: dict[str, torch.Tensor] = {}
-        v, tokens = self.block_inputs(sparse, dense, aux)
-        logits = self.towers(self.block(v, tokens, aux))
-        return chain_logits(logits, self.chain), aux
+        return self.task_arch.forward_with_aux(self.sparse_tokens(sparse), dense)
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """B x T logits (of the joint probability for chained tasks)."""
@@ -219,6 +410,5 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
         mt_cfg.dropout,
     )
     chain = [spec.task_names.index(t) for t in mt_cfg.chain]
-    return MultiTaskModel(
-        sparse, normalizer, numeric, block, towers, spec.task_names, interaction, chain
-    )
+    task_arch = TaskArch(normalizer, numeric, block, towers, spec.task_names, interaction, chain)
+    return MultiTaskModel(None if sparse is None else SparseArch(sparse), task_arch)

@@ -422,17 +422,17 @@ def test_export_refuses_weights_of_another_model(run: Path, tmp_path: Path) -> N
 def test_parity_failure_writes_nothing(
     run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mtrec.export import serving
+    from mtrec.model import SparseArch
 
-    original = serving.serving_embedding
+    original = SparseArch.torch_pooling
 
-    def drifted(emb):
-        twin = original(emb)
+    def drifted(arch: SparseArch) -> torch.nn.Module:
+        twin = original(arch)
         with torch.no_grad():
             twin.weight.add_(0.05)  # a serving path that drifted from training
         return twin
 
-    monkeypatch.setattr(serving, "serving_embedding", drifted)
+    monkeypatch.setattr(SparseArch, "torch_pooling", drifted)
     target = tmp_path / "out" / "model.pt"
     with pytest.raises(ExportError, match="scripted and eager models differ"):
         export_run(run, out=target)

@@ -8,7 +8,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-__all__ = ["FrequencyFilter", "PerFeatureEmbedding"]
+__all__ = ["FrequencyFilter", "PerFeatureEmbedding", "PerFeatureLayout", "PerFeaturePooling"]
 
 RARE_ID = 1  # mtrec.data.hashing.RARE_ID (kept local: serving code needs no data imports)
 
@@ -56,7 +56,45 @@ class FrequencyFilter(nn.Module):
         return torch.where(rare, torch.full_like(values, self.rare_id), values)
 
 
-class PerFeatureEmbedding(nn.Module):
+class PerFeatureLayout(nn.Module):
+    """The per-feature id maths shared by training and serving, torch only.
+
+    Base of :class:`PerFeatureEmbedding` (torchrec/FBGEMM lookup) and
+    :class:`PerFeaturePooling` (``embedding_bag`` over the same weights): frequency filter,
+    ``id mod buckets[feature]``, and the mean divisor. Holds no table.
+    """
+
+    def share_layout(self, src: PerFeatureLayout) -> None:
+        """Make this module read ``src``'s layout (same buffers and filter, not copies)."""
+        self.num_features, self.dim, self.has_mean = src.num_features, src.dim, src.has_mean
+        self.register_buffer("mean_pooled", src.mean_pooled, persistent=False)
+        self.register_buffer("buckets", src.buckets, persistent=False)
+        self.value_filter = src.value_filter
+
+    def local_rows(
+        self, values: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row of each id in its feature's table, and its feature.
+
+        Shapes: values [N] int64 raw ids, lengths [F·B] (feature-major) → [N], [N] int64.
+        """
+        per_key = lengths.view(self.num_features, -1).sum(1)
+        feature_of = torch.repeat_interleave(
+            torch.arange(self.num_features, device=lengths.device), per_key
+        )
+        values = self.value_filter(values, feature_of)
+        return torch.remainder(values, self.buckets[feature_of]), feature_of
+
+    def mean_divide(self, pooled: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """B x F x d SUM-pooled → mean-pooled features divided by their bag size (≥ 1)."""
+        if not self.has_mean:
+            return pooled
+        counts = lengths.view(self.num_features, -1).t().to(pooled.dtype)  # B x F
+        divisor = torch.where(self.mean_pooled, counts.clamp(min=1.0), torch.ones_like(counts))
+        return pooled / divisor.unsqueeze(-1)
+
+
+class PerFeatureEmbedding(PerFeatureLayout):
     """One table of ``buckets[i]`` rows per feature; raw int64 ids are hashed by ``id mod buckets``.
 
     The modulo runs inside the module, so a scripted model takes the raw stable
@@ -115,20 +153,47 @@ class PerFeatureEmbedding(nn.Module):
     def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """KJT of raw ids (keys = ``feature_names``) → B x F x d."""
         lengths = sparse.lengths()
-        per_key = lengths.view(self.num_features, -1).sum(1)
-        feature_of = torch.repeat_interleave(
-            torch.arange(self.num_features, device=lengths.device), per_key
-        )
-        values = self.value_filter(sparse.values(), feature_of)
+        rows, _ = self.local_rows(sparse.values(), lengths)
         hashed = KeyedJaggedTensor(
-            keys=self.feature_names,
-            values=torch.remainder(values, self.buckets[feature_of]),
-            lengths=lengths,
-            stride=sparse.stride(),
+            keys=self.feature_names, values=rows, lengths=lengths, stride=sparse.stride()
         )
         pooled = self.ebc(hashed).values().view(-1, self.num_features, self.dim)
-        if self.has_mean:
-            counts = lengths.view(self.num_features, -1).t().to(pooled.dtype)  # B x F
-            divisor = torch.where(self.mean_pooled, counts.clamp(min=1.0), torch.ones_like(counts))
-            pooled = pooled / divisor.unsqueeze(-1)
-        return pooled
+        return self.mean_divide(pooled, lengths)
+
+    def torch_pooling(self) -> PerFeaturePooling:
+        """This embedding as a torch-only module over plain tensors (for serving)."""
+        return PerFeaturePooling(self)
+
+
+class PerFeaturePooling(PerFeatureLayout):
+    """Torch-only twin of a :class:`PerFeatureEmbedding`: no torchrec, no FBGEMM.
+
+    Reads the embedding's own layout (:class:`PerFeatureLayout`); the per-feature tables
+    are stacked into one weight (feature ``i`` owns rows ``base[i] ..``), so a batch is one
+    ``embedding_bag`` call over its F·B feature-major bags.
+
+    Shapes: values [N] int64 raw ids, lengths [F·B] int64 (feature-major) → B x F x d.
+
+    Example::
+
+        emb = PerFeatureEmbedding(["a", "b"], [100, 50], dim=8, poolings=["sum", "mean"])
+        pool = emb.torch_pooling()
+        pool(torch.tensor([7, 123, 9]), torch.tensor([1, 1, 1, 0]), 2).shape  # [2, 2, 8]
+    """
+
+    def __init__(self, emb: PerFeatureEmbedding) -> None:
+        super().__init__()
+        self.share_layout(emb)
+        state = emb.ebc.state_dict()  # same keys for the plain and the fused collection
+        tables = [state[f"embedding_bags.t_{name}.weight"].detach() for name in emb.feature_names]
+        self.weight = nn.Parameter(torch.cat(tables), requires_grad=False)
+        self.register_buffer("base", torch.cumsum(emb.buckets, 0) - emb.buckets, persistent=False)
+
+    def forward(self, values: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Tensor:
+        rows, feature_of = self.local_rows(values, lengths)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        pooled = nn.functional.embedding_bag(
+            rows + self.base[feature_of], self.weight, offsets, mode="sum"
+        )
+        out = pooled.view(self.num_features, batch, self.dim).transpose(0, 1)
+        return self.mean_divide(out, lengths)

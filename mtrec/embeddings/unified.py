@@ -94,7 +94,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mtrec.embeddings.per_feature import FrequencyFilter
 from mtrec.multitask.layers import GroupedLinear
 
-__all__ = ["UnifiedEmbedding", "chunk_salt", "salted_hash", "salted_row"]
+__all__ = [
+    "UnifiedEmbedding",
+    "UnifiedLayout",
+    "UnifiedPooling",
+    "chunk_salt",
+    "salted_hash",
+    "salted_row",
+]
 
 _MASK64 = (1 << 64) - 1
 _FNV_OFFSET = 0xCBF29CE484222325
@@ -173,7 +180,110 @@ class _Projection(nn.Module):
         return self.linear(x.view(self.fields, batch, self.width))
 
 
-class UnifiedEmbedding(nn.Module):
+class UnifiedLayout(nn.Module):
+    """The Unified Embedding maths shared by training and serving, torch only.
+
+    Base of :class:`UnifiedEmbedding` (torchrec/FBGEMM lookup) and :class:`UnifiedPooling`
+    (``embedding_bag`` over the same weights): ids → logical rows in bag order (frequency
+    filter, salting), the mean divisor, and pooled bags → B x F x d tokens (per-group
+    pass-through / projection, field reorder). Holds no table; the subclasses pool.
+    """
+
+    # (attributes, buffers, submodules) a torch-only twin shares with its embedding
+    _SHARED_ATTRS = (
+        "num_features",
+        "dim",
+        "chunk_dim",
+        "rows",
+        "num_keys",
+        "has_mean",
+        "batch_major",
+        "reorder",
+        "group_fields",
+        "group_chunks",
+    )
+    _SHARED_BUFFERS = ("key_feature", "key_salt", "mean_feature", "inverse_order")
+    _SHARED_MODULES = ("groups", "value_filter")
+
+    def share_layout(self, src: UnifiedLayout) -> None:
+        """Make this module read ``src``'s layout: same buffers and the same group /
+        filter modules (shared, not copied, so both always agree)."""
+        for name in self._SHARED_ATTRS:
+            value = getattr(src, name)
+            setattr(self, name, list(value) if isinstance(value, list) else value)
+        for name in self._SHARED_BUFFERS:
+            self.register_buffer(name, getattr(src, name), persistent=False)
+        for name in self._SHARED_MODULES:
+            setattr(self, name, getattr(src, name))
+
+    def bag_order(self, x: torch.Tensor) -> torch.Tensor:
+        """[K, B] per (key, row) values → flat, in bag order (see the module docstring)."""
+        if self.batch_major:
+            return x.t().reshape(-1)
+        parts: list[torch.Tensor] = []
+        start = 0
+        for g, k in zip(self.group_fields, self.group_chunks):
+            block = x[start : start + g * k].view(g, k, -1)
+            parts.append(block.transpose(1, 2).reshape(-1))
+            start += g * k
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def bag_rows(
+        self, values: torch.Tensor, lengths: torch.Tensor, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logical rows (of the M-row table) and bag lengths: K·B bags in bag order.
+
+        Shapes: values [N] int64 raw ids, lengths [F·B] (feature-major) →
+        rows [K'·N'] int64 (each feature's ids once per chunk), bag lengths [K·B].
+        """
+        device = lengths.device
+        by_feature = lengths.view(self.num_features, batch)
+        feature_of = torch.repeat_interleave(
+            torch.arange(self.num_features, device=device), by_feature.sum(1)
+        )
+        values = self.value_filter(values, feature_of)
+        # each bag reads one feature's ids of one row: one gather from the feature-major
+        # values into the bags, each feature's ids once per chunk
+        src_start = (torch.cumsum(lengths, 0) - lengths).view(self.num_features, batch)
+        src_start = self.bag_order(src_start[self.key_feature])
+        bag_lengths = self.bag_order(by_feature[self.key_feature])
+        salts = self.bag_order(self.key_salt[:, None].expand(self.num_keys, batch))
+        bag_start = torch.cumsum(bag_lengths, 0) - bag_lengths
+        bag_of = torch.repeat_interleave(
+            torch.arange(bag_lengths.numel(), device=device), bag_lengths
+        )
+        src = torch.arange(bag_of.numel(), device=device) + (src_start - bag_start)[bag_of]
+        return salted_hash(values[src], salts[bag_of], self.rows), bag_lengths
+
+    def mean_divide(self, pooled: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Tensor:
+        """[K·B, d_c] SUM-pooled bags → mean-pooled features divided by their bag size
+        (≥ 1: an empty bag stays zeros)."""
+        if not self.has_mean:
+            return pooled
+        counts = lengths.view(self.num_features, batch).to(pooled.dtype)
+        divisor = torch.where(
+            self.mean_feature[:, None], counts.clamp(min=1.0), torch.ones_like(counts)
+        )
+        return pooled / self.bag_order(divisor[self.key_feature])[:, None]
+
+    def tokens(self, pooled: torch.Tensor, batch: int) -> torch.Tensor:
+        """[K·B, d_c] pooled chunk vectors in bag order → B x F x d tokens."""
+        if self.batch_major:  # (row, feature, chunk) bags, every feature already d wide
+            return pooled.view(batch, self.num_features, self.dim)
+        sizes = [g * k * batch for g, k in zip(self.group_fields, self.group_chunks)]
+        # (a one-piece split would still cost a full copy in backward)
+        parts = [pooled] if len(sizes) == 1 else pooled.split(sizes, 0)
+        tokens: list[torch.Tensor] = []
+        for i, group in enumerate(self.groups):
+            tokens.append(group(parts[i], batch))  # G x B x d
+        # field-major F x B x d: the reorder gathers whole contiguous slabs
+        out = tokens[0] if len(tokens) == 1 else torch.cat(tokens, 0)
+        if self.reorder:
+            out = out.index_select(0, self.inverse_order)
+        return out.transpose(0, 1)
+
+
+class UnifiedEmbedding(UnifiedLayout):
     """All sparse features multiplexed into one table of ``rows`` × ``chunk_dim``.
 
     Same interface as :class:`~mtrec.embeddings.per_feature.PerFeatureEmbedding`:
@@ -295,47 +405,18 @@ class UnifiedEmbedding(nn.Module):
         """Parameters of the shared table(s): ``rows · chunk_dim``."""
         return sum(c.num_embeddings * c.embedding_dim for c in self.ebc.embedding_bag_configs())
 
-    def _bag_order(self, x: torch.Tensor) -> torch.Tensor:
-        """[K, B] per (key, row) values → flat, in bag order (see the module docstring)."""
-        if self.batch_major:
-            return x.t().reshape(-1)
-        parts: list[torch.Tensor] = []
-        start = 0
-        for g, k in zip(self.group_fields, self.group_chunks):
-            block = x[start : start + g * k].view(g, k, -1)
-            parts.append(block.transpose(1, 2).reshape(-1))
-            start += g * k
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
     def lookup(self, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Physical rows and bag lengths the table collection reads: ``num_tables · K · B``
         bags, table-major, each table's in bag order."""
         lengths = sparse.lengths()
-        batch = sparse.stride()
-        device = lengths.device
-        by_feature = lengths.view(self.num_features, batch)
-        feature_of = torch.repeat_interleave(
-            torch.arange(self.num_features, device=device), by_feature.sum(1)
-        )
-        values = self.value_filter(sparse.values(), feature_of)
-        # each bag reads one feature's ids of one row: one gather from the feature-major
-        # KJT values into the bags, each feature's ids once per chunk
-        src_start = (torch.cumsum(lengths, 0) - lengths).view(self.num_features, batch)
-        src_start = self._bag_order(src_start[self.key_feature])
-        bag_lengths = self._bag_order(by_feature[self.key_feature])
-        salts = self._bag_order(self.key_salt[:, None].expand(self.num_keys, batch))
-        bag_start = torch.cumsum(bag_lengths, 0) - bag_lengths
-        bag_of = torch.repeat_interleave(
-            torch.arange(bag_lengths.numel(), device=device), bag_lengths
-        )
-        src = torch.arange(bag_of.numel(), device=device) + (src_start - bag_start)[bag_of]
-        rows = salted_hash(values[src], salts[bag_of], self.rows)
+        rows, bag_lengths = self.bag_rows(sparse.values(), lengths, sparse.stride())
         if self.num_tables == 1:
             return rows, bag_lengths
         # round-robin split: table t gets, per bag, the ids whose row % n == t, in order
+        bags = bag_lengths.numel()
+        bag_of = torch.repeat_interleave(torch.arange(bags, device=rows.device), bag_lengths)
         table = torch.remainder(rows, self.num_tables)
         local = torch.div(rows, self.num_tables, rounding_mode="floor")
-        bags = bag_lengths.numel()
         split_lengths = torch.bincount(table * bags + bag_of, minlength=self.num_tables * bags)
         order = torch.cat([torch.nonzero(table == t).squeeze(1) for t in range(self.num_tables)])
         return local[order], split_lengths.to(lengths.dtype)
@@ -382,23 +463,7 @@ class UnifiedEmbedding(nn.Module):
             pooled = self.ebc(kjt).values()
         if self.num_tables > 1:  # [K·B, n·d_c]: sum the per-table partial pools
             pooled = pooled.view(-1, self.num_tables, self.chunk_dim).sum(1)
-        if self.has_mean:
-            counts = sparse.lengths().view(self.num_features, batch).to(pooled.dtype)
-            divisor = torch.where(
-                self.mean_feature[:, None], counts.clamp(min=1.0), torch.ones_like(counts)
-            )
-            pooled = pooled / self._bag_order(divisor[self.key_feature])[:, None]
-        return pooled
-
-    def _tokens(self, pooled: torch.Tensor, batch: int) -> list[torch.Tensor]:
-        """G x B x d tokens per group (features in ``key_names`` order)."""
-        sizes = [g * k * batch for g, k in zip(self.group_fields, self.group_chunks)]
-        # (a one-piece split would still cost a full copy in backward)
-        parts = [pooled] if len(sizes) == 1 else pooled.split(sizes, 0)
-        tokens: list[torch.Tensor] = []
-        for i, group in enumerate(self.groups):
-            tokens.append(group(parts[i], batch))
-        return tokens
+        return self.mean_divide(pooled, sparse.lengths(), batch)
 
     def pooled_chunks(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """B x Σ k_i·d_c: each feature's concatenated chunk vectors (before the per-field
@@ -418,13 +483,47 @@ class UnifiedEmbedding(nn.Module):
 
     def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """KJT of raw ids (keys = ``feature_names``) → B x F x d."""
-        batch = sparse.stride()
-        pooled = self.chunk_vectors(sparse)
-        if self.batch_major:  # (row, feature, chunk) bags, every feature already d wide
-            return pooled.view(batch, self.num_features, self.dim)
-        tokens = self._tokens(pooled, batch)
-        # field-major F x B x d: the reorder gathers whole contiguous slabs
-        out = tokens[0] if len(tokens) == 1 else torch.cat(tokens, 0)
-        if self.reorder:
-            out = out.index_select(0, self.inverse_order)
-        return out.transpose(0, 1)
+        return self.tokens(self.chunk_vectors(sparse), sparse.stride())
+
+    def logical_weight(self) -> torch.Tensor:
+        """[M, d_c] logical table: the physical round-robin tables interleaved back
+        (logical row ``r`` = row ``r // n`` of table ``r % n``)."""
+        state = self.ebc.state_dict()  # same keys for the plain and the fused collection
+        tables = [state[f"embedding_bags.{name}.weight"].detach() for name in self.kjt_keys]
+        # [M/n, n, d_c] → [M, d_c]
+        return torch.stack(tables, dim=1).reshape(self.rows, self.chunk_dim).contiguous()
+
+    def torch_pooling(self) -> UnifiedPooling:
+        """This embedding as a torch-only module over plain tensors (for serving): the same
+        layout maths, ``embedding_bag`` over a copy of the logical table."""
+        return UnifiedPooling(self)
+
+
+class UnifiedPooling(UnifiedLayout):
+    """Torch-only twin of a :class:`UnifiedEmbedding`: no torchrec, no FBGEMM.
+
+    Reads the embedding's own layout (:class:`UnifiedLayout`: ids → logical rows in bag
+    order, mean divisor, group projections, field order; shared modules, not copies) and
+    pools the logical table with ``torch.nn.functional.embedding_bag``, so a scripted
+    module of it loads with torch alone.
+
+    Shapes: values [N] int64 raw ids, lengths [F·B] int64 (feature-major) → B x F x d.
+
+    Example::
+
+        emb = UnifiedEmbedding(["a", "b"], rows=1000, dim=8, poolings=["sum", "mean"],
+                               chunks=[1, 2], chunk_dim=4)
+        pool = emb.torch_pooling()
+        pool(torch.tensor([7, 123, 9]), torch.tensor([1, 1, 1, 0]), 2).shape  # [2, 2, 8]
+    """
+
+    def __init__(self, emb: UnifiedEmbedding) -> None:
+        super().__init__()
+        self.share_layout(emb)
+        self.weight = nn.Parameter(emb.logical_weight(), requires_grad=False)
+
+    def forward(self, values: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Tensor:
+        rows, bag_lengths = self.bag_rows(values, lengths, batch)
+        offsets = torch.cumsum(bag_lengths, 0) - bag_lengths
+        pooled = nn.functional.embedding_bag(rows, self.weight, offsets, mode="sum")
+        return self.tokens(self.mean_divide(pooled, lengths, batch), batch)
