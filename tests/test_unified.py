@@ -571,7 +571,7 @@ def test_train_and_export_a_unified_model(data: Path, tmp_path: Path) -> None:
     for t in range(2):
         weight = emb.ebc.embedding_bags[f"unified_{t}"].weight.detach()
         assert weight.shape == (300, 4)
-        exact(state[f"sparse_embedding.ebc.embedding_bags.unified_{t}.weight"], weight)
+        exact(state[f"sparse_arch.embedding.ebc.embedding_bags.unified_{t}.weight"], weight)
     # training moved the shared table away from its initialisation
     torch.manual_seed(cfg.seed)
     fresh = build_model(cfg, spec).sparse_embedding
