@@ -216,9 +216,9 @@ TaskArch.__annotations__["chain_tasks"] = list[int]
 _TASK_PARTS = ("normalizer", "numeric_embedding", "interaction", "block", "towers")
 
 # state-dict prefixes before the sparse / task split → after
-_LEGACY_PREFIXES = (("sparse_embedding.", "sparse_arch.embedding."),) + tuple(
+_LEGACY_PREFIXES = [("sparse_embedding.", "sparse_arch.embedding.")] + [
     (f"{name}.", f"task_arch.{name}.") for name in _TASK_PARTS
-)
+]
 
 
 def remap_legacy_key(key: str) -> str:

@@ -54,7 +54,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mtrec.config import ExperimentConfig
 from mtrec.data.batch import Batch
 from mtrec.data.spec import FeatureSpec
-from mtrec.model import MultiTaskModel, build_model
+from mtrec.model import MultiTaskModel, build_model, remap_legacy_train_state
 from mtrec.train.losses import WeightedBCELoss
 
 __all__ = [
@@ -386,6 +386,7 @@ class ShardedTrainStep:
     def load_full_state(self, state: dict[str, Any]) -> None:
         """Load a ``TrainStep.state_dict()``-layout state (``last.pt``): each rank copies
         its shards. A column-wise shard's accumulator starts from the whole row's."""
+        state = remap_legacy_train_state(state)  # a last.pt from before the model split
         self._load_tensors({_PREFIX + k: v for k, v in state["model"].items()})
         with torch.no_grad():
             fused = self.model.fused_optimizer.state_dict()

@@ -12,7 +12,7 @@ import torch
 from mtrec.config import ExperimentConfig
 from mtrec.data.batch import Batch
 from mtrec.data.spec import FeatureSpec
-from mtrec.model import MultiTaskModel, build_model
+from mtrec.model import MultiTaskModel, build_model, remap_legacy_train_state
 from mtrec.train.losses import WeightedBCELoss
 from mtrec.train.optim import fuse_sparse_optimizer, make_dense_optimizer, sparse_optimizers
 
@@ -57,6 +57,7 @@ class TrainStep:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = remap_legacy_train_state(state)  # a last.pt from before the model split
         self.model.load_state_dict(state["model"])
         self.dense_opt.load_state_dict(state["dense_optimizer"])
         for name, module in self.fused.items():
