@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fitted_spec, first_batch, kjt, seeded, small_config, small_data_dir
+from helpers import first_batch, fitted_spec, kjt, seeded, small_config, small_data_dir
 
 from mtrec.embeddings.per_feature import PerFeatureEmbedding, PerFeaturePooling
 from mtrec.embeddings.unified import UnifiedEmbedding, UnifiedPooling
@@ -149,7 +149,7 @@ class _Flat(torch.nn.Module):
 
 
 def test_chained_task_arch_traces(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    model, cfg, spec = seeded_model(
+    model, _, spec = seeded_model(
         tmp_path_factory, tmp_path, multitask={"chain": ["click", "like"]}
     )
     arch = model.task_arch
