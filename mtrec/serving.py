@@ -14,7 +14,7 @@ Example::
 
     module, signature = load_model("runs/x/export/model.pt")
     inputs = encode([{"user_id": 17, "c0": "a", "tags": [3, 5], "n0": 0.5}], signature)
-    probs = module(*inputs)  # B x T, tasks = signature["tasks"]
+    probs = module(*inputs)  # B x T, tasks = signature.tasks
 
     scorer = Scorer("runs/x/export/model.pt")
     scorer.records(rows)  # [{"click": 0.31, "like": 0.05}, ...]
@@ -39,11 +39,13 @@ from mtrec.data.errors import DataError
 from mtrec.data.hashing import _text as category_text
 from mtrec.data.spec import FeatureSpec
 from mtrec.export.errors import ExportError
+from mtrec.export.signature import Signature
 
 __all__ = [
     "SIGNATURE_FILE",
     "Scorer",
     "ServingInputs",
+    "Signature",
     "chunk_inputs",
     "encode",
     "load_model",
@@ -74,33 +76,38 @@ class ServingInputs(NamedTuple):
 # ----------------------------------------------------------------------------- signature
 
 
-def read_signature(source: SignatureLike) -> dict[str, Any]:
+def read_signature(source: SignatureLike) -> Signature:
     """The signature of an export: from a dict, a ``*.json`` file or the model file itself.
 
     The model file is a zip archive; its ``<archive>/extra/signature.json`` member is
     read directly, without loading the model.
     """
     if isinstance(source, Mapping):
-        return dict(source)
+        return Signature.from_dict(source)
     path = Path(source)
     if not path.is_file():
         raise ExportError(f"{path}: no such file; export a run first (`mtrec export --run RUN`)")
     try:
         if path.suffix.lower() == ".json":
-            return json.loads(path.read_text())
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith("extra/" + SIGNATURE_FILE)]
-            if not names:
-                raise ExportError(
-                    f"{path}: not an mtrec export (no {SIGNATURE_FILE} inside); "
-                    "export it with `mtrec export --run RUN_DIR`"
-                )
-            return json.loads(archive.read(names[0]))
+            raw = json.loads(path.read_text())
+        else:
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("extra/" + SIGNATURE_FILE)]
+                if not names:
+                    raise ExportError(
+                        f"{path}: not an mtrec export (no {SIGNATURE_FILE} inside); "
+                        "export it with `mtrec export --run RUN_DIR`"
+                    )
+                raw = json.loads(archive.read(names[0]))
     except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise ExportError(
             f"{path}: cannot read the signature ({str(exc).splitlines()[0]}); "
             "the file is corrupt or not an mtrec export"
         ) from None
+    try:
+        return Signature.from_dict(raw)
+    except ExportError as exc:
+        raise ExportError(f"{path}: {exc}") from None
 
 
 def spec_from_signature(signature: SignatureLike, data_format: str | None = None) -> FeatureSpec:
@@ -110,41 +117,28 @@ def spec_from_signature(signature: SignatureLike, data_format: str | None = None
     the spec's ``nan_policy`` is ``fill`` whatever training used.
     """
     sig = read_signature(signature)
-    try:
-        sparse = [
-            FeatureConfig(
-                name=f["name"],
-                kind=f["kind"],
-                column=f["column"],
-                delimiter=f.get("delimiter"),
-                pooling=f.get("pooling", "sum"),
-            )
-            for f in sig["sparse_features"]
-        ]
-        numeric = [
-            FeatureConfig(
-                name=f["name"],
-                kind="numeric",
-                column=f["column"],
-                transform=f.get("transform", "none"),
-            )
-            for f in sig["numeric_features"]
-        ]
-        tasks = [TaskConfig(name=t) for t in sig["tasks"]]
-    except (KeyError, TypeError) as exc:
-        raise ExportError(f"malformed signature: missing or bad entry {exc}") from None
+    sparse = [
+        FeatureConfig(
+            name=f.name, kind=f.kind, column=f.column, delimiter=f.delimiter, pooling=f.pooling
+        )
+        for f in sig.sparse_features
+    ]
+    numeric = [
+        FeatureConfig(name=f.name, kind="numeric", column=f.column, transform=f.transform)
+        for f in sig.numeric_features
+    ]
     return FeatureSpec(
         sparse=sparse,
         numeric=numeric,
-        tasks=tasks,
-        data_format=data_format or sig.get("data_format", "parquet"),
-        csv_separator=sig.get("csv_separator", ","),
+        tasks=[TaskConfig(name=t) for t in sig.tasks],
+        data_format=data_format or sig.data_format,
+        csv_separator=sig.csv_separator,
         nan_policy="fill",
-        fill_value=sig.get("fill_value", 0.0),
+        fill_value=sig.fill_value,
     )
 
 
-def load_model(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+def load_model(path: str | Path) -> tuple[torch.jit.ScriptModule, Signature]:
     """Load an export (eval mode, CPU) and its signature.
 
     Imports ``fbgemm_gpu`` only for files whose signature says they need it (exports
@@ -152,7 +146,7 @@ def load_model(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]
     """
     path = Path(path)
     signature = read_signature(path)
-    if "fbgemm_gpu" in signature.get("requires", ["torch", "fbgemm_gpu"]):
+    if "fbgemm_gpu" in signature.requires:
         import fbgemm_gpu  # noqa: F401  (registers the fbgemm operators such a graph calls)
     try:
         module = torch.jit.load(str(path), map_location="cpu")
@@ -317,7 +311,7 @@ class Scorer:
         self.path = Path(path)
         self.module, self.signature = load_model(path)
         self.spec = spec_from_signature(self.signature)
-        self.tasks: list[str] = list(self.signature["tasks"])
+        self.tasks: list[str] = list(self.signature.tasks)
 
     def __call__(self, rows: Rows) -> torch.Tensor:
         with torch.no_grad():

@@ -13,7 +13,6 @@ example ids, mtrec version and config hash. It loads with ``torch`` alone
 from __future__ import annotations
 
 import io
-import json
 import time
 import zipfile
 from pathlib import Path
@@ -30,6 +29,7 @@ from mtrec.data.hashing import __doc__ as HASH_DOC
 from mtrec.data.spec import FeatureSpec
 from mtrec.export.errors import ExportError
 from mtrec.export.serving import ServingModule
+from mtrec.export.signature import SIGNATURE_FORMAT, NumericFeature, Signature, SparseFeature
 from mtrec.io import atomic_path
 from mtrec.model import MultiTaskModel
 from mtrec.serving import SIGNATURE_FILE, load_model
@@ -60,18 +60,18 @@ def signature_of(
     data_format: str = "parquet",
     csv_separator: str = ",",
     requires: list[str] | None = None,
-) -> dict[str, Any]:
+) -> Signature:
     """The contract of an export (stored inside the file as ``signature.json``)."""
     stats = spec.stats_dict()
     chain = [] if model is None else [model.task_names[int(i)] for i in model.chain.tolist()]
-    return {
-        "format": "mtrec-serving-v1",
-        "mtrec_version": mtrec.__version__,
-        "torch_version": torch.__version__.split("+")[0],
-        "config_hash": cfg_hash,
-        "trained_epoch": -1 if model is None else model.trained_epoch,
-        "requires": requires or ["torch"],
-        "inputs": {
+    return Signature(
+        format=SIGNATURE_FORMAT,
+        mtrec_version=mtrec.__version__,
+        torch_version=torch.__version__.split("+")[0],
+        config_hash=cfg_hash,
+        trained_epoch=-1 if model is None else model.trained_epoch,
+        requires=requires or ["torch"],
+        inputs={
             "values": "int64 [sum(lengths)] stable value ids (see hash), feature-major: every "
             "id of sparse feature 0 for rows 0..B-1, then feature 1, ...",
             "lengths": "int32 or int64 [num_sparse_features * B] ids per (feature, row), "
@@ -79,39 +79,39 @@ def signature_of(
             "dense": "float32 [B, num_numeric_features] RAW numeric values in numeric_features "
             "order, NaN = missing; the module normalises them itself",
         },
-        "output": "float32 [B, T] probabilities, tasks in `tasks` order",
-        "sparse_features": [
-            {
-                "name": f.name,
-                "column": f.source,
-                "kind": f.kind,
-                "delimiter": f.delimiter,
-                "pooling": f.pooling,
-                "min_count": spec.min_count_of(f.name),
-            }
+        output="float32 [B, T] probabilities, tasks in `tasks` order",
+        sparse_features=[
+            SparseFeature(
+                name=f.name,
+                column=f.source,
+                kind=f.kind,
+                delimiter=f.delimiter,
+                pooling=f.pooling,
+                min_count=spec.min_count_of(f.name),
+            )
             for f in spec.sparse
         ],
-        "numeric_features": [
-            {"name": f.name, "column": f.source, **stats[f.name]} for f in spec.numeric
+        numeric_features=[
+            NumericFeature(name=f.name, column=f.source, **stats[f.name]) for f in spec.numeric
         ],
-        "normalisation": "x' = (g(x) - mean) / std with g(x) = sign(x)·log1p(|x|) for "
+        normalisation="x' = (g(x) - mean) / std with g(x) = sign(x)·log1p(|x|) for "
         "log1p_* transforms, else g(x) = x; a non-finite x' becomes fill_value",
-        "nan_policy": spec.nan_policy,
-        "fill_value": spec.fill_value,
-        "tasks": spec.task_names,
-        "chain": chain,
-        "chain_note": "ESMM: task chain[j] (j >= 1) outputs the joint probability "
+        nan_policy=spec.nan_policy,
+        fill_value=spec.fill_value,
+        tasks=list(spec.task_names),
+        chain=chain,
+        chain_note="ESMM: task chain[j] (j >= 1) outputs the joint probability "
         "p(chain[0] and ... and chain[j])",
-        "model": None
+        model=None
         if model_cfg is None
         else {
             "embedding": model_cfg.embedding.type,
             "interaction": model_cfg.interaction.type,
             "multitask": model_cfg.multitask.type,
         },
-        "data_format": data_format,
-        "csv_separator": csv_separator,
-        "hash": {
+        data_format=data_format,
+        csv_separator=csv_separator,
+        hash={
             "name": "fnv1a64-fmix64",
             "definition": (HASH_DOC or "").strip(),
             "missing_id": MISSING_ID,
@@ -120,7 +120,7 @@ def signature_of(
             "inside_the_module": "per-feature bucketing (id mod buckets), the frequency "
             "filter (rare ids) and Unified Embedding's salted (feature, chunk) hash",
         },
-    }
+    )
 
 
 def script_serving(model: MultiTaskModel, spec: FeatureSpec) -> torch.jit.ScriptModule:
@@ -242,7 +242,7 @@ def export_run(
         csv_separator=cfg.dataset.csv_separator,
         requires=_requires(buffer.getvalue()),
     )
-    sig_text = json.dumps(signature, indent=2, ensure_ascii=False) + "\n"
+    sig_text = signature.to_json()
     kjt = batch.sparse
     with torch.no_grad():
         expected = scripted(kjt.values(), kjt.lengths(), batch.dense)
@@ -261,12 +261,12 @@ def export_run(
         "signature": str(sig_path),
         "parity_max_abs_diff": diff,
         "parity_rows": batch.batch_size,
-        "requires": signature["requires"],
+        "requires": signature.requires,
         "size_mb": round(out.stat().st_size / 2**20, 2),
         "wall_s": round(time.perf_counter() - t0, 2),
     }
 
 
-def load_exported(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+def load_exported(path: str | Path) -> tuple[torch.jit.ScriptModule, Signature]:
     """Load an exported model and its signature (:func:`mtrec.serving.load_model`)."""
     return load_model(path)

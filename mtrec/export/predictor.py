@@ -111,7 +111,7 @@ def predict_file(
     t0 = time.perf_counter()
     module, signature = load_model(model_path)
     input_path = Path(input_path)
-    fmt = input_format(input_path, signature.get("data_format", "parquet"))
+    fmt = input_format(input_path, signature.data_format)
     spec = spec_from_signature(signature, fmt)
     if out is None:
         stem = input_path.stem.replace("*", "_")
