@@ -182,6 +182,10 @@ def _column_wise_worker(rank: int, world: int, cfg: ExperimentConfig, store: str
     fresh = ShardedTrainStep(cfg, spec, device=torch.device("cpu"), sharding_types=["column_wise"])
     fresh.load_full_state(box[0])
     again = fresh.full_state()
+    # the same state under the names of the model before the sparse / task split
+    old = ShardedTrainStep(cfg, spec, device=torch.device("cpu"), sharding_types=["column_wise"])
+    old.load_full_state(_pre_split_names(box[0]))
+    from_legacy = old.full_state()
     if rank == 0:
         assert full is not None and again is not None
         torch.save(
@@ -191,12 +195,28 @@ def _column_wise_worker(rank: int, world: int, cfg: ExperimentConfig, store: str
                 "after": after,
                 "full": full,
                 "again": again,
+                "from_legacy": from_legacy,
             },
             Path(store).with_name("result.pt"),
         )
     dist.barrier()
-    del step, fresh
+    del step, fresh, old
     dist.destroy_process_group()
+
+
+def _pre_split_names(state: dict[str, Any]) -> dict[str, Any]:
+    """A ``last.pt`` state renamed as written before the model's sparse / task split."""
+
+    def rename(key: str) -> str:
+        if key.startswith("sparse_arch.embedding."):
+            return "sparse_embedding." + key[len("sparse_arch.embedding.") :]
+        return key[len("task_arch.") :] if key.startswith("task_arch.") else key
+
+    legacy = dict(state)
+    legacy["model"] = {rename(k): v for k, v in state["model"].items()}
+    legacy["sparse_optimizer"] = {rename(k): v for k, v in state["sparse_optimizer"].items()}
+    assert any(k.startswith("sparse_embedding.") for k in legacy["sparse_optimizer"])
+    return legacy
 
 
 def test_column_sharded_state_round_trips(
@@ -215,14 +235,15 @@ def test_column_sharded_state_round_trips(
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     assert "ranks [0, 1]" in result["plan"], result["plan"]
     assert result["before"] == result["after"]  # the sharded state restores exactly
-    full, again = result["full"], result["again"]
-    for key, value in full["model"].items():
-        torch.testing.assert_close(again["model"][key], value, rtol=0, atol=0, msg=key)
-    for module, states in full["sparse_optimizer"].items():
-        for param, tensors in states["state"].items():
-            for name, value in tensors.items():
-                got = again["sparse_optimizer"][module]["state"][param][name]
-                torch.testing.assert_close(got, value, rtol=0, atol=0, msg=name)
+    full = result["full"]
+    for again in (result["again"], result["from_legacy"]):
+        for key, value in full["model"].items():
+            torch.testing.assert_close(again["model"][key], value, rtol=0, atol=0, msg=key)
+        for module, states in full["sparse_optimizer"].items():
+            for param, tensors in states["state"].items():
+                for name, value in tensors.items():
+                    got = again["sparse_optimizer"][module]["state"][param][name]
+                    torch.testing.assert_close(got, value, rtol=0, atol=0, msg=name)
 
 
 # ------------------------------------------------------------------ bad cluster input
