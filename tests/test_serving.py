@@ -388,6 +388,7 @@ def check_refusals(url: str, row: dict, signature: dict) -> None:
     assert status == 400 and "float32" in body["error"], body
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_ray_serve_example_answers_on_loopback(model_file: Path, test_rows) -> None:
     pytest.importorskip("ray.serve", reason="ray[serve] is not installed (requirements/cpu.txt)")
