@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import signal
+import socket
 import sys
 import time
 import urllib.request
@@ -291,6 +292,23 @@ def _wait_until_up(url: str, timeout: float) -> None:
         time.sleep(0.2)
 
 
+def _port_problem(host: str, port: int) -> str | None:
+    """Why the HTTP endpoint could not listen on ``host:port`` (None: it can).
+
+    Checked before Ray starts: Ray Serve's own failure comes after a minute, as a
+    traceback."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind(address)
+    except OSError as exc:
+        return (
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port / --host"
+        )
+    return None
+
+
 def _stop(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -332,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         read_signature(model)  # fail before starting Ray
     except ExportError as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
+        return 2
+    problem = _port_problem(args.host, args.port)
+    if problem:
+        print(f"serve: error: {problem}", file=sys.stderr)
         return 2
 
     from mtrec.ray_local import loopback_init_kwargs, use_loopback

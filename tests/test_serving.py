@@ -443,3 +443,13 @@ def test_ray_serve_example_refuses_a_missing_model(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 2 and "x.pt: no such file" in proc.stderr
+
+
+def test_ray_serve_example_refuses_a_busy_port(model_file: Path, capsys) -> None:
+    with socket.socket() as busy:  # refused before Ray starts (else: a traceback after ~1 min)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert serve_script.main(["--model", str(model_file), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
