@@ -343,11 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--max-rows, --max-bytes and --max-depth must be positive")
 
     from mtrec.export.errors import ExportError
-    from mtrec.serving import read_signature
+    from mtrec.serving import load_model
 
     model = str(Path(args.model).resolve())
     try:
-        read_signature(model)  # fail before starting Ray
+        load_model(model)  # fail here, not in replicas that Serve restarts for minutes
     except ExportError as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 2

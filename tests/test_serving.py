@@ -453,3 +453,20 @@ def test_ray_serve_example_refuses_a_busy_port(model_file: Path, capsys) -> None
         assert serve_script.main(["--model", str(model_file), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_ray_serve_example_refuses_an_unloadable_model(
+    model_file: Path, tmp_path: Path, capsys
+) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(model_file) as good:  # the signature reads, the model does not load
+        name = next(n for n in good.namelist() if n.endswith("extra/signature.json"))
+        signature = good.read(name)
+    broken = tmp_path / "broken.pt"
+    with zipfile.ZipFile(broken, "w") as out:
+        out.writestr(name, signature)
+        out.writestr(name.split("/")[0] + "/data.pkl", b"junk")
+    assert read_signature(broken)["tasks"]
+    assert serve_script.main(["--model", str(broken), "--port", str(free_port())]) == 2
+    assert "broken.pt: cannot load the TorchScript model" in capsys.readouterr().err
