@@ -296,6 +296,7 @@ def test_unreadable_exports_are_named(tmp_path: Path) -> None:
         load_model(plain)
 
 
+@pytest.mark.integration  # a fresh Python process
 def test_client_helpers_import_no_torchrec() -> None:
     code = (
         "import sys, mtrec.serving; "
