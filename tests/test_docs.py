@@ -571,6 +571,7 @@ def _run_mtrec(argv: list[str], capsys: pytest.CaptureFixture) -> dict[str, Any]
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.integration
 def test_tutorial_runs_end_to_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

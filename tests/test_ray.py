@@ -47,7 +47,7 @@ from mtrec.train.ray_trainer import FAULT_ENV, start_local_ray, train_distribute
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS = 3
 # Ray runs take tens of seconds on a loaded 2-core machine; the ini default (600 s) stays
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.integration]
 
 
 # a line Ray forwards from one of its actors, e.g. "(PlacementGroupCleaner pid=7) ..."
