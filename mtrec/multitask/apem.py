@@ -33,19 +33,75 @@ ESMM probability chaining (``model.multitask.chain``) is model-level, see
 
 from __future__ import annotations
 
+import difflib
 import math
+from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from mtrec.config import ConfigError, MultiTaskConfig
+from mtrec.config.errors import ConfigError
+from mtrec.config.schema import MultiTaskConfig, num
 from mtrec.multitask.base import BlockInputs
 from mtrec.multitask.diagnostics import Diagnostics, dead_fraction, gate_summary, shared_usage
-from mtrec.multitask.layers import FastDropout, GroupedLinear, activation
+from mtrec.multitask.registry import register_block
+from mtrec.nn.layers import FastDropout, GroupedLinear, activation
 
-__all__ = ["APEM", "ISAB", "MAB", "MultiHeadAttention", "build", "group_indices"]
+if TYPE_CHECKING:
+    from mtrec.config.schema import ExperimentConfig
+
+__all__ = ["APEM", "ISAB", "MAB", "APEMConfig", "MultiHeadAttention", "build", "group_indices"]
+
+
+@dataclass
+class APEMConfig:
+    """APEM (arXiv 2301.02494) on the last field tokens: field groups → set attention
+    with ``inducing_points`` learnable points (``heads`` heads; must divide the token
+    width) → SE over fields → per-task pattern selector; each task's r_t then goes through
+    a per-task MLP of ``expert_hidden`` widths. ``field_groups`` lists field names per
+    group; fields listed in no group form one extra group (empty: one group of all
+    fields)."""
+
+    # field names per group; unlisted fields form one more group
+    field_groups: list[list[str]] = field(default_factory=list)
+    # m, learnable inducing points of each group's set attention
+    inducing_points: int = num(4, gt=0)
+    # attention heads of the set attention (divide the token width)
+    heads: int = num(2, gt=0)
+    # squeeze-and-excitation bottleneck: F / se_reduction
+    se_reduction: int = num(4, gt=0)
+    # hidden width of the pattern selector's sample-adaptive MLP
+    selector_hidden: int = num(32, gt=0)
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        """Rules across keys, run when ``type: apem`` is selected."""
+        ia = cfg.model.interaction
+        width = ia.attention_dim if ia.type == "autoint" else cfg.model.embedding.dim
+        if width % self.heads:
+            raise ConfigError(
+                f"model.multitask.apem.heads: {self.heads} heads must divide the token width "
+                f"{width} (model.embedding.dim, or model.interaction.attention_dim with "
+                "AutoInt); pick a divisor"
+            )
+        fields = [f.name for f in cfg.features]
+        seen: set[str] = set()
+        for g, members in enumerate(self.field_groups):
+            key = f"model.multitask.apem.field_groups[{g}]"
+            if not members:
+                raise ConfigError(f"{key}: a group needs at least one field")
+            for i, name in enumerate(members):
+                if name not in fields:
+                    close = difflib.get_close_matches(name, fields, n=1)
+                    hint = f"; did you mean '{close[0]}'?" if close else ""
+                    raise ConfigError(
+                        f"{key}[{i}]: unknown feature {name!r}{hint} (known: {', '.join(fields)})"
+                    )
+            dup = seen.intersection(members)
+            if dup:
+                raise ConfigError(f"{key}: fields {sorted(dup)} are in two groups")
+            seen.update(members)
 
 
 class MultiHeadAttention(nn.Module):
@@ -301,6 +357,7 @@ class APEM(nn.Module):
         }
 
 
+@register_block("apem", config=APEMConfig)
 def build(inputs: BlockInputs, cfg: MultiTaskConfig) -> APEM:
     """APEM on ``tokens[-1]`` for the fields and tasks of ``inputs`` (``model.multitask.apem``)."""
     a = cfg.apem
