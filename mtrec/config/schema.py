@@ -275,7 +275,7 @@ class HeadsRoutingConfig:
     # h_s heads always on
     shared: int = num(1, ge=0)
     # routed heads each token picks
-    top_k: int = num(1, gt=0)
+    top_k: int = num(1, ge=1)
     # β of the load-balance auxiliary loss
     balance_weight: float = num(0.01, ge=0)
 
