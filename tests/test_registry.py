@@ -167,3 +167,26 @@ def test_register_block_refuses_a_second_owner_of_a_name() -> None:
         register_block("mmoe")(lambda inputs, cfg: None)
     with pytest.raises(TypeError, match="must be a dataclass"):
         register_block("not_a_dataclass_cfg", config=dict)
+
+
+def test_a_config_with_a_user_block_unpickles_in_a_fresh_process(tmp_path: Path) -> None:
+    """Ray ships the config to worker processes by pickle: they re-import `imports`."""
+    import pickle
+
+    (tmp_path / "blocks_pk.py").write_text(MY_BLOCKS.replace('"tiny"', '"tiny_pk"'))
+    p = tmp_path / "x.yaml"
+    p.write_text(
+        _base(tmp_path)
+        + "imports: [blocks_pk]\nmodel: {multitask: {type: tiny_pk, tiny_pk: {hidden: 7}}}\n"
+    )
+    blob = tmp_path / "cfg.pkl"
+    blob.write_bytes(pickle.dumps(load_config(p)))
+    code = (
+        "import pickle, sys; cfg = pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "print(cfg.model.multitask.tiny_pk.hidden)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(blob)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "7"

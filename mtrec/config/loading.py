@@ -32,6 +32,7 @@ __all__ = [
     "import_modules",
     "load_config",
     "parse_config",
+    "rebuild_config",
     "strip_tags",
 ]
 
@@ -364,3 +365,10 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfi
     cfg = build(ExperimentConfig, raw, source)
     check_config(cfg, source)
     return cfg
+
+
+def rebuild_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """A config from :func:`config_to_dict` output without re-running the checks (the
+    unpickling side of ``ExperimentConfig.__reduce__``)."""
+    import_modules(raw.get("imports"), "<pickled config>")
+    return build(ExperimentConfig, raw, "<pickled config>")  # type: ignore[no-any-return]

@@ -370,6 +370,14 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        # pickled (Ray workers, deepcopy) as its plain dict: rebuilding imports the config's
+        # `imports` first, so a user block's settings unpickle in a fresh process too
+        from mtrec.config.builder import config_to_dict
+        from mtrec.config.loading import rebuild_config
+
+        return (rebuild_config, (config_to_dict(self),))
+
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
