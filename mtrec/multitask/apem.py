@@ -85,23 +85,8 @@ class APEMConfig:
                 f"{width} (model.embedding.dim, or model.interaction.attention_dim with "
                 "AutoInt); pick a divisor"
             )
-        fields = [f.name for f in cfg.features]
-        seen: set[str] = set()
-        for g, members in enumerate(self.field_groups):
-            key = f"model.multitask.apem.field_groups[{g}]"
-            if not members:
-                raise ConfigError(f"{key}: a group needs at least one field")
-            for i, name in enumerate(members):
-                if name not in fields:
-                    close = difflib.get_close_matches(name, fields, n=1)
-                    hint = f"; did you mean '{close[0]}'?" if close else ""
-                    raise ConfigError(
-                        f"{key}[{i}]: unknown feature {name!r}{hint} (known: {', '.join(fields)})"
-                    )
-            dup = seen.intersection(members)
-            if dup:
-                raise ConfigError(f"{key}: fields {sorted(dup)} are in two groups")
-            seen.update(members)
+        # the same rules the model applies when it is built (one implementation)
+        group_indices([f.name for f in cfg.features], self.field_groups)
 
 
 class MultiHeadAttention(nn.Module):
@@ -198,8 +183,10 @@ def group_indices(field_names: list[str], field_groups: list[list[str]]) -> list
         idx = []
         for name in members:
             if name not in position:
+                close = difflib.get_close_matches(name, field_names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ConfigError(
-                    f"{key}: unknown field {name!r} (fields: {', '.join(field_names)})"
+                    f"{key}: unknown field {name!r}{hint} (fields: {', '.join(field_names)})"
                 )
             if position[name] in seen:
                 raise ConfigError(f"{key}: field {name!r} is already in another group")
@@ -362,12 +349,6 @@ def build(inputs: BlockInputs, cfg: MultiTaskConfig) -> APEM:
     """APEM on ``tokens[-1]`` for the fields and tasks of ``inputs`` (``model.multitask.apem``)."""
     a = cfg.apem
     dim = inputs.token_dims[-1]
-    if dim % a.heads:
-        raise ConfigError(
-            f"model.multitask.apem.heads: {a.heads} heads must divide the token width {dim} "
-            "(model.embedding.dim, or model.interaction.attention_dim with AutoInt); "
-            "pick a divisor"
-        )
     return APEM(
         inputs.field_names,
         inputs.task_names,
