@@ -195,6 +195,18 @@ def _default(f: dataclasses.Field[Any], opens: type | None) -> str:
     return f"`{_yaml(value)}`"
 
 
+def _shipped_blocks() -> set[str]:
+    """Blocks defined in mtrec itself: the reference documents these, not blocks a user
+    (or a test) registered in this process."""
+    from mtrec.multitask.registry import registered_blocks
+
+    return {n for n, s in registered_blocks().items() if s.build.__module__.startswith("mtrec.")}
+
+
+def _shipped(sections: dict[str, type]) -> dict[str, type]:
+    return {n: cls for n, cls in sections.items() if cls.__module__.startswith("mtrec.")}
+
+
 def config_sections(root: type = ExperimentConfig) -> list[SectionDoc]:
     """Every config dataclass reachable from ``root`` with its keys, parents first."""
     order: list[tuple[str, type]] = []
@@ -208,7 +220,7 @@ def config_sections(root: type = ExperimentConfig) -> list[SectionDoc]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if "sections" in f.metadata:  # registered block settings, model.multitask.<name>
-                for name, section in f.metadata["sections"]().items():
+                for name, section in _shipped(f.metadata["sections"]()).items():
                     visit(section, f"{path}.{name}" if path else name)
                 continue
             sub, suffix = _dataclass_in(hints[f.name])
@@ -223,7 +235,7 @@ def config_sections(root: type = ExperimentConfig) -> list[SectionDoc]:
         keys = []
         for f in dataclasses.fields(cls):
             if "sections" in f.metadata:
-                keys += _section_keys(path, f.metadata["sections"](), section_of)
+                keys += _section_keys(path, _shipped(f.metadata["sections"]()), section_of)
                 continue
             tp = hints[f.name]
             opens, _ = _dataclass_in(tp)
@@ -232,7 +244,7 @@ def config_sections(root: type = ExperimentConfig) -> list[SectionDoc]:
                 KeyDoc(
                     path=f"{path}.{f.name}" if path else f.name,
                     type=(
-                        " \\| ".join(f"`{c}`" for c in choices())
+                        " \\| ".join(f"`{c}`" for c in choices() if c in _shipped_blocks())
                         if choices is not None
                         else _type_label(tp, section_of)
                     )
