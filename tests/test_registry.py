@@ -190,3 +190,25 @@ def test_a_config_with_a_user_block_unpickles_in_a_fresh_process(tmp_path: Path)
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "7"
+
+
+def test_imports_given_with_set_resolve_against_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here = tmp_path / "cwd"
+    here.mkdir()
+    (here / "blocks_set.py").write_text(MY_BLOCKS.replace('"tiny"', '"tiny_set"'))
+    p = tmp_path / "x.yaml"
+    p.write_text(_base(tmp_path))
+    monkeypatch.chdir(here)
+    cfg = load_config(
+        p,
+        overrides=[
+            "imports=[blocks_set]",
+            "model.multitask.type=tiny_set",
+            "dataset.valid=!delete",
+        ],
+    )
+    assert cfg.imports == [str(here / "blocks_set.py")]
+    assert cfg.model.multitask.block.hidden == 32
+    assert cfg.dataset.valid is None

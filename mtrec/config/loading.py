@@ -343,6 +343,9 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         node["imports"] = value
         _resolve_imports(node, Path.cwd(), f"--set {override!r}")
         return
+    if value is DELETE:  # --set key=!delete: as if the key were never given
+        node.pop(parts[-1], None)
+        return
     node[parts[-1]] = value
 
 
