@@ -57,3 +57,14 @@ __all__ = [
     "num",
     "parse_config",
 ]
+
+
+def __getattr__(name: str) -> type:
+    # a block's settings class (PLEConfig, HoMEConfig, ...) lives in the block's module;
+    # found here by class name for code written against the single-file config module
+    from mtrec.multitask.registry import registered_blocks
+
+    for spec in registered_blocks().values():
+        if spec.config is not None and spec.config.__name__ == name:
+            return spec.config
+    raise AttributeError(f"module 'mtrec.config' has no attribute {name!r}")
