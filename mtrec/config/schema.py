@@ -234,7 +234,7 @@ class MultiTaskConfig:
     ``[click, purchase]``; each later task predicts the joint probability
     p(click ∧ purchase) = p(click) · p(purchase | click) and is trained on the joint label."""
 
-    # the multi-task block
+    # the multi-task block: a registered name (a block of your own: list its module in imports)
     type: str = field(default="mmoe", metadata={"choices": _block_names})
     # experts of MMoE (PLE/HoME/TaskExpert have their own counts)
     num_experts: int = num(4, gt=0)
