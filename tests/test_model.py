@@ -15,9 +15,9 @@ from mtrec.data.spec import FeatureSpec
 from mtrec.embeddings.numeric import NumericEmbedding, NumericNormalizer
 from mtrec.embeddings.per_feature import PerFeatureEmbedding
 from mtrec.model import MultiTaskModel, build_model
-from mtrec.nn.layers import GroupedLinear
 from mtrec.multitask.mmoe import MMoE, SharedBottom
 from mtrec.multitask.towers import TaskTowers
+from mtrec.nn.layers import GroupedLinear
 from mtrec.train.losses import WeightedBCELoss
 from mtrec.train.optim import fuse_sparse_optimizer, make_dense_optimizer
 
