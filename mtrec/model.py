@@ -1,61 +1,44 @@
 """Assembles embedding → (interaction) → multi-task block → task towers from a config.
 
-``MULTITASK_REGISTRY`` maps the ``model.multitask.type`` name to a builder, so
-new blocks plug in without touching the rest.
+The multi-task block is looked up by ``model.multitask.type`` in the block registry
+(:mod:`mtrec.multitask.registry`), so new blocks plug in without touching the rest.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mtrec.config import ExperimentConfig, MultiTaskConfig
+from mtrec.config import ExperimentConfig
 from mtrec.data.spec import FeatureSpec
 from mtrec.embeddings.numeric import NumericEmbedding, NumericNormalizer
 from mtrec.embeddings.per_feature import PerFeatureEmbedding
 from mtrec.embeddings.unified import UnifiedEmbedding
 from mtrec.interaction import AutoInt, build_interaction
 from mtrec.multitask.base import BlockInputs
-from mtrec.multitask.mmoe import MMoE, SharedBottom
+from mtrec.multitask.registry import BlockBuilder, block_spec, build_block, registered_blocks
 from mtrec.multitask.towers import TaskTowers
 
 __all__ = ["MULTITASK_REGISTRY", "BlockInputs", "MultiTaskModel", "build_model", "chain_logits"]
 
 
-BlockBuilder = Callable[[BlockInputs, MultiTaskConfig], nn.Module]
+class _Registry(Mapping[str, BlockBuilder]):
+    """Read-only view of the block registry by name (for code that iterated the old dict)."""
+
+    def __getitem__(self, name: str) -> BlockBuilder:
+        return block_spec(name).build
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registered_blocks())
+
+    def __len__(self) -> int:
+        return len(registered_blocks())
 
 
-def _lazy(module: str) -> BlockBuilder:
-    """Builder ``build(inputs, cfg)`` of ``mtrec.multitask.<module>``, imported on use."""
-
-    def build(inputs: BlockInputs, cfg: MultiTaskConfig) -> nn.Module:
-        return importlib.import_module(f"mtrec.multitask.{module}").build(inputs, cfg)
-
-    return build
-
-
-MULTITASK_REGISTRY: dict[str, BlockBuilder] = {
-    "mmoe": lambda i, c: MMoE(
-        i.in_features,
-        i.num_tasks,
-        c.num_experts,
-        c.expert_hidden,
-        c.activation,
-        c.dropout,
-        i.task_names,
-    ),
-    "shared_bottom": lambda i, c: SharedBottom(
-        i.in_features, i.num_tasks, c.expert_hidden, c.activation, c.dropout
-    ),
-    "ple": _lazy("ple"),
-    "home": _lazy("home"),
-    "apem": _lazy("apem"),
-    "task_expert": _lazy("task_expert"),
-}
+MULTITASK_REGISTRY: Mapping[str, BlockBuilder] = _Registry()
 
 
 def chain_logits(logits: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
@@ -210,7 +193,7 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
     else:
         flat, token_dims = num_fields * d, [d]
     inputs = BlockInputs(flat, list(spec.task_names), field_names, token_dims)
-    block = MULTITASK_REGISTRY[mt_cfg.type](inputs, mt_cfg)
+    block = build_block(inputs, mt_cfg)
     towers = TaskTowers(
         len(spec.tasks),
         block.out_features,

@@ -478,7 +478,7 @@ def test_moh_config_errors() -> None:
     for routing, match in (
         ({"shared": 1, "top_k": 3}, "routes nothing"),
         ({"shared": 3, "top_k": 2}, "shared \\+ top_k <="),
-        ({"shared": 1, "top_k": 0}, "top_k >= 1"),
+        ({"shared": 1, "top_k": 0}, "top_k: must be >= 1"),
         ({"shared": 1, "top_kk": 1}, "did you mean 'top_k'"),
     ):
         with pytest.raises(ConfigError, match=match):

@@ -29,7 +29,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from mtrec.multitask.layers import FastDropout
+from mtrec.nn.layers import FastDropout
 
 __all__ = ["AutoInt", "InteractingLayer"]
 
