@@ -1,9 +1,10 @@
 """Encode polars chunks into tensors: stable ids, raw numeric values, labels.
 
 An :class:`EncodedChunk` holds N rows column-wise as tensors so that batches
-are cheap slices (or gathers, when shuffling). Numeric values stay raw (NaN
-for missing): the model's normaliser applies the fitted statistics, so
-training and serving share one code path.
+are cheap slices (or gathers, when shuffling). Numeric values stay raw float64
+(NaN for missing): the model's normaliser applies the fitted statistics and casts
+to float32 only after normalising, so training and serving share one code path and
+large-magnitude columns (timestamps, ``1e8 + N(0, 1)``) keep their resolution.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import numpy as np
 import polars as pl
 import torch
 
+from mtrec.config import FeatureConfig
 from mtrec.data.errors import DataError
 from mtrec.data.hashing import hash_series
+from mtrec.data.numeric import FLOAT32_MAX, LOG_TRANSFORMS, representable, transformed
 from mtrec.data.spec import FeatureSpec
 
 __all__ = ["EncodedChunk", "encode_chunk", "feature_major_ids"]
@@ -29,7 +32,7 @@ class EncodedChunk:
         cat_ids: N x F_cat int64 ids of single-valued categorical features.
         multi_values: per multi-hot feature, int64 ids of all tokens (row-major).
         multi_offsets: per multi-hot feature, int64 [N + 1] row offsets into its values.
-        dense: N x F_num float32 raw numeric values (NaN = missing).
+        dense: N x F_num float64 raw numeric values (NaN = missing).
         labels: N x T float32.
         true_probs: N x T float32 or None.
         groups: N int64 or None.
@@ -152,6 +155,33 @@ def _encode_multi_hot(
     return hash_series(flat), offsets
 
 
+def _checked_numeric(
+    col: np.ndarray, f: FeatureConfig, nan_policy: str, path: str, row_offset: int
+) -> np.ndarray:
+    """A numeric column (float64) after ``nan_policy``: with ``fail``, an error for the first
+    null / NaN / inf or value whose transform overflows float32; with ``fill``, such an
+    overflowing value becomes NaN (missing: the normaliser fills it, fitting skips it)."""
+    fits = representable(transformed(col, np.array(f.transform in LOG_TRANSFORMS)))
+    if fits.all():
+        return col
+    where = f"{path}: column '{f.source}' (numeric feature '{f.name}')"
+    if nan_policy == "fail":
+        i = _first_bad_row(~fits)
+        if not np.isfinite(col[i]):
+            raise DataError(
+                f"{where} has a non-finite value ({col[i]}) at row {row_offset + i}; clean the "
+                "data or set `dataset.nan_policy: fill` to replace null/NaN/inf with "
+                "`dataset.fill_value`"
+            )
+        raise DataError(
+            f"{where} has value {col[i]!r} at row {row_offset + i}, beyond the float32 range "
+            f"(±{FLOAT32_MAX:.4g}) of transform '{f.transform}'; clean the data, use "
+            "`transform: log1p_standardize` for such magnitudes, or set "
+            "`dataset.nan_policy: fill` to treat such values as missing"
+        )
+    return np.where(np.isfinite(col) & ~fits, np.nan, col)
+
+
 def encode_chunk(
     df: pl.DataFrame, spec: FeatureSpec, path: str, row_offset: int = 0, need_labels: bool = True
 ) -> EncodedChunk:
@@ -168,19 +198,10 @@ def encode_chunk(
             multi_values.append(torch.from_numpy(v))
             multi_offsets.append(torch.from_numpy(o))
 
-    dense = np.empty((n, len(spec.numeric)), dtype=np.float32)
+    dense = np.empty((n, len(spec.numeric)), dtype=np.float64)
     for j, f in enumerate(spec.numeric):
         col = df.get_column(f.source).cast(pl.Float64).fill_null(float("nan")).to_numpy()
-        if spec.nan_policy == "fail":
-            bad = ~np.isfinite(col)
-            if bad.any():
-                i = _first_bad_row(bad)
-                raise DataError(
-                    f"{path}: column '{f.source}' (numeric feature '{f.name}') has a non-finite "
-                    f"value ({col[i]}) at row {row_offset + i}; clean the data or set "
-                    "`dataset.nan_policy: fill` to replace null/NaN/inf with `dataset.fill_value`"
-                )
-        dense[:, j] = col
+        dense[:, j] = _checked_numeric(col, f, spec.nan_policy, path, row_offset)
 
     labels = np.zeros((n, len(spec.tasks)), dtype=np.float32)
     true_probs = np.empty((n, len(spec.tasks)), dtype=np.float32) if spec.has_true_probs else None
