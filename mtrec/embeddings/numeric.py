@@ -57,6 +57,7 @@ class NumericNormalizer(nn.Module):
         # derived from the transforms, not fitted: kept out of checkpoints
         self.register_buffer("clip", torch.tensor(bound, dtype=torch.float64), persistent=False)
         self.fill = fill
+        self.limit = _FLOAT32_MAX
 
     @classmethod
     def from_stats(cls, stats: Sequence[_Stats], fill: float = 0.0) -> NumericNormalizer:
@@ -76,7 +77,7 @@ class NumericNormalizer(nn.Module):
         t = torch.where(self.log1p, logged, raw)
         x = (t - self.mean) / self.std
         x = torch.maximum(torch.minimum(x, self.clip), -self.clip).to(torch.float32)
-        ok = (torch.abs(t) <= _FLOAT32_MAX) & torch.isfinite(x)
+        ok = (torch.abs(t) <= self.limit) & torch.isfinite(x)
         return torch.where(ok, x, torch.full_like(x, self.fill))
 
 

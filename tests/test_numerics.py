@@ -1,0 +1,187 @@
+"""The numeric path (issue #15): float64 until normalisation, overflow under nan_policy,
+the outlier warning of standardize, and ``transform: robust``."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from helpers import SMALL_MODEL
+
+from mtrec.config import ExperimentConfig, parse_config
+from mtrec.data.batcher import load_encoded
+from mtrec.data.errors import DataError, DataWarning
+from mtrec.data.fitting import fit_statistics_on_file
+from mtrec.data.spec import FeatureSpec
+from mtrec.embeddings.numeric import ROBUST_CLIP, NumericNormalizer
+from mtrec.export.exporter import script_serving
+from mtrec.model import build_model
+from mtrec.serving import encode
+
+
+def config(
+    path: Path, transform: str = "standardize", nan_policy: str = "fail"
+) -> ExperimentConfig:
+    return parse_config(
+        {
+            "dataset": {"train": str(path), "nan_policy": nan_policy},
+            "features": [
+                {"name": "a", "kind": "categorical", "buckets": 16},
+                {"name": "x", "kind": "numeric", "transform": transform},
+            ],
+            "tasks": [{"name": "y"}],
+            "model": SMALL_MODEL,
+        }
+    )
+
+
+def write(tmp_path: Path, x: np.ndarray | list[float]) -> Path:
+    path = tmp_path / "d.parquet"
+    n = len(x)
+    pl.DataFrame({"a": ["u"] * n, "x": x, "y": [i % 2 for i in range(n)]}).write_parquet(path)
+    return path
+
+
+def fitted(path: Path, transform: str = "standardize", nan_policy: str = "fail") -> FeatureSpec:
+    spec = FeatureSpec.from_config(config(path, transform, nan_policy))
+    fit_statistics_on_file(spec, path, chunk_rows=700)
+    return spec
+
+
+def normalised(spec: FeatureSpec, path: Path) -> torch.Tensor:
+    """The model's view of column x: the normaliser applied to the encoded raw values."""
+    norm = NumericNormalizer.from_stats(list(spec.numeric_stats.values()), spec.fill_value)
+    out = norm(load_encoded(spec, path, 700).dense)
+    assert out.dtype == torch.float32  # the rest of the net stays float32
+    return out[:, 0]
+
+
+# ------------------------------------------------------------------------------- overflow
+
+
+def test_overflow_fails_under_nan_policy_fail(tmp_path: Path) -> None:
+    # float32 turned 1e300 into inf before any check, and `fill` replaced it silently
+    path = write(tmp_path, [1.0, 2.0, 1e300, 4.0])
+    with pytest.raises(DataError) as err:
+        load_encoded(FeatureSpec.from_config(config(path)), path, 10)
+    msg = str(err.value)
+    assert str(path) in msg and "column 'x' (numeric feature 'x')" in msg
+    assert "1e+300 at row 2" in msg and "float32 range" in msg and "nan_policy: fill" in msg
+    # log1p brings it into range: a legitimate value there
+    spec = fitted(path, "log1p_standardize")
+    assert np.isfinite(normalised(spec, path).numpy()).all()
+
+
+def test_overflow_is_missing_under_nan_policy_fill(tmp_path: Path) -> None:
+    path = write(tmp_path, [1.0, 3.0, 1e300, -1e39])
+    spec = fitted(path, nan_policy="fill")
+    st = spec.numeric_stats["x"]
+    assert (st.mean, st.std) == pytest.approx((2.0, 1.0))  # overflow stays out of the fit
+    assert normalised(spec, path).tolist() == [-1.0, 1.0, 0.0, 0.0]  # filled (fill_value 0)
+
+
+# ------------------------------------------------------------------- large offsets (1e8)
+
+
+def test_large_offset_keeps_its_resolution(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal(5000)
+    x = 1e8 + noise
+    assert len(np.unique(x.astype(np.float32))) < 20  # the old float32 cast: a dead feature
+    path = write(tmp_path, x)
+    spec = fitted(path)
+    st = spec.numeric_stats["x"]
+    assert st.std == pytest.approx(noise.std(), rel=1e-6)  # no E[x²] - E[x]² cancellation
+    z = normalised(spec, path).numpy().astype(np.float64)
+    assert z.std() == pytest.approx(1.0, rel=0.01)
+    assert np.corrcoef(z, noise)[0, 1] > 0.999999
+    assert len(np.unique(z)) > 0.99 * len(x)  # float32 keeps ~7 digits of N(0, 1)
+
+
+def test_large_offset_end_to_end_through_the_export(tmp_path: Path) -> None:
+    """Rows that differ only in x = 1e8 + noise get distinct predictions from the scripted
+    serving module fed by the client encoder."""
+    rng = np.random.default_rng(1)
+    x = 1e8 + rng.standard_normal(400)
+    path = write(tmp_path, x)
+    cfg = config(path)
+    spec = fitted(path)
+    torch.manual_seed(0)
+    scripted = script_serving(build_model(cfg, spec), spec)
+    rows = [{"a": "u", "x": float(v)} for v in x[:50]]
+    inputs = encode(rows, spec)
+    assert inputs.dense.dtype == torch.float64
+    with torch.no_grad():
+        probs = scripted(*inputs)[:, 0]
+    assert torch.isfinite(probs).all()
+    assert len(set(probs.tolist())) == 50
+
+
+# ---------------------------------------------------------------- outliers / robust
+
+
+def outlier_data(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(2000)
+    x[[100, 900, 1500]] = 1e30
+    return write(tmp_path, x), x
+
+
+def test_extreme_outliers_warn_for_standardize(tmp_path: Path) -> None:
+    path, x = outlier_data(tmp_path)
+    with pytest.warns(DataWarning, match=r"feature 'x' \(column 'x'\).*1e\+30.*robust"):
+        spec = fitted(path)
+    z = normalised(spec, path).numpy()
+    normal = np.abs(x) < 1e3
+    assert len(np.unique(z[normal])) == 1  # what the warning is about: a dead feature
+
+
+@pytest.mark.parametrize("kind", ["normal", "lognormal", "sparse_counts"])
+def test_ordinary_data_does_not_warn(tmp_path: Path, kind: str) -> None:
+    rng = np.random.default_rng(3)
+    x = {
+        "normal": rng.standard_normal(3000),
+        "lognormal": rng.lognormal(0.0, 2.0, 3000),
+        "sparse_counts": np.where(rng.random(3000) < 0.9, 0.0, rng.poisson(3.0, 3000)),
+    }[kind]
+    path = write(tmp_path, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        fitted(path)
+
+
+def test_robust_transform_is_not_swamped(tmp_path: Path) -> None:
+    path, x = outlier_data(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        spec = fitted(path, "robust")
+    normal = np.abs(x) < 1e3
+    st = spec.numeric_stats["x"]
+    q25, median, q75 = np.quantile(x, [0.25, 0.5, 0.75])
+    assert st.mean == pytest.approx(median) and st.std == pytest.approx((q75 - q25) / 1.3489795)
+    z = normalised(spec, path).numpy()
+    assert z[~normal].tolist() == [ROBUST_CLIP] * 3  # clipped
+    assert len(np.unique(z[normal])) == normal.sum()  # normal rows stay distinct
+    assert z[normal].std() == pytest.approx(1.0, abs=0.1)
+    assert np.abs(z).max() == ROBUST_CLIP
+
+
+def test_robust_predictions_on_the_outlier_are_finite_and_bounded(tmp_path: Path) -> None:
+    """The outlier's prediction is that of a row at the clip (+5 scales), not of a value
+    1e29 stds out: finite, strictly inside (0, 1), among the predictions of normal rows."""
+    path, _ = outlier_data(tmp_path)
+    cfg = config(path, "robust")
+    spec = fitted(path, "robust")
+    torch.manual_seed(0)
+    scripted = script_serving(build_model(cfg, spec), spec)
+    st = spec.numeric_stats["x"]
+    values = [1e30, 1e20, st.mean + ROBUST_CLIP * st.std * 1.01, st.mean, st.mean - 1.0]
+    with torch.no_grad():
+        p = scripted(*encode([{"a": "u", "x": v} for v in values], spec))[:, 0].tolist()
+    assert p[0] == p[1] == p[2]  # beyond the clip every value reads as the clip
+    assert 0.0 < p[0] < 1.0 and np.isfinite(p[0])
+    assert p[3] != p[0] and p[4] != p[3]  # the normal range is not flattened
