@@ -58,6 +58,9 @@ class NumericNormalizer(nn.Module):
         self.register_buffer("clip", torch.tensor(bound, dtype=torch.float64), persistent=False)
         self.fill = fill
         self.limit = _FLOAT32_MAX
+        # skip work no feature needs (the normaliser runs on every batch)
+        self.any_log = any(log1p)
+        self.any_clip = clip is not None and any(c != float("inf") for c in clip)
 
     @classmethod
     def from_stats(cls, stats: Sequence[_Stats], fill: float = 0.0) -> NumericNormalizer:
@@ -72,11 +75,13 @@ class NumericNormalizer(nn.Module):
 
     def forward(self, dense: torch.Tensor) -> torch.Tensor:
         """B x N raw (float64; other float dtypes are upcast) → B x N normalised float32."""
-        raw = dense.to(torch.float64)
-        logged = torch.sign(raw) * torch.log1p(torch.abs(raw))
-        t = torch.where(self.log1p, logged, raw)
+        t = dense.to(torch.float64)
+        if self.any_log:
+            t = torch.where(self.log1p, torch.sign(t) * torch.log1p(torch.abs(t)), t)
         x = (t - self.mean) / self.std
-        x = torch.maximum(torch.minimum(x, self.clip), -self.clip).to(torch.float32)
+        if self.any_clip:
+            x = torch.maximum(torch.minimum(x, self.clip), -self.clip)
+        x = x.to(torch.float32)
         ok = (torch.abs(t) <= self.limit) & torch.isfinite(x)
         return torch.where(ok, x, torch.full_like(x, self.fill))
 
