@@ -174,8 +174,8 @@ def _checked_numeric(
                 "`dataset.fill_value`"
             )
         raise DataError(
-            f"{where} has value {float(col[i])!r} at row {row_offset + i}, beyond the float32 range "
-            f"(±{FLOAT32_MAX:.4g}) of transform '{f.transform}'; clean the data, use "
+            f"{where} has value {float(col[i])!r} at row {row_offset + i}, beyond the float32 "
+            f"range (±{FLOAT32_MAX:.4g}) of transform '{f.transform}'; clean the data, use "
             "`transform: log1p_standardize` for such magnitudes, or set "
             "`dataset.nan_policy: fill` to treat such values as missing"
         )
