@@ -137,13 +137,56 @@ def _check(
         raise DataError(f"{path}: {what} has value {values[i]} at row {row_offset + i}; {fix}")
 
 
+# separators a text multi-hot column may use; one of them in most values but the
+# delimiter in none means the delimiter is wrong (or missing)
+_SEPARATORS = ("|", ",", " ", ";", "\t")
+# values showing another separator before a wrong delimiter is refused (a few rows whose
+# single token holds a space prove nothing)
+_MIN_EVIDENCE = 8
+
+
+def _split_text(s: pl.Series, f: FeatureConfig, path: str, row_offset: int) -> pl.Series:
+    """Split a text multi-hot column on ``f.delimiter`` (empty tokens dropped).
+
+    Refuses a column without a delimiter, and one whose delimiter no value contains while
+    most values contain another separator: split on the wrong character, ``"a b c"``
+    would be ONE token, a new id per combination of tags, and train silently.
+    """
+    where = f"{path}: column '{f.source}' (multi_hot feature '{f.name}')"
+    text = s.drop_nulls()
+    text = text.filter(text.str.len_bytes() > 0)
+    seen = {c: text.str.contains(c, literal=True) for c in _SEPARATORS if c != f.delimiter}
+    likely = max(seen, key=lambda c: int(seen[c].sum()))
+    count = int(seen[likely].sum())
+    example = ""
+    if count:
+        i = int(np.flatnonzero(s.str.contains(likely, literal=True).fill_null(False).to_numpy())[0])
+        example = f" (e.g. {s[i]!r} at row {row_offset + i})"
+    if f.delimiter is None:
+        hint = f"its values contain {likely!r}{example}: " if count else ""
+        raise DataError(
+            f"{where} holds text but the feature sets no `delimiter`; {hint}set `delimiter:` "
+            "to the text between tokens (text is never split on ',' by default), or store "
+            "the column as a list"
+        )
+    uses = bool(text.str.contains(f.delimiter, literal=True).any())
+    if not uses and count >= _MIN_EVIDENCE and 2 * count >= text.len():
+        raise DataError(
+            f"{where}: no value contains the delimiter {f.delimiter!r}, but {count} of "
+            f"{text.len()} values contain {likely!r}{example}, so each combination of tokens "
+            f"would be one token; set `delimiter: {likely!r}`, or declare the feature "
+            "`kind: categorical` if every row holds one value"
+        )
+    s = s.str.split(f.delimiter)
+    return s.list.eval(pl.element().filter(pl.element().str.len_bytes() > 0))
+
+
 def _encode_multi_hot(
-    df: pl.DataFrame, column: str, delimiter: str | None
+    df: pl.DataFrame, f: FeatureConfig, path: str, row_offset: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    s = df.get_column(column)
+    s = df.get_column(f.source)
     if s.dtype == pl.String:
-        s = s.str.split(delimiter or ",")
-        s = s.list.eval(pl.element().filter(pl.element().str.len_bytes() > 0))
+        s = _split_text(s, f, path, row_offset)
     lengths = s.list.len().fill_null(0).to_numpy().astype(np.int64)
     flat = s.explode().drop_nulls()
     if flat.len() != lengths.sum():  # null tokens inside lists are dropped too
@@ -194,7 +237,7 @@ def encode_chunk(
     multi_values, multi_offsets = [], []
     for f in spec.sparse:
         if f.kind == "multi_hot":
-            v, o = _encode_multi_hot(df, f.source, f.delimiter)
+            v, o = _encode_multi_hot(df, f, path, row_offset)
             multi_values.append(torch.from_numpy(v))
             multi_offsets.append(torch.from_numpy(o))
 
