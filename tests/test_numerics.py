@@ -16,6 +16,7 @@ from mtrec.config import ExperimentConfig, parse_config
 from mtrec.data.batcher import load_encoded
 from mtrec.data.errors import DataError, DataWarning
 from mtrec.data.fitting import fit_statistics_on_file
+from mtrec.data.numeric import QuantileSample, RunningMoments
 from mtrec.data.spec import FeatureSpec
 from mtrec.embeddings.numeric import ROBUST_CLIP, NumericNormalizer
 from mtrec.export.exporter import script_serving
@@ -185,3 +186,40 @@ def test_robust_predictions_on_the_outlier_are_finite_and_bounded(tmp_path: Path
     assert p[0] == p[1] == p[2]  # beyond the clip every value reads as the clip
     assert 0.0 < p[0] < 1.0 and np.isfinite(p[0])
     assert p[3] != p[0] and p[4] != p[3]  # the normal range is not flattened
+
+
+# ------------------------------------------------------------------ streaming statistics
+
+
+def test_quantile_sample_is_exact_when_small_and_independent_of_chunking() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1001, 2))
+    ok = np.ones_like(x, dtype=bool)
+    ok[::7, 1] = False
+    small = QuantileSample(2)
+    small.add(x[:301], ok[:301])
+    small.add(x[301:], ok[301:])
+    assert sorted(small.column(0)) == sorted(x[:, 0])
+    assert sorted(small.column(1)) == sorted(x[ok[:, 1], 1])
+    whole = QuantileSample(2, capacity=100, seed=5)
+    whole.add(x, ok)
+    chunked = QuantileSample(2, capacity=100, seed=5)
+    for i in range(0, 1001, 127):
+        chunked.add(x[i : i + 127], ok[i : i + 127])
+    for j in range(2):
+        assert len(whole.column(j)) == 100
+        assert sorted(whole.column(j)) == sorted(chunked.column(j))
+
+
+def test_running_moments_merge_chunks_exactly() -> None:
+    rng = np.random.default_rng(5)
+    x = np.stack([1e8 + rng.standard_normal(3000), rng.exponential(2.0, 3000)], axis=1)
+    ok = rng.random(x.shape) > 0.1
+    moments = RunningMoments(2)
+    for i in range(0, 3000, 256):
+        moments.add(x[i : i + 256], ok[i : i + 256])
+    for j in range(2):
+        v = x[ok[:, j], j]
+        assert moments.count[j] == len(v)
+        assert moments.mean[j] == pytest.approx(v.mean(), rel=1e-15)
+        assert moments.std()[j] == pytest.approx(v.std(), rel=1e-9)
