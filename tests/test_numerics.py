@@ -3,6 +3,7 @@ the outlier warning of standardize, and ``transform: robust``."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import SMALL_MODEL
+from helpers import SMALL_MODEL, SMALL_TRAINING
 
 from mtrec.config import ExperimentConfig, parse_config
 from mtrec.data.batcher import load_encoded
@@ -223,3 +224,47 @@ def test_running_moments_merge_chunks_exactly() -> None:
         assert moments.count[j] == len(v)
         assert moments.mean[j] == pytest.approx(v.mean(), rel=1e-15)
         assert moments.std()[j] == pytest.approx(v.std(), rel=1e-9)
+
+
+@pytest.mark.parametrize("transform", ["standardize", "robust"])
+def test_trained_on_outliers(tmp_path: Path, transform: str) -> None:
+    """y = [x > 0] among N(0, 1) rows plus three 1e30 rows. ``standardize`` collapses the
+    normal rows to one value: the feature is dead (AUC 0.5; the fit warns). ``robust`` learns
+    it, and the exported model scores the outlier as a row at the clip: finite, inside (0, 1)."""
+    from mtrec.export.exporter import export_run
+    from mtrec.serving import Scorer
+    from mtrec.train.loop import train
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(2000)
+    x[[100, 900, 1500]] = 1e30
+    path = tmp_path / "d.parquet"
+    y = (x > 0).astype(int)
+    pl.DataFrame({"a": ["u"] * 2000, "x": x, "y": y}).write_parquet(path)
+    doc = {
+        "dataset": {"train": str(path), "valid": str(path)},
+        "features": [
+            {"name": "a", "kind": "categorical", "buckets": 16},
+            {"name": "x", "kind": "numeric", "transform": transform},
+        ],
+        "tasks": [{"name": "y"}],
+        "model": SMALL_MODEL,
+        "training": {**SMALL_TRAINING, "epochs": 3},
+    }
+    if transform == "standardize":
+        with pytest.warns(DataWarning, match="feature 'x'"):
+            summary = train(parse_config(doc), tmp_path / "run")
+        assert summary["valid"]["y"]["auc"] == pytest.approx(0.5, abs=0.01)  # a dead feature
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        summary = train(parse_config(doc), tmp_path / "run")
+    auc = summary["valid"]["y"]["auc"]
+    assert auc > 0.99
+    export_run(tmp_path / "run")
+    scorer = Scorer(tmp_path / "run" / "export" / "model.pt")
+    stats = json.loads((tmp_path / "run" / "feature_stats.json").read_text())["x"]
+    at_clip = stats["mean"] + ROBUST_CLIP * stats["std"] * 1.001
+    p = scorer([{"a": "u", "x": v} for v in (1e30, at_clip, -1.0)])[:, 0].tolist()
+    assert p[0] == p[1]  # the outlier reads as the clip, not as 1e29 scales
+    assert 0.0 < p[0] < 1.0 and p[0] > p[2]
