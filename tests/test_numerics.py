@@ -18,7 +18,7 @@ from mtrec.data.batcher import load_encoded
 from mtrec.data.errors import DataError, DataWarning
 from mtrec.data.fitting import fit_statistics_on_file
 from mtrec.data.numeric import QuantileSample, RunningMoments
-from mtrec.data.spec import FeatureSpec
+from mtrec.data.spec import FeatureSpec, NumericStats
 from mtrec.embeddings.numeric import ROBUST_CLIP, NumericNormalizer
 from mtrec.export.exporter import script_serving
 from mtrec.model import build_model
@@ -268,3 +268,30 @@ def test_trained_on_outliers(tmp_path: Path, transform: str) -> None:
     p = scorer([{"a": "u", "x": v} for v in (1e30, at_clip, -1.0)])[:, 0].tolist()
     assert p[0] == p[1]  # the outlier reads as the clip, not as 1e29 scales
     assert 0.0 < p[0] < 1.0 and p[0] > p[2]
+
+
+def test_normaliser_on_raw_values_sent_to_the_module() -> None:
+    """What the exported module does with raw values no encoder checked: missing or beyond
+    float32 → fill; a log feature takes 1e300; robust clips; float32 input is accepted."""
+    stats = [
+        NumericStats("standardize", mean=1.0, std=2.0),
+        NumericStats("log1p_standardize", mean=0.0, std=1.0),
+        NumericStats("robust", mean=0.0, std=1.0),
+    ]
+    norm = torch.jit.script(NumericNormalizer.from_stats(stats, fill=-7.0))
+    nan, inf = float("nan"), float("inf")
+    raw = torch.tensor(
+        [[3.0, 1e300, 1e300], [1e300, -inf, -2.0], [nan, nan, 1e39], [1e8 + 0.5, 0.0, -1e30]],
+        dtype=torch.float64,
+    )
+    out = norm(raw)
+    assert out.dtype == torch.float32
+    expected = [
+        [1.0, float(np.log1p(1e300)), -7.0],
+        [-7.0, -7.0, -2.0],
+        [-7.0, -7.0, -7.0],
+        [(1e8 + 0.5 - 1.0) / 2.0, 0.0, -ROBUST_CLIP],
+    ]
+    assert out.tolist() == torch.tensor(expected, dtype=torch.float32).tolist()
+    small = torch.tensor([[3.0, 10.0, 0.5]])
+    assert norm(small).tolist() == norm(small.double()).tolist()  # float32 input: upcast
