@@ -26,7 +26,11 @@ __all__ = ["FeatureSpec", "NumericStats"]
 
 @dataclass
 class NumericStats:
-    """Normalisation of one numeric feature: ``(f(x) - mean) / std`` with ``f`` the transform."""
+    """Normalisation of one numeric feature: ``(f(x) - mean) / std`` with ``f`` the transform.
+
+    For ``robust``, ``mean`` is the median and ``std`` is ``IQR / 1.349``; the model clips
+    the result to ``±ROBUST_CLIP`` (``mtrec.embeddings.numeric``).
+    """
 
     transform: str
     mean: float = 0.0
