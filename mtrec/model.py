@@ -177,12 +177,7 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
     normalizer = numeric = None
     if spec.numeric:
         stats = [spec.numeric_stats[f.name] for f in spec.numeric]
-        normalizer = NumericNormalizer(
-            mean=[s.mean for s in stats],
-            std=[s.std for s in stats],
-            log1p=[s.transform.startswith("log1p") for s in stats],
-            fill=spec.fill_value,
-        )
+        normalizer = NumericNormalizer.from_stats(stats, spec.fill_value)
         numeric = NumericEmbedding(len(spec.numeric), d)
     field_names = [f.name for f in spec.sparse] + [f.name for f in spec.numeric]
     num_fields = len(field_names)

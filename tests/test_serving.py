@@ -130,7 +130,7 @@ def test_encode_hashes_raw_values_as_training_does() -> None:
         MISSING_ID,
     ]
     assert values.dtype == torch.int64 and lengths.dtype == torch.int32
-    assert dense.shape == (4, 1) and dense.dtype == torch.float32
+    assert dense.shape == (4, 1) and dense.dtype == torch.float64
     assert dense[:3, 0].tolist() == [34.0, 34.0, 0.5] and torch.isnan(dense[3, 0])
 
 

@@ -108,7 +108,7 @@ def _block_configs() -> dict[str, type]:
 DEFAULT_CHUNK_ROWS = 131072
 
 FeatureKind = Literal["categorical", "multi_hot", "numeric"]
-NumericTransform = Literal["none", "log1p", "standardize", "log1p_standardize"]
+NumericTransform = Literal["none", "log1p", "standardize", "log1p_standardize", "robust"]
 DataFormat = Literal["parquet", "csv", "criteo"]
 
 
@@ -126,7 +126,7 @@ class FeatureConfig:
     kind: FeatureKind
     # source column (default: name); one column may feed several features
     column: str | None = None
-    # numeric only
+    # numeric only; robust: (x - median) / (IQR / 1.349) clipped to ±5, for heavy tails
     transform: NumericTransform = "standardize"
     # multi_hot only: split string columns on this delimiter (list columns need none)
     delimiter: str | None = None

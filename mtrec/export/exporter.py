@@ -76,8 +76,9 @@ def signature_of(
             "id of sparse feature 0 for rows 0..B-1, then feature 1, ...",
             "lengths": "int32 or int64 [num_sparse_features * B] ids per (feature, row), "
             "feature-major (torchrec KeyedJaggedTensor layout)",
-            "dense": "float32 [B, num_numeric_features] RAW numeric values in numeric_features "
-            "order, NaN = missing; the module normalises them itself",
+            "dense": "float64 [B, num_numeric_features] RAW numeric values in numeric_features "
+            "order, NaN = missing (float32 accepted, at float32 resolution); the module "
+            "normalises them itself",
         },
         "output": "float32 [B, T] probabilities, tasks in `tasks` order",
         "sparse_features": [

@@ -177,8 +177,8 @@ class ServingModule(nn.Module):
         values: int64 [sum(lengths)], stable value ids (``mtrec.data.hashing``; ≥ 0),
             feature-major: all ids of feature 0 for rows 0..B-1, then feature 1, ...
         lengths: int32/int64 [F_s · B], ids per (feature, row), feature-major.
-        dense: float32 [B, F_n], RAW numeric values (NaN = missing); the module
-            applies the normalisation fitted at training time. B comes from ``dense``
+        dense: float64 [B, F_n] (float32 accepted), RAW numeric values (NaN = missing);
+            the module applies the normalisation fitted at training time. B comes from ``dense``
             (a model without numeric features takes a [B, 0] tensor).
 
     Returns: float32 [B, T] probabilities, tasks in signature order (chained ESMM tasks:
@@ -277,7 +277,7 @@ class ServingModule(nn.Module):
         if self.sparse is not None:
             tokens.append(self.sparse(values, lengths, batch))
         if self.normalizer is not None and self.numeric_embedding is not None:
-            tokens.append(self.numeric_embedding(self.normalizer(dense.to(torch.float32))))
+            tokens.append(self.numeric_embedding(self.normalizer(dense.to(torch.float64))))
         x0 = torch.cat(tokens, dim=1)
         aux: dict[str, torch.Tensor] = {}
         if self.interaction is not None:
