@@ -232,26 +232,22 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from mtrec.config import ConfigError
-    from mtrec.data.errors import DataError
-    from mtrec.export.exporter import ExportError
-    from mtrec.train.checkpoint import CheckpointError
-    from mtrec.train.loop import RunError
+    from mtrec.errors import user_errors
 
-    try:
-        summary = args.fn(args)
-    except (ConfigError, DataError, RunError, CheckpointError, ExportError, UsageError) as exc:
-        print(f"mtrec: error: {exc}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:  # diverged training
-        print(f"mtrec: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. writing next to an input in a read-only folder
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"mtrec: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
+    # the libraries' Python warnings are not actionable for a user: silenced for this
+    # command only (the filters are restored when main returns, e.g. in a test)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            summary = args.fn(args)
+        except (*user_errors(), UsageError) as exc:  # FloatingPointError: diverged training
+            print(f"mtrec: error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # e.g. writing next to an input in a read-only folder
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"mtrec: error: {where}{exc.strerror or exc}", file=sys.stderr)
+            return 2
     _emit(summary)
     return 0
 

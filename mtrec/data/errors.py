@@ -1,5 +1,5 @@
-"""Errors raised for bad input data."""
+"""Errors raised for bad input data (defined in :mod:`mtrec.errors`)."""
 
+from mtrec.errors import DataError
 
-class DataError(ValueError):
-    """Bad input data; the message names the file, the column (and row when known) and the fix."""
+__all__ = ["DataError"]
