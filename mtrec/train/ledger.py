@@ -7,9 +7,10 @@ then ``checkpoints/best.pt`` (when it improved), the ``metrics.jsonl`` line, and
 epoch on resume, which drops lines past the checkpoint's epoch (no gap, no duplicate).
 Training stops after ``training.early_stopping_patience`` epochs without improvement.
 
-:class:`LossWatch` reads the loss as training goes: a non-finite value stops training
-(:class:`~mtrec.errors.DivergenceError`, the last good checkpoint stays), a running mean
-two orders of magnitude above its lowest warns.
+:class:`LossWatch` reads the loss as training goes: a running mean two orders of
+magnitude above its lowest warns; a non-finite value, or a running mean six orders of
+magnitude above its lowest, stops training (:class:`~mtrec.errors.DivergenceError`)
+before the epoch is written: the last good checkpoint stays.
 """
 
 from __future__ import annotations
@@ -28,10 +29,22 @@ from mtrec.errors import DivergenceError
 from mtrec.io import to_json
 from mtrec.run import METRICS_FILE, config_hash, trim_metrics
 
-__all__ = ["EpochLedger", "LoopState", "LossWatch", "log", "mean_auc", "short_metrics"]
+__all__ = [
+    "LOSS_RISE_FACTOR",
+    "LOSS_STOP_FACTOR",
+    "EpochLedger",
+    "LoopState",
+    "LossWatch",
+    "diverged_message",
+    "log",
+    "mean_auc",
+    "short_metrics",
+]
 
-# a running-mean loss this many times its lowest so far is reported as diverging
+# a running-mean loss this many times its lowest so far warns (two orders of magnitude)
 LOSS_RISE_FACTOR = 100.0
+# ... and this many times stops training as diverged (six orders of magnitude)
+LOSS_STOP_FACTOR = 1e6
 # weight of the newest reading in the running mean
 _LOSS_EMA = 0.1
 
@@ -79,10 +92,12 @@ class LoopState:
 
 
 class LossWatch:
-    """Checks the training loss each time it is read (every ``log_every_steps``).
+    """Checks the training loss each time it is read.
 
-    A non-finite loss raises :class:`DivergenceError`. A running mean of the readings
-    above ``LOSS_RISE_FACTOR`` times its lowest value warns, once per epoch.
+    A running mean of the readings above ``LOSS_RISE_FACTOR`` times its lowest value
+    warns (once per epoch); a non-finite reading, or a running mean above
+    ``LOSS_STOP_FACTOR`` times its lowest (the loss has exploded: no training recovers
+    from that), stops training.
     """
 
     def __init__(self, who: str = "") -> None:
@@ -91,32 +106,47 @@ class LossWatch:
         self.lowest = math.inf
         self._warned_epoch = -1
 
-    def check(self, value: float, epoch: int, step: int) -> None:
-        """``epoch`` (0-based) and ``step`` (1-based) say where ``value`` was read."""
-        if not math.isfinite(value):
-            raise DivergenceError(nonfinite_message(value, epoch, step))
-        self.observe(value, epoch, step)
+    def check(self, value: float, epoch: int, step: int | None = None) -> None:
+        """Raise :class:`DivergenceError` when training diverged (see :meth:`verdict`)."""
+        error = self.verdict(value, epoch, step)
+        if error is not None:
+            raise DivergenceError(error)
 
-    def observe(self, value: float, epoch: int, step: int) -> None:
-        """The rising-loss warning only (a finite ``value``)."""
+    def verdict(self, value: float, epoch: int, step: int | None = None) -> str | None:
+        """Why training must stop after reading ``value`` at ``epoch`` (0-based) and
+        ``step`` (1-based; None: the epoch's mean), or None; warns on a fast rise."""
+        if not math.isfinite(value):
+            return diverged_message(f"the loss is {value}", epoch, step)
         r = value if self.running is None else (1 - _LOSS_EMA) * self.running + _LOSS_EMA * value
         self.running = r
         self.lowest = min(self.lowest, r)
+        if r > LOSS_STOP_FACTOR * self.lowest:
+            return diverged_message(
+                f"the loss exploded (running mean {r:.4g}, {r / self.lowest:.3g}x its lowest "
+                f"{self.lowest:.4g})",
+                epoch,
+                step,
+            )
         if r > LOSS_RISE_FACTOR * self.lowest and self._warned_epoch != epoch:
             self._warned_epoch = epoch
             log(
                 f"{self.who}warning: the training loss is rising fast (running mean {r:.4g} at "
-                f"epoch {epoch + 1} step {step}, {r / self.lowest:.0f}x its lowest "
-                f"{self.lowest:.4g}); training may be diverging: lower "
-                "training.learning_rate or check the data"
+                f"{_where(epoch, step)}, {r / self.lowest:.0f}x its lowest {self.lowest:.4g}); "
+                "training may be diverging: lower training.learning_rate or check the data"
             )
+        return None
 
 
-def nonfinite_message(value: float | str, epoch: int, step: int | None = None) -> str:
-    where = f"epoch {epoch + 1}" + (f" step {step}" if step is not None else "")
+def _where(epoch: int, step: int | None) -> str:
+    return f"epoch {epoch + 1}" + (f" step {step}" if step is not None else " (epoch mean)")
+
+
+def diverged_message(what: str, epoch: int, step: int | None = None) -> str:
+    """The error of a diverged training: what happened, where, the fix."""
     return (
-        f"training diverged: the loss is {value} at {where}; lower training.learning_rate "
-        "or check the data (the last good checkpoint, if any, is kept)"
+        f"training diverged: {what} at {_where(epoch, step)}; lower training.learning_rate "
+        "or check the data (nothing of this epoch was written; the last good checkpoint, "
+        "if any, is kept)"
     )
 
 
@@ -133,6 +163,9 @@ class EpochLedger:
         self.state = state or LoopState()
         self.chash = config_hash(cfg)
         self.stopped_early = False
+        # the epochs' mean losses: the same values on every Ray rank, so every rank
+        # reaches the same verdict
+        self.epoch_losses = LossWatch()
 
     @property
     def metrics_file(self) -> Path:
@@ -152,11 +185,13 @@ class EpochLedger:
             return False
         return stop_after is None or done_this_call < stop_after
 
-    def check_loss(self, record: dict[str, Any], epoch: int) -> None:
-        """The epoch's mean loss must be finite (a NaN between two readings ends here,
-        before anything is written)."""
-        if not math.isfinite(record["loss"]):
-            raise DivergenceError(nonfinite_message(record["loss"], epoch))
+    def check_loss(self, record: dict[str, Any], epoch: int, first_loss: float) -> None:
+        """Raise :class:`DivergenceError` when the epoch's mean loss is not finite or has
+        exploded against the loss of the epoch's first step (``first_loss``, read before
+        the epoch's updates), or against earlier epochs. A NaN between two readings ends
+        here, before anything of the epoch is written."""
+        self.epoch_losses.check(first_loss, epoch, 1)
+        self.epoch_losses.check(record["loss"], epoch)
 
     def judge(self, record: dict[str, Any], metrics: dict[str, dict[str, Any]] | None) -> bool:
         """Validation metrics into ``record``; whether this epoch is the best so far. Updates

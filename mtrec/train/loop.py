@@ -189,6 +189,7 @@ def _train_in(
         model.train()
         seen, steps = 0, 0
         loss_sum = torch.zeros(())
+        first_loss = float("nan")
         t0 = time.perf_counter()
         total_rows = train_source.rows if isinstance(train_source, EncodedChunk) else None
         bar = Progress(f"epoch {epoch + 1}/{tr.epochs}", total=total_rows, enabled=tr.progress)
@@ -209,6 +210,8 @@ def _train_in(
                 # reading the loss syncs; do it every few steps, not every step
                 loss_value = float(loss.detach())
                 watch.check(loss_value, epoch, steps)
+                if steps == 1:
+                    first_loss = loss_value
             bar.update(batch.batch_size, loss_value)
             if tr.max_steps_per_epoch and steps >= tr.max_steps_per_epoch:
                 break
@@ -221,7 +224,7 @@ def _train_in(
             "samples_per_s": round(seen / max(epoch_seconds, 1e-9), 1),
             "loss": round(float(loss_sum) / max(seen, 1), 6),  # mean over the epoch's rows
         }
-        ledger.check_loss(record, epoch)
+        ledger.check_loss(record, epoch, first_loss)
         st.train_samples += seen
         st.train_seconds += epoch_seconds
         st.epoch = epoch + 1

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -76,7 +75,7 @@ from mtrec.train.distributed_data import (
     train_batches,
     train_shard,
 )
-from mtrec.train.ledger import EpochLedger, LoopState, LossWatch, nonfinite_message
+from mtrec.train.ledger import EpochLedger, LoopState, LossWatch, diverged_message
 from mtrec.train.ledger import log as _log
 from mtrec.train.loop import train
 
@@ -493,6 +492,7 @@ def _epochs(
         torch.manual_seed(seed)  # this rank's dropout stream of this epoch
         seen, steps = 0, 0
         loss_sum = torch.zeros((), device=step.device)  # read once per epoch (a GPU sync)
+        first_loss = float("nan")
         t0 = last_log = time.perf_counter()
         batches = train_batches(train_source, spec, job.rank_batch, seed, cfg.dataset.chunk_rows)
         for batch in batches:
@@ -503,10 +503,11 @@ def _epochs(
             _maybe_fail(job.fault, rank, epoch + 1, steps)
             if steps % tr.log_every_steps == 0 or steps == 1:
                 value = float(loss.detach())
-                error = _check_loss(value, epoch, steps, step.device)
+                first_loss = value if steps == 1 else first_loss
+                verdict = watch.verdict(value, epoch, steps)
+                error = _agree_to_stop(verdict, epoch, steps, step.device)
                 if error is not None:  # returned, not raised: Ray would retry a raised error
                     return {"error": error} if rank == 0 else None
-                watch.observe(value, epoch, steps)
             now = time.perf_counter()
             if tr.progress and now - last_log >= _LOG_INTERVAL_S:
                 last_log = now
@@ -518,7 +519,7 @@ def _epochs(
                 break
         seconds = time.perf_counter() - t0
         parts: list[Any] = [None] * world
-        dist.all_gather_object(parts, (seen, seconds, float(loss_sum)))
+        dist.all_gather_object(parts, (seen, seconds, float(loss_sum), first_loss))
         total = sum(p[0] for p in parts)
         epoch_seconds = max(p[1] for p in parts)  # ranks run in lock step
         per_worker = [round(p[0] / max(p[1], 1e-9), 1) for p in parts]
@@ -532,7 +533,7 @@ def _epochs(
             "samples_per_s_per_worker": per_worker,
         }
         try:  # every rank holds the same record: all stop together
-            ledger.check_loss(record, epoch)
+            ledger.check_loss(record, epoch, sum(p[3] for p in parts) / world)
         except DivergenceError as exc:
             return {"error": str(exc)} if rank == 0 else None
         st.train_samples += total
@@ -569,14 +570,17 @@ def _epochs(
     }
 
 
-def _check_loss(value: float, epoch: int, steps: int, device: torch.device) -> str | None:
-    """Every rank checks the same global flag, so all stop together (no rank is left
-    waiting in a collective)."""
-    flag = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=device)
+def _agree_to_stop(verdict: str | None, epoch: int, steps: int, device: torch.device) -> str | None:
+    """Whether any rank's loss diverged (``verdict``: this rank's reason): every rank
+    checks the same global flag, so all stop together (no rank is left waiting in a
+    collective); rank 0 reports its own reason, or how many workers diverged."""
+    flag = torch.tensor([0.0 if verdict is None else 1.0], device=device)
     dist.all_reduce(flag)
     if float(flag) == 0.0:
         return None
-    return nonfinite_message(f"not finite on {int(flag)} worker(s)", epoch, steps)
+    return verdict or diverged_message(
+        f"the loss diverged on {int(flag)} other worker(s)", epoch, steps
+    )
 
 
 def _maybe_fail(fault: dict[str, Any] | None, rank: int, epoch: int, steps: int) -> None:
