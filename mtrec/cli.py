@@ -2,8 +2,8 @@
 
 Every command prints human-readable progress on stderr and, as its LAST
 stdout line, one JSON object summarising what it did, so scripts can chain
-commands. Errors print one ``mtrec: error: ...`` line naming the file, key or
-column and the fix, and exit with status 2.
+commands. Errors (:func:`mtrec.errors.user_errors`) print one ``mtrec: error: ...``
+line naming the file, key or column and the fix, and exit with status 2.
 """
 
 from __future__ import annotations
@@ -46,17 +46,19 @@ def _cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from mtrec.cluster import cluster_address
     from mtrec.config import load_config
-    from mtrec.train.loop import train
 
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers {args.workers}: must be >= 1")
-    from mtrec.train.ray_trainer import cluster_address, train_distributed
-
     cfg = load_config(args.config, overrides=args.set)
     address = cluster_address(args.address)
     if args.workers is None and address is None:
+        from mtrec.train.loop import train
+
         return train(cfg, args.out, resume=args.resume)
+    from mtrec.train.ray_trainer import train_distributed
+
     return train_distributed(
         cfg, args.out, workers=args.workers or 1, address=address, resume=args.resume
     )
