@@ -95,7 +95,8 @@ def train(
 
     The run directory is locked (:class:`~mtrec.run.RunLock`) for the whole call and
     checked (:func:`~mtrec.run.check_run_dir`) before anything is read or written; a
-    call that fails before its first epoch leaves the directory as it found it.
+    call that starts (or restarts) a run and fails before completing an epoch removes
+    the files it wrote.
     """
     wall_start = time.perf_counter()
     tr = cfg.training
