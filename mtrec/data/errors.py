@@ -1,8 +1,8 @@
-"""Errors raised for bad input data."""
+"""Errors and warnings about input data (the error itself is defined in :mod:`mtrec.errors`)."""
 
+from mtrec.errors import DataError
 
-class DataError(ValueError):
-    """Bad input data; the message names the file, the column (and row when known) and the fix."""
+__all__ = ["DataError", "DataWarning"]
 
 
 class DataWarning(UserWarning):

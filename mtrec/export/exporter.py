@@ -32,8 +32,8 @@ from mtrec.export.errors import ExportError
 from mtrec.export.serving import ServingModule
 from mtrec.io import atomic_path
 from mtrec.model import MultiTaskModel
+from mtrec.run import load_trained_model, run_config_hash
 from mtrec.serving import SIGNATURE_FILE, load_model
-from mtrec.train.loop import load_trained_model, run_config_hash
 
 __all__ = [
     "PARITY_TOLERANCE",
@@ -219,7 +219,7 @@ def export_run(
 ) -> dict[str, Any]:
     """Script the run's best model, check parity on held-out rows, write atomically.
 
-    Raises :class:`~mtrec.train.checkpoint.CheckpointError` for a missing, corrupt or
+    Raises :class:`~mtrec.errors.CheckpointError` for a missing, corrupt or
     mismatched checkpoint and :class:`ExportError` when scripting or the parity check
     fails; in every case nothing is written.
     """
