@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from mtrec.errors import ClusterError
+from mtrec.ray_local import loopback_init_kwargs, use_loopback
 
 __all__ = [
     "RAY_ENV",
@@ -97,18 +98,12 @@ def start_local_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> 
     """Start an embedded Ray instance on 127.0.0.1 (no dashboard), with the settings
     distributed training needs; ``num_cpus`` defaults to this process's CPUs."""
     set_ray_env()
+    use_loopback()  # also when something imported Ray before this call
     import ray
-    from ray._private import ray_constants
 
-    # Ray reads the variable once, on import: when something imported Ray before this
-    # call, it would resolve 127.0.0.1 to the external interface (STACK.md)
-    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
-        ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
-        address="local",  # a new instance, even when another one runs on this machine
         num_cpus=num_cpus or len(os.sched_getaffinity(0)),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
+        **loopback_init_kwargs(),
         log_to_driver=log_to_driver,
         configure_logging=log_to_driver,
     )

@@ -36,7 +36,13 @@ from typing import Any
 import yaml
 
 from mtrec.checkpoint import best_path, last_path, load_checkpoint
-from mtrec.config import ExperimentConfig, config_to_dict, load_config, parse_config
+from mtrec.config import (
+    ExperimentConfig,
+    config_to_dict,
+    diff_configs,
+    load_config,
+    parse_config,
+)
 from mtrec.data.spec import FeatureSpec
 from mtrec.data.vocab import load_kept_ids, save_kept_ids
 from mtrec.errors import CheckpointError, RunError, RunLockedError
@@ -107,47 +113,6 @@ def config_hash(cfg: ExperimentConfig | dict[str, Any]) -> str:
 def run_config_hash(run_dir: str | Path) -> str:
     """Hash of the config stored in ``run_dir/config.yaml``, as written at training time."""
     return config_hash(yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()))
-
-
-def diff_configs(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two plain (YAML-like) dicts, sorted.
-
-    Lists are compared item by item; an item with a ``name`` is keyed by it
-    (``features[c3].min_count``), others by index (``tasks[1]``). Example::
-
-        diff_configs({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 0})  # ["a.c", "d"]
-    """
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = list(dict.fromkeys([*old, *new]))
-        out: list[str] = []
-        for key in keys:
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in old or key not in new:
-                out.append(path)
-            else:
-                out += diff_configs(old[key], new[key], path)
-        return sorted(out)
-    if isinstance(old, list) and isinstance(new, list):
-
-        def keyed(items: list[Any]) -> dict[str, Any] | None:
-            names = [i.get("name") for i in items if isinstance(i, dict)]
-            if len(names) == len(items) and None not in names and len(set(names)) == len(names):
-                return {str(n): i for n, i in zip(names, items, strict=True)}
-            return None
-
-        a, b = keyed(old), keyed(new)
-        if a is None or b is None:
-            a = {str(i): v for i, v in enumerate(old)}
-            b = {str(i): v for i, v in enumerate(new)}
-        out = []
-        for key in dict.fromkeys([*a, *b]):
-            path = f"{prefix}[{key}]"
-            if key not in a or key not in b:
-                out.append(path)
-            else:
-                out += diff_configs(a[key], b[key], path)
-        return sorted(out)
-    return [] if old == new else [prefix or "<root>"]
 
 
 def _changed_keys(stored_file: Path, cfg: ExperimentConfig) -> list[str] | None:
