@@ -1,5 +1,5 @@
 # make demo: set up .venv, then synthesise data → train → evaluate → export → predict.
-# make test: set up .venv, then run the test suite.
+# make test: set up .venv, then run the test suite (make test-fast: the unit tests only).
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -10,11 +10,12 @@ STAMP := $(VENV)/.mtrec-installed
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DIR ?= demo_out
 
-.PHONY: help venv test demo lint bench docs clean
+.PHONY: help venv test test-fast demo lint bench docs clean
 
 help:
 	@echo "make demo   # end-to-end: synthetic data -> train -> evaluate -> export -> predict"
 	@echo "make test   # the test suite"
+	@echo "make test-fast  # unit tests only, under a minute (no Ray, Serve, Docker lint, tutorial)"
 	@echo "make lint   # ruff"
 	@echo "make bench  # benchmarks (JSON lines)"
 	@echo "make docs   # regenerate docs/configuration.md from the config schema"
@@ -37,6 +38,10 @@ $(STAMP): requirements/cpu.txt requirements/torch.txt requirements/torchrec.txt 
 
 test: venv
 	$(PY) -m pytest -q
+
+# tests marked `integration` (pyproject.toml) are left out
+test-fast: venv
+	$(PY) -m pytest -q -m "not integration"
 
 lint: venv
 	$(VENV)/bin/ruff check .

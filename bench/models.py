@@ -55,7 +55,7 @@ def _run(cmd: list[str], threads: int) -> dict[str, Any]:
 
 
 def _params(run_dir: Path) -> int:
-    from mtrec.train.loop import load_trained_model
+    from mtrec.run import load_trained_model
 
     _, _, model = load_trained_model(run_dir)
     return sum(p.numel() for p in model.parameters())

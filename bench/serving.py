@@ -75,7 +75,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     import torch
 
     if args.run:
-        from mtrec.train.loop import load_trained_model
+        from mtrec.run import load_trained_model
 
         return load_trained_model(args.run)
     from mtrec.model import build_model

@@ -2,8 +2,8 @@
 
 Every command prints human-readable progress on stderr and, as its LAST
 stdout line, one JSON object summarising what it did, so scripts can chain
-commands. Errors print one ``mtrec: error: ...`` line naming the file, key or
-column and the fix, and exit with status 2.
+commands. Errors (:func:`mtrec.errors.user_errors`) print one ``mtrec: error: ...``
+line naming the file, key or column and the fix, and exit with status 2.
 """
 
 from __future__ import annotations
@@ -46,17 +46,19 @@ def _cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from mtrec.cluster import cluster_address
     from mtrec.config import load_config
-    from mtrec.train.loop import train
 
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers {args.workers}: must be >= 1")
-    from mtrec.train.ray_trainer import cluster_address, train_distributed
-
     cfg = load_config(args.config, overrides=args.set)
     address = cluster_address(args.address)
     if args.workers is None and address is None:
+        from mtrec.train.loop import train
+
         return train(cfg, args.out, resume=args.resume)
+    from mtrec.train.ray_trainer import train_distributed
+
     return train_distributed(
         cfg, args.out, workers=args.workers or 1, address=address, resume=args.resume
     )
@@ -232,26 +234,22 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from mtrec.config import ConfigError
-    from mtrec.data.errors import DataError
-    from mtrec.export.exporter import ExportError
-    from mtrec.train.checkpoint import CheckpointError
-    from mtrec.train.loop import RunError
+    from mtrec.errors import user_errors
 
-    try:
-        summary = args.fn(args)
-    except (ConfigError, DataError, RunError, CheckpointError, ExportError, UsageError) as exc:
-        print(f"mtrec: error: {exc}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:  # diverged training
-        print(f"mtrec: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. writing next to an input in a read-only folder
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"mtrec: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
+    # the libraries' Python warnings are not actionable for a user: silenced for this
+    # command only (the filters are restored when main returns, e.g. in a test)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            summary = args.fn(args)
+        except (*user_errors(), UsageError) as exc:  # FloatingPointError: diverged training
+            print(f"mtrec: error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # e.g. writing next to an input in a read-only folder
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"mtrec: error: {where}{exc.strerror or exc}", file=sys.stderr)
+            return 2
     _emit(summary)
     return 0
 

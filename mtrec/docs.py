@@ -2,8 +2,10 @@
 
 Every key of :class:`mtrec.config.ExperimentConfig` and of the sections below it is
 listed with its YAML path, type, default and the text that documents it in
-``mtrec/config.py``: the class docstring introduces a section, and the ``#`` comment
-lines right above a field (or at the end of its line) describe the key. So the
+the schema (``mtrec/config/schema.py``, and each registered block's settings in the
+block's own module, read from the block registry): the class docstring introduces a
+section, and the ``#`` comment lines right above a field (or at the end of its line)
+describe the key. So the
 reference cannot drift from the schema; a test fails when the file is stale.
 
 Regenerate after changing a config dataclass::
@@ -12,7 +14,7 @@ Regenerate after changing a config dataclass::
 
 ``python -m mtrec.docs`` alone prints the page; ``--check`` compares it with ``--out``
 and exits 1 when the file is stale; ``--undocumented`` lists the keys that still lack a
-comment in ``mtrec/config.py``.
+comment in the schema.
 
 Example::
 
@@ -193,6 +195,18 @@ def _default(f: dataclasses.Field[Any], opens: type | None) -> str:
     return f"`{_yaml(value)}`"
 
 
+def _shipped_blocks() -> set[str]:
+    """Blocks defined in mtrec itself: the reference documents these, not blocks a user
+    (or a test) registered in this process."""
+    from mtrec.multitask.registry import registered_blocks
+
+    return {n for n, s in registered_blocks().items() if s.build.__module__.startswith("mtrec.")}
+
+
+def _shipped(sections: dict[str, type]) -> dict[str, type]:
+    return {n: cls for n, cls in sections.items() if cls.__module__.startswith("mtrec.")}
+
+
 def config_sections(root: type = ExperimentConfig) -> list[SectionDoc]:
     """Every config dataclass reachable from ``root`` with its keys, parents first."""
     order: list[tuple[str, type]] = []
@@ -205,6 +219,10 @@ def config_sections(root: type = ExperimentConfig) -> list[SectionDoc]:
         order.append((path, cls))
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if "sections" in f.metadata:  # registered block settings, model.multitask.<name>
+                for name, section in _shipped(f.metadata["sections"]()).items():
+                    visit(section, f"{path}.{name}" if path else name)
+                continue
             sub, suffix = _dataclass_in(hints[f.name])
             if sub is not None:
                 visit(sub, f"{path}.{f.name}{suffix}" if path else f"{f.name}{suffix}")
@@ -216,18 +234,53 @@ def config_sections(root: type = ExperimentConfig) -> list[SectionDoc]:
         comments = field_comments(cls)
         keys = []
         for f in dataclasses.fields(cls):
+            if "sections" in f.metadata:
+                keys += _section_keys(path, _shipped(f.metadata["sections"]()), section_of)
+                continue
             tp = hints[f.name]
             opens, _ = _dataclass_in(tp)
+            choices = f.metadata.get("choices")
             keys.append(
                 KeyDoc(
                     path=f"{path}.{f.name}" if path else f.name,
-                    type=_type_label(tp, section_of),
+                    type=(
+                        " \\| ".join(f"`{c}`" for c in choices() if c in _shipped_blocks())
+                        if choices is not None
+                        else _type_label(tp, section_of)
+                    )
+                    + _range(f),
                     default=_default(f, opens),
                     text=comments.get(f.name, ""),
                 )
             )
         sections.append(SectionDoc(path, cls, _class_doc(cls), keys))
     return sections
+
+
+def _range(f: dataclasses.Field[Any]) -> str:
+    """``, > 0`` for a field that declares a range (``num`` / ``bounds`` metadata)."""
+    b = f.metadata.get("bounds")
+    return (
+        f", {b}" if b is not None and any(v is not None for v in (b.gt, b.ge, b.lt, b.le)) else ""
+    )
+
+
+def _section_keys(
+    path: str, sections: dict[str, type], section_of: dict[type, str]
+) -> list[KeyDoc]:
+    """One key per registered block with settings: ``model.multitask.<name>``."""
+    out = []
+    for name, cls in sections.items():
+        key = f"{path}.{name}" if path else name
+        out.append(
+            KeyDoc(
+                path=key,
+                type=_type_label(cls, section_of),
+                default="(section defaults)",
+                text=f"settings of `type: {name}` (`{cls.__module__}.{cls.__name__}`)",
+            )
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- rendering
@@ -247,13 +300,27 @@ def _cell(text: str) -> str:
 
 _INTRO = """\
 An experiment is one YAML file validated against the typed schema in
-`mtrec/config.py` before any work starts: unknown keys (with the closest valid key),
-wrong types and missing required keys fail with the file, the key path and what was
-expected. `extends: base.yaml` merges a base file (mappings merge key by key, lists
-are replaced whole); `mtrec train --set key.path=value` overrides any key below (the
-value is read as YAML: `--set model.multitask.expert_hidden=[64,32]`). Dataset paths
-may use `${MTREC_DATA_DIR}` and are resolved relative to the YAML file that sets them
-(given with `--set`, relative to the directory the command runs in).
+`mtrec/config/schema.py` (and each block's settings in its own module) before any work
+starts: unknown keys (with the closest valid key), wrong types and missing required keys
+fail with the file, the key path and what was expected; every number must be finite and
+in the range its key lists below. Numbers are read as YAML 1.2: `1e-3` and `1.0e6` are
+floats.
+
+`extends: base.yaml` merges a base file: mappings merge key by key, lists are replaced
+whole. To replace an inherited mapping whole instead of merging into it, tag it
+`!replace` (`chunks: !replace {user: 2}` drops the base's other `chunks` entries); to
+remove an inherited key, tag it `!delete` (`item_id: !delete`). `mtrec train --set
+key.path=value` overrides any key below (the value is read as YAML and replaces the key
+whole: `--set model.multitask.expert_hidden=[64,32]`). Dataset paths may use
+`${MTREC_DATA_DIR}` and are resolved relative to the YAML file that sets them (given
+with `--set`, relative to the directory the command runs in).
+
+`imports: [my_blocks]` loads your own multi-task blocks (`@register_block("tiny",
+config=TinyConfig)` in `my_blocks.py`, see `mtrec/multitask/registry.py`): each name is
+looked up as a file next to the YAML that lists it, then on `sys.path`; the run's
+`config.yaml` records the resolved path, so `mtrec evaluate` / `export` re-import it from
+any working directory. The block is then `model.multitask.type: tiny` with its settings
+under `model.multitask.tiny`.
 
 Keys are shown as full dotted paths; `features[]` and `tasks[]` are list entries."""
 
@@ -264,7 +331,8 @@ def render_config_reference(root: type = ExperimentConfig) -> str:
     out = [
         "# Configuration reference",
         "",
-        f"<!-- Generated from mtrec/config.py by `{REGENERATE}`; do not edit by hand. -->",
+        f"<!-- Generated from mtrec/config/schema.py and the block registry by `{REGENERATE}`;"
+        " do not edit by hand. -->",
         "",
         _INTRO,
         "",
@@ -289,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--undocumented",
         action="store_true",
-        help="list the keys that have no comment in mtrec/config.py yet, and exit",
+        help="list the keys that have no comment in the schema yet, and exit",
     )
     args = p.parse_args(argv)
     if args.undocumented:

@@ -5,27 +5,26 @@ Training composes :class:`SparseArch` (torchrec/FBGEMM lookup) with :class:`Task
 the exported serving module composes the sparse arch's torch-only pooling with the SAME
 task arch object (``mtrec.export.serving``), so the forward exists once.
 
-``MULTITASK_REGISTRY`` maps the ``model.multitask.type`` name to a builder, so
-new blocks plug in without touching the rest.
+The multi-task block is looked up by ``model.multitask.type`` in the block registry
+(:mod:`mtrec.multitask.registry`), so new blocks plug in without touching the rest.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mtrec.config import ExperimentConfig, MultiTaskConfig
+from mtrec.config import ExperimentConfig
 from mtrec.data.spec import FeatureSpec
 from mtrec.embeddings.numeric import NumericEmbedding, NumericNormalizer
 from mtrec.embeddings.per_feature import PerFeatureEmbedding, PerFeaturePooling
 from mtrec.embeddings.unified import UnifiedEmbedding, UnifiedPooling
 from mtrec.interaction import AutoInt, build_interaction
 from mtrec.multitask.base import BlockInputs
-from mtrec.multitask.mmoe import MMoE, SharedBottom
+from mtrec.multitask.registry import BlockBuilder, block_spec, build_block, registered_blocks
 from mtrec.multitask.towers import TaskTowers
 
 __all__ = [
@@ -42,36 +41,20 @@ __all__ = [
 ]
 
 
-BlockBuilder = Callable[[BlockInputs, MultiTaskConfig], nn.Module]
+class _Registry(Mapping[str, BlockBuilder]):
+    """Read-only view of the block registry by name (for code that iterated the old dict)."""
+
+    def __getitem__(self, name: str) -> BlockBuilder:
+        return block_spec(name).build
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registered_blocks())
+
+    def __len__(self) -> int:
+        return len(registered_blocks())
 
 
-def _lazy(module: str) -> BlockBuilder:
-    """Builder ``build(inputs, cfg)`` of ``mtrec.multitask.<module>``, imported on use."""
-
-    def build(inputs: BlockInputs, cfg: MultiTaskConfig) -> nn.Module:
-        return importlib.import_module(f"mtrec.multitask.{module}").build(inputs, cfg)
-
-    return build
-
-
-MULTITASK_REGISTRY: dict[str, BlockBuilder] = {
-    "mmoe": lambda i, c: MMoE(
-        i.in_features,
-        i.num_tasks,
-        c.num_experts,
-        c.expert_hidden,
-        c.activation,
-        c.dropout,
-        i.task_names,
-    ),
-    "shared_bottom": lambda i, c: SharedBottom(
-        i.in_features, i.num_tasks, c.expert_hidden, c.activation, c.dropout
-    ),
-    "ple": _lazy("ple"),
-    "home": _lazy("home"),
-    "apem": _lazy("apem"),
-    "task_expert": _lazy("task_expert"),
-}
+MULTITASK_REGISTRY: Mapping[str, BlockBuilder] = _Registry()
 
 
 def chain_logits(logits: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
@@ -385,12 +368,7 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
     normalizer = numeric = None
     if spec.numeric:
         stats = [spec.numeric_stats[f.name] for f in spec.numeric]
-        normalizer = NumericNormalizer(
-            mean=[s.mean for s in stats],
-            std=[s.std for s in stats],
-            log1p=[s.transform.startswith("log1p") for s in stats],
-            fill=spec.fill_value,
-        )
+        normalizer = NumericNormalizer.from_stats(stats, spec.fill_value)
         numeric = NumericEmbedding(len(spec.numeric), d)
     field_names = [f.name for f in spec.sparse] + [f.name for f in spec.numeric]
     num_fields = len(field_names)
@@ -401,7 +379,7 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
     else:
         flat, token_dims = num_fields * d, [d]
     inputs = BlockInputs(flat, list(spec.task_names), field_names, token_dims)
-    block = MULTITASK_REGISTRY[mt_cfg.type](inputs, mt_cfg)
+    block = build_block(inputs, mt_cfg)
     towers = TaskTowers(
         len(spec.tasks),
         block.out_features,

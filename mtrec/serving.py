@@ -65,7 +65,7 @@ class ServingInputs(NamedTuple):
 
     values: int64 [sum(lengths)] value ids, feature-major.
     lengths: int32 [F_s · B] ids per (feature, row), feature-major.
-    dense: float32 [B, F_n] raw numeric values (NaN = missing).
+    dense: float64 [B, F_n] raw numeric values (NaN = missing).
     """
 
     values: torch.Tensor

@@ -556,7 +556,7 @@ def test_config_checks(tmp_path_factory: pytest.TempPathFactory) -> None:
         )
     with pytest.raises(ConfigError, match=r"task_expert\.expert_dim: must be >= 0"):
         small_config(data, tmp, model={"multitask": {"task_expert": {"expert_dim": -1}}})
-    with pytest.raises(ConfigError, match=r"apem\.field_groups\[0\].*unknown feature 'c9'"):
+    with pytest.raises(ConfigError, match=r"apem\.field_groups\[0\].*unknown field 'c9'"):
         small_config(
             data, tmp, model={"multitask": {"type": "apem", "apem": {"field_groups": [["c9"]]}}}
         )

@@ -274,6 +274,7 @@ def test_other_usage_errors_follow_the_contract(
     one_error_line(err)
 
 
+@pytest.mark.integration  # a fresh Python process
 def test_console_script_exit_status(tmp_path: Path) -> None:
     """A real process: exit status 2 and exactly one stderr line."""
     script = Path(sys.executable).with_name("mtrec")

@@ -209,3 +209,157 @@ def test_extends_expands_environment_variables(tmp_path: Path, monkeypatch) -> N
     child.write_text("extends: ${MTREC_NO_SUCH_VAR}/config.yaml\n")
     with pytest.raises(ConfigError, match="MTREC_NO_SUCH_VAR is not set"):
         load_config(child)
+
+
+# ------------------------------------------------- numbers: YAML 1.2 floats and ranges
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("1e-3", 1e-3), ("1.0e6", 1.0e6), ("2E-4", 2e-4), (".5", 0.5)]
+)
+def test_exponent_floats_in_file_and_set(tmp_path: Path, text: str, value: float) -> None:
+    p = write(tmp_path, "lr.yaml", BASE + f"training:\n  learning_rate: {text}\n")
+    assert load_config(p).training.learning_rate == value
+    base = write(tmp_path, "base.yaml", BASE)
+    cfg = load_config(base, overrides=[f"training.learning_rate={text}"])
+    assert cfg.training.learning_rate == value
+
+
+def test_integers_and_strings_still_resolve_as_before(tmp_path: Path) -> None:
+    p = write(tmp_path, "base.yaml", BASE)
+    cfg = load_config(p, overrides=["training.epochs=12", "name=1e3x"])
+    assert cfg.training.epochs == 12 and isinstance(cfg.training.epochs, int)
+    assert cfg.name == "1e3x"
+    # an exponent is a float, so it is not an int setting
+    with pytest.raises(ConfigError, match=r"training\.epochs: expected int, got 1000\.0"):
+        load_config(p, overrides=["training.epochs=1e3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "training.learning_rate=.nan",
+            r"training\.learning_rate: must be a finite number \(> 0\), got nan",
+        ),
+        (
+            "training.learning_rate=.inf",
+            r"training\.learning_rate: must be a finite number \(> 0\), got inf",
+        ),
+        ("training.learning_rate=-1e-3", r"training\.learning_rate: must be > 0, got -0\.001"),
+        ("training.weight_decay=-0.1", r"training\.weight_decay: must be >= 0, got -0\.1"),
+        (
+            "training.early_stopping_patience=-1",
+            r"training\.early_stopping_patience: must be >= 0, got -1",
+        ),
+        (
+            "model.multitask.dropout=1.0",
+            r"model\.multitask\.dropout: must be in \[0, 1\), got 1\.0",
+        ),
+        ("model.embedding.eps=0", r"model\.embedding\.eps: must be > 0, got 0"),
+        (
+            "dataset.fill_value=.inf",
+            r"dataset\.fill_value: must be a finite number \(any finite number\), got inf",
+        ),
+        (
+            "model.multitask.expert_hidden=[8,0]",
+            r"model\.multitask\.expert_hidden\[1\]: must be > 0, got 0",
+        ),
+        ("model.multitask.ple.levels=0", r"model\.multitask\.ple\.levels: must be > 0, got 0"),
+        (
+            "model.multitask.home.shared_experts=-1",
+            r"model\.multitask\.home\.shared_experts: must be >= 0",
+        ),
+    ],
+)
+def test_numbers_out_of_range_name_key_and_range(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    p = write(tmp_path, "base.yaml", BASE)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(p, overrides=[override])
+    assert str(p) in str(err.value)
+
+
+def test_nan_in_a_file_is_refused(tmp_path: Path) -> None:
+    p = write(tmp_path, "bad.yaml", BASE + "training:\n  learning_rate: .nan\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: training\.learning_rate: must be a finite"):
+        load_config(p)
+
+
+# --------------------------------------------------- extends: replace / delete inherited keys
+
+CHUNKED = (
+    BASE.replace("features:\n", "features:\n  - {name: b, kind: categorical}\n")
+    + "model:\n  embedding:\n    chunks: {a: 2, b: 3}\n"
+)
+
+
+def test_extends_merges_mappings_by_default(tmp_path: Path) -> None:
+    write(tmp_path, "base.yaml", CHUNKED)
+    child = write(
+        tmp_path, "child.yaml", "extends: base.yaml\nmodel:\n  embedding:\n    chunks: {a: 1}\n"
+    )
+    assert load_config(child).model.embedding.chunks == {"a": 1, "b": 3}
+
+
+def test_extends_replace_tag_replaces_an_inherited_mapping(tmp_path: Path) -> None:
+    write(tmp_path, "base.yaml", CHUNKED)
+    # the child drops feature b; the base's chunks entry for b must go with it
+    child = write(
+        tmp_path,
+        "child.yaml",
+        "extends: base.yaml\n"
+        "features: [{name: a, kind: categorical}, {name: x, kind: numeric}]\n"
+        "model:\n  embedding:\n    chunks: !replace {a: 2}\n",
+    )
+    cfg = load_config(child)
+    assert cfg.model.embedding.chunks == {"a": 2}
+    # the same as --set on the key, which replaces the mapping whole
+    via_set = load_config(
+        write(
+            tmp_path, "plain.yaml", "extends: base.yaml\nfeatures: [{name: a, kind: categorical}]\n"
+        ),
+        overrides=["model.embedding.chunks={a: 2}"],
+    )
+    assert via_set.model.embedding.chunks == {"a": 2}
+    # without the tag the inherited entry for b stays and names a feature that is gone
+    merged = write(
+        tmp_path,
+        "merged.yaml",
+        "extends: base.yaml\nfeatures: [{name: a, kind: categorical}]\n"
+        "model:\n  embedding:\n    chunks: {a: 2}\n",
+    )
+    with pytest.raises(ConfigError, match=r"model\.embedding\.chunks\.b: unknown feature"):
+        load_config(merged)
+
+
+def test_extends_delete_tag_removes_an_inherited_key(tmp_path: Path) -> None:
+    write(tmp_path, "base.yaml", CHUNKED)
+    child = write(
+        tmp_path,
+        "child.yaml",
+        "extends: base.yaml\nfeatures: [{name: a, kind: categorical}]\n"
+        "dataset:\n  valid: !delete\n"
+        "model:\n  embedding:\n    chunks:\n      b: !delete\n",
+    )
+    cfg = load_config(child)
+    assert cfg.model.embedding.chunks == {"a": 2}
+    assert cfg.dataset.valid is None
+    # a tag with nothing to merge into (no extends) is the plain value / no key
+    plain = write(
+        tmp_path, "plain.yaml", BASE + "model:\n  embedding:\n    chunks: !replace {a: 2}\n"
+    )
+    assert load_config(plain).model.embedding.chunks == {"a": 2}
+
+
+def test_diff_configs_names_changed_key_paths(tmp_path: Path) -> None:
+    from mtrec.config import diff_configs
+
+    p = write(tmp_path, "base.yaml", BASE)
+    a = config_to_dict(load_config(p))
+    b = config_to_dict(load_config(p, overrides=["training.epochs=3", "model.multitask.type=ple"]))
+    assert diff_configs(a, a) == []
+    assert diff_configs(a, b) == ["model.multitask.type", "model.multitask.ple", "training.epochs"]
+    assert diff_configs({"x": [1, {"y": 2}]}, {"x": [1, {"y": 3}]}) == ["x[1].y"]
+    assert diff_configs({"x": 1.0}, {"x": 1}) == []

@@ -11,6 +11,7 @@ import torch
 
 from mtrec.config import DatasetConfig, ExperimentConfig, FeatureConfig, TaskConfig
 from mtrec.data.batcher import encoded_chunks, iter_batches, load_encoded, to_batch
+from mtrec.data.encode import encode_chunk
 from mtrec.data.errors import DataError
 from mtrec.data.fitting import fit_statistics_on_file
 from mtrec.data.hashing import MISSING_ID, hash_value
@@ -77,6 +78,57 @@ def test_delimited_multi_hot_strings(tmp_path: Path) -> None:
     kjt = next(iter_batches(path, spec, batch_size=3)).sparse
     assert kjt.lengths().tolist() == [2, 0, 1]
     assert kjt.values().tolist() == [hash_value("p"), hash_value("q"), hash_value("r")]
+
+
+def tags_csv(tmp_path: Path, tags: list[str]) -> Path:
+    path = tmp_path / "t.csv"
+    pl.DataFrame({"tags": tags, "y": [i % 2 for i in range(len(tags))]}).write_csv(path)
+    return path
+
+
+def tags_spec(path: Path, delimiter: str | None) -> FeatureSpec:
+    tags = FeatureConfig(name="tags", kind="multi_hot", delimiter=delimiter)
+    return make_spec(path, fmt="csv", features=[tags])
+
+
+def test_text_multi_hot_without_delimiter_is_refused(tmp_path: Path) -> None:
+    # issue #16.7: text without `delimiter` was split on "," silently
+    path = tags_csv(tmp_path, ["a b", "c d e", "f"])
+    with pytest.raises(DataError) as err:
+        load_encoded(tags_spec(path, None), path, 10)  # the schema check
+    msg = str(err.value)
+    assert str(path) in msg and "column 'tags' (multi_hot feature 'tags')" in msg
+    assert "no `delimiter`" in msg and "never split on ','" in msg
+    # the encoder itself (callers that skip the schema check) refuses too, and names the
+    # separator the values use
+    frame = pl.DataFrame({"tags": ["a|b", "c", None], "y": [0, 1, 0]})
+    with pytest.raises(DataError, match=r"column 'tags'.*no `delimiter`.*contain '\|'.*'a\|b'"):
+        encode_chunk(frame, tags_spec(path, None), "frame")
+
+
+@pytest.mark.parametrize(("sep", "wrong"), [(" ", ","), ("|", ","), (",", "|")])
+def test_text_multi_hot_with_a_wrong_delimiter_is_refused(
+    tmp_path: Path, sep: str, wrong: str
+) -> None:
+    """Space- or |-separated tokens read with delimiter "," became one token per combination."""
+    rng = np.random.default_rng(0)
+    tags = [sep.join(rng.choice(list("pqrstu"), 3, replace=False)) for _ in range(40)]
+    path = tags_csv(tmp_path, tags)
+    with pytest.raises(DataError) as err:
+        load_encoded(tags_spec(path, wrong), path, 16)
+    msg = str(err.value)
+    assert "column 'tags'" in msg and f"no value contains the delimiter {wrong!r}" in msg
+    assert f"set `delimiter: {sep!r}`" in msg and "at row 0" in msg
+    enc = load_encoded(tags_spec(path, sep), path, 16)  # the fix the message names
+    assert enc.multi_offsets[0].diff().tolist() == [3] * 40
+
+
+def test_single_token_text_with_spaces_is_not_a_wrong_delimiter(tmp_path: Path) -> None:
+    # a few one-token rows with spaces prove nothing; the delimiter appears in other rows
+    tags = ["new york", "paris", "new york|paris", "rome"] * 10 + ["los angeles"] * 5
+    path = tags_csv(tmp_path, tags)
+    enc = load_encoded(tags_spec(path, "|"), path, 8)  # a chunk of 5 rows: no "|" at all
+    assert enc.multi_offsets[0].diff().tolist() == [1, 1, 2, 1] * 10 + [1] * 5
 
 
 def test_streaming_equals_in_memory_and_shuffle_is_seeded(tmp_path: Path) -> None:

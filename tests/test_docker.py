@@ -29,6 +29,7 @@ from test_docs import command_problems, split_pipeline
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
 DOCKERFILES = ["Dockerfile", "Dockerfile.gpu"]
+pytestmark = pytest.mark.integration  # `make test-fast` leaves these out
 # what `make venv` installs, in its order (torch first; torchrec last, --no-deps)
 MAKE_REQUIREMENTS = ["requirements/torch.txt", "requirements/cpu.txt", "requirements/torchrec.txt"]
 

@@ -155,6 +155,7 @@ def test_sharded_scoring_equals_one_pass(run: Path) -> None:
     assert merged.compute(spec.task_names) == one.compute(spec.task_names)
 
 
+@pytest.mark.integration
 def test_workers_on_ray_give_the_same_report(run: Path, tmp_path: Path, evaluated: dict) -> None:
     par = evaluate_run(run, out=tmp_path, workers=2, bootstrap_resamples=60, seed=1, plots=False)
     assert par["tasks"] == evaluated["summary"]["tasks"]

@@ -154,6 +154,7 @@ FRESH = textwrap.dedent(
 )
 
 
+@pytest.mark.integration  # a fresh Python process
 def test_exported_file_scores_in_a_fresh_process_with_torch_only(
     exported, eager, tmp_path: Path
 ) -> None:

@@ -15,9 +15,9 @@ from mtrec.data.spec import FeatureSpec
 from mtrec.embeddings.numeric import NumericEmbedding, NumericNormalizer
 from mtrec.embeddings.per_feature import PerFeatureEmbedding
 from mtrec.model import MultiTaskModel, build_model
-from mtrec.multitask.layers import GroupedLinear
 from mtrec.multitask.mmoe import MMoE, SharedBottom
 from mtrec.multitask.towers import TaskTowers
+from mtrec.nn.layers import GroupedLinear
 from mtrec.train.losses import WeightedBCELoss
 from mtrec.train.optim import fuse_sparse_optimizer, make_dense_optimizer
 
@@ -368,7 +368,7 @@ def test_model_backward_reaches_every_parameter(setup) -> None:
 
 
 def test_fast_dropout_matches_inverted_dropout_statistics() -> None:
-    from mtrec.multitask.layers import FastDropout
+    from mtrec.nn.layers import FastDropout
 
     torch.manual_seed(0)
     drop = FastDropout(0.25)

@@ -18,9 +18,10 @@ from mtrec.config import ConfigError, ExperimentConfig
 from mtrec.data.batcher import iter_batches, load_encoded
 from mtrec.model import build_model
 from mtrec.multitask.diagnostics import DEAD_EPS
+from mtrec.multitask.experts import ExpertBank, StackedLevels
 from mtrec.multitask.home import HoME, resolve_groups
 from mtrec.multitask.mmoe import MMoE, SharedBottom
-from mtrec.multitask.ple import PLE, ExpertBank, StackedLevels
+from mtrec.multitask.ple import PLE
 from mtrec.train.losses import WeightedBCELoss
 from mtrec.train.step import TrainStep
 

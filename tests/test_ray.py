@@ -32,6 +32,7 @@ from mtrec.cli import main
 from mtrec.config import ExperimentConfig
 from mtrec.data.batcher import load_encoded
 from mtrec.data.spec import FeatureSpec
+from mtrec.errors import DivergenceError
 from mtrec.evaluate.predict import evaluate_split
 from mtrec.train.distributed_data import (
     count_rows,
@@ -47,7 +48,7 @@ from mtrec.train.ray_trainer import FAULT_ENV, start_local_ray, train_distribute
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS = 3
 # Ray runs take tens of seconds on a loaded 2-core machine; the ini default (600 s) stays
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.integration]
 
 
 # a line Ray forwards from one of its actors, e.g. "(PlacementGroupCleaner pid=7) ..."
@@ -350,6 +351,27 @@ def test_a_local_run_resumes_a_ray_run(
     records = read_metrics(run)
     assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 2))
     assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_a_diverging_run_stops_every_worker(
+    cfg: ExperimentConfig, ray_local: Any, tmp_path: Path
+) -> None:
+    """An exploding loss read on the workers (every step here) stops all of them at the
+    same step (no worker left in a collective); the driver fails and leaves nothing."""
+    wild = replace(
+        cfg,
+        training=replace(
+            cfg.training,
+            epochs=1,
+            learning_rate=1e6,
+            log_every_steps=1,
+            max_steps_per_epoch=5,
+        ),
+    )
+    out = tmp_path / "run"
+    with pytest.raises(DivergenceError, match=r"training diverged: .* at epoch 1 step \d"):
+        train_distributed(wild, out, workers=2)
+    assert not out.exists()
 
 
 def test_resume_then_a_killed_worker_recovers_from_its_checkpoint(

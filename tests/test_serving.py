@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
+import ipaddress
 import json
 import os
 import signal
@@ -27,6 +30,18 @@ from mtrec.train.loop import load_trained_model
 
 SERVE = Path(__file__).resolve().parent.parent / "pipelines" / "serve.py"
 ROWS = 40
+
+
+def _load_serve():
+    """pipelines/serve.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("mtrec_serve_script", SERVE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+serve_script = _load_serve()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +130,7 @@ def test_encode_hashes_raw_values_as_training_does() -> None:
         MISSING_ID,
     ]
     assert values.dtype == torch.int64 and lengths.dtype == torch.int32
-    assert dense.shape == (4, 1) and dense.dtype == torch.float32
+    assert dense.shape == (4, 1) and dense.dtype == torch.float64
     assert dense[:3, 0].tolist() == [34.0, 34.0, 0.5] and torch.isnan(dense[3, 0])
 
 
@@ -158,6 +173,104 @@ def test_multi_hot_text_needs_a_delimiter() -> None:
         encode(pl.DataFrame({"user": [1], "tags": ["a|b"], "age": [3]}), sig)
 
 
+# ------------------------------------------------------------ request limits (no Ray needed)
+
+
+LIMITS = serve_script.Limits(max_rows=3, max_bytes=300_000, max_depth=4)
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "message", "limit"),
+    [
+        (b'{"rows": [{"age": ' + b"9" * 400 + b"}]}", 400, "400 digits.*64 bits", None),
+        (b'[{"user": -' + b"1" * 21 + b"}]", 400, "21 digits.*as strings", None),
+        (b'[{"age": NaN}]', 400, "NaN is not a JSON number.*null", None),
+        (b'[{"age": -Infinity}]', 400, "-Infinity is not a JSON number", None),
+        (b'[{"age": 1e400}]', 400, "1e400 is out of range", None),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply", "max_depth"),
+        (b'{"rows": [{"tags": [[1]]}]}', 400, "nested 5 deep", "max_depth"),
+        (b'{"rows": [' + b" " * 300_000 + b"]}", 413, "300012 bytes", "max_bytes"),
+        (b'{"rows": [1, 2, 3, 4]}', 413, "4 rows", "max_rows"),
+        (b"[{}, {}, {}, {}]", 413, "4 rows", "max_rows"),
+        (b'{"rows": [}', 400, "not JSON", None),
+        (b'{"rows": "\xff"}', 400, "not JSON", None),
+    ],
+)
+def test_requests_beyond_the_limits_are_refused(
+    data: bytes, status: int, message: str, limit: str | None
+) -> None:
+    with pytest.raises(serve_script.RequestError, match=message) as info:
+        serve_script.rows_of(serve_script.parse_body(data, LIMITS), LIMITS)
+    assert info.value.status == status
+    if limit is None:
+        assert "limit" not in info.value.body
+    else:
+        flag = serve_script.LIMIT_FLAGS[limit]
+        assert info.value.body["limit"] == {
+            "name": limit,
+            "value": getattr(LIMITS, limit),
+            "flag": flag,
+        }
+        assert f"{limit}={getattr(LIMITS, limit)}" in info.value.body["error"]
+        assert flag in info.value.body["error"]
+
+
+def test_requests_within_the_limits_parse_as_json() -> None:
+    body = {"rows": [{"u": 2**64 - 1, "v": -(2**63), "t": [1.5e308, -0.0]}, {}, {}]}
+    data = json.dumps(body).encode()
+    assert serve_script.parse_body(data, LIMITS) == body
+    assert serve_script.rows_of(body, LIMITS) == body["rows"]
+    assert serve_script.rows_of({"u": 1}, LIMITS) == {"u": 1}  # one bare row
+
+
+class FakeRequest:
+    """The two things read_body uses of a Starlette request."""
+
+    def __init__(self, chunks: list[bytes], content_length: str | None) -> None:
+        self.headers = {} if content_length is None else {"content-length": content_length}
+        self.chunks = chunks
+        self.read = 0
+
+    async def stream(self):
+        for chunk in self.chunks:
+            self.read += 1
+            yield chunk
+
+
+def test_oversize_bodies_are_refused_before_or_while_reading() -> None:
+    cap = serve_script.DRAIN_FACTOR * LIMITS.max_bytes
+    declared = FakeRequest([b"x" * 200_000] * 20, str(cap + 1))
+    with pytest.raises(serve_script.RequestError, match=f"{cap + 1} bytes") as info:
+        asyncio.run(serve_script.read_body(declared, LIMITS))
+    assert info.value.status == 413 and declared.read == 0  # refused on the header alone
+    # a little over the limit: read to the end (so the client sees the 413), not kept
+    drained = FakeRequest([b"x" * 200_000] * 2, "400000")
+    with pytest.raises(serve_script.RequestError, match="400000 bytes") as info:
+        asyncio.run(serve_script.read_body(drained, LIMITS))
+    assert info.value.status == 413 and drained.read == 2
+    # no Content-Length (chunked): stops reading at the drain cap
+    chunked = FakeRequest([b"x" * 200_000] * 100, None)
+    with pytest.raises(serve_script.RequestError, match="over 300000 bytes") as info:
+        asyncio.run(serve_script.read_body(chunked, LIMITS))
+    assert info.value.status == 413 and chunked.read == cap // 200_000 + 1
+    with pytest.raises(serve_script.RequestError, match="bad Content-Length"):
+        asyncio.run(serve_script.read_body(FakeRequest([], "-1"), LIMITS))
+    ok = FakeRequest([b"[1,", b"2]"], None)
+    assert asyncio.run(serve_script.read_body(ok, LIMITS)) == b"[1,2]"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_numbers_beyond_float32_are_refused() -> None:
+    spec = spec_from_signature(SIGNATURE)
+    inputs = encode(
+        [{"user": 1, "tags": [], "age": 3.0e38}, {"user": 1, "tags": [], "age": -1e39}], spec
+    )
+    with pytest.raises(serve_script.RequestError, match=r"rows\[1\]\['age'\].*float32") as info:
+        serve_script.check_dense(inputs.dense, spec)
+    assert info.value.status == 400
+    serve_script.check_dense(inputs.dense[:1], spec)  # 3e38 fits
+
+
 # ---------------------------------------------------------------------- signature reading
 
 
@@ -183,6 +296,7 @@ def test_unreadable_exports_are_named(tmp_path: Path) -> None:
         load_model(plain)
 
 
+@pytest.mark.integration  # a fresh Python process
 def test_client_helpers_import_no_torchrec() -> None:
     code = (
         "import sys, mtrec.serving; "
@@ -214,12 +328,76 @@ def post(url: str, body: object) -> tuple[int, dict]:
         return err.code, json.load(err)
 
 
+def post_raw(url: str, data: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+def non_loopback_listeners(pid: int) -> list[str]:
+    """Listening TCP / UDP sockets of ``pid`` and its descendants on a non-loopback address."""
+    import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
+
+    psutil = pytest.importorskip("psutil")
+    root = psutil.Process(pid)
+    found = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            conns = proc.net_connections(kind="inet")
+            name = proc.name()
+        except psutil.Error:  # exited meanwhile
+            continue
+        for c in conns:
+            if c.status not in (psutil.CONN_LISTEN, psutil.CONN_NONE) or c.raddr:
+                continue
+            ip = ipaddress.ip_address(c.laddr.ip)
+            ip = getattr(ip, "ipv4_mapped", None) or ip
+            if not ip.is_loopback:
+                found.append(f"{name} (pid {proc.pid}) on {c.laddr.ip}:{c.laddr.port}")
+    assert len([root, *root.children(recursive=True)]) > 3  # the Ray processes were seen
+    return found
+
+
+def check_refusals(url: str, row: dict, signature: dict) -> None:
+    """Oversize, too deep and malformed requests: 413 / 400 with the limit named."""
+    numeric = signature["numeric_features"][0]["column"]
+    category = next(f["column"] for f in signature["sparse_features"] if f["kind"] == "categorical")
+    status, body = post(url, {"rows": [row] * 5000})  # default --max-rows 4096
+    assert status == 413 and body["limit"]["flag"] == "--max-rows", body
+    assert "5000 rows" in body["error"] and "--max-rows" in body["error"]
+    # a body over --max-bytes (8 MiB): read and dropped, so the client gets the 413
+    status, body = post(url, {"rows": [row], "pad": "x" * 9 * 2**20})
+    assert status == 413 and body["limit"]["name"] == "max_bytes", body
+    status, body = post_raw(url, b"[" * 50_000 + b"]" * 50_000)
+    assert status == 400 and body["limit"]["flag"] == "--max-depth", body
+    status, body = post(url, {"rows": [[[[[[[[[1]]]]]]]]]})
+    assert status == 400 and "nested 10 deep" in body["error"], body
+    big = "1" * 400
+    for column in (numeric, category):
+        data = json.dumps({"rows": [{**row, column: 0}]}).replace(
+            f'"{column}": 0', f'"{column}": {big}'
+        )
+        status, body = post_raw(url, data.encode())
+        assert status == 400 and "400 digits" in body["error"], body
+    status, body = post_raw(url, json.dumps([{**row, numeric: float("nan")}]).encode())
+    assert status == 400 and "NaN is not a JSON number" in body["error"], body
+    status, body = post(url, [{**row, numeric: "NaN"}])
+    assert status == 400 and f"['{numeric}']" in body["error"], body
+    status, body = post(url, [{**row, numeric: 1e39}])
+    assert status == 400 and "float32" in body["error"], body
+
+
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_ray_serve_example_answers_on_loopback(model_file: Path, test_rows) -> None:
     pytest.importorskip("ray.serve", reason="ray[serve] is not installed (requirements/cpu.txt)")
     port = free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the script must keep Ray on loopback
     proc = subprocess.Popen(
         [sys.executable, str(SERVE), "--model", str(model_file), "--port", str(port)],
         stdout=subprocess.PIPE,
@@ -245,6 +423,10 @@ def test_ray_serve_example_answers_on_loopback(model_file: Path, test_rows) -> N
         assert status == 400 and "rows[0]: no key" in body["error"]
         with urllib.request.urlopen(url, timeout=30) as resp:
             assert json.load(resp)["tasks"] == read_signature(model_file)["tasks"]
+        check_refusals(url, rows[0], read_signature(model_file))
+        status, body = post(url, {"rows": rows})  # still serving after the refusals
+        assert status == 200, body
+        assert non_loopback_listeners(proc.pid) == []
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -255,11 +437,33 @@ def test_ray_serve_example_answers_on_loopback(model_file: Path, test_rows) -> N
     assert proc.returncode == 0, proc.stderr.read()[-3000:]
 
 
-def test_ray_serve_example_refuses_a_missing_model(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(SERVE), "--model", str(tmp_path / "x.pt")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and "x.pt: no such file" in proc.stderr
+def test_ray_serve_example_refuses_a_missing_model(tmp_path: Path, capsys) -> None:
+    assert serve_script.main(["--model", str(tmp_path / "x.pt")]) == 2  # before Ray starts
+    assert "x.pt: no such file" in capsys.readouterr().err
+
+
+def test_ray_serve_example_refuses_a_busy_port(model_file: Path, capsys) -> None:
+    with socket.socket() as busy:  # refused before Ray starts (else: a traceback after ~1 min)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert serve_script.main(["--model", str(model_file), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_ray_serve_example_refuses_an_unloadable_model(
+    model_file: Path, tmp_path: Path, capsys
+) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(model_file) as good:  # the signature reads, the model does not load
+        name = next(n for n in good.namelist() if n.endswith("extra/signature.json"))
+        signature = good.read(name)
+    broken = tmp_path / "broken.pt"
+    with zipfile.ZipFile(broken, "w") as out:
+        out.writestr(name, signature)
+        out.writestr(name.split("/")[0] + "/data.pkl", b"junk")
+    assert read_signature(broken)["tasks"]
+    assert serve_script.main(["--model", str(broken), "--port", str(free_port())]) == 2
+    assert "broken.pt: cannot load the TorchScript model" in capsys.readouterr().err

@@ -16,7 +16,7 @@ class Batch:
 
     Attributes:
         sparse: KJT keyed by sparse feature name (feature-major), raw int64 value ids.
-        dense: B x N_numeric float32, already normalised.
+        dense: B x N_numeric float64 RAW values (NaN = missing); the model normalises them.
         labels: B x T float32 in {0, 1}.
         true_probs: B x T float32 planted probabilities (synthetic data only).
         groups: B int64 group-key ids for GAUC.

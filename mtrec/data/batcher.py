@@ -17,6 +17,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtrec.config import DEFAULT_CHUNK_ROWS
 from mtrec.data.batch import Batch
+from mtrec.data.columns import read_columns
 from mtrec.data.encode import EncodedChunk, encode_chunk, feature_major_ids
 from mtrec.data.errors import DataError
 from mtrec.data.readers import iter_chunks, read_schema
@@ -51,15 +52,8 @@ def encoded_chunks(
     """Stream a data file as encoded chunks of about ``chunk_rows`` rows."""
     lf = spec.scan(path)
     spec.check_schema(read_schema(lf, path), path, need_labels=need_labels)
-    columns = [f.source for f in spec.sparse + spec.numeric]
-    if need_labels:
-        columns += [t.source for t in spec.tasks]
-        columns += [t.true_prob for t in spec.tasks if t.true_prob]
-    if spec.group_key:
-        columns.append(spec.group_key)
-    columns = list(dict.fromkeys(columns))
     offset, seen = 0, False
-    for df in iter_chunks(lf.select(columns), path, chunk_rows):
+    for df in iter_chunks(lf.select(read_columns(spec, need_labels)), path, chunk_rows):
         seen = True
         yield encode_chunk(df, spec, str(path), row_offset=offset, need_labels=need_labels)
         offset += df.height

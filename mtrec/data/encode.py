@@ -1,9 +1,10 @@
 """Encode polars chunks into tensors: stable ids, raw numeric values, labels.
 
 An :class:`EncodedChunk` holds N rows column-wise as tensors so that batches
-are cheap slices (or gathers, when shuffling). Numeric values stay raw (NaN
-for missing): the model's normaliser applies the fitted statistics, so
-training and serving share one code path.
+are cheap slices (or gathers, when shuffling). Numeric values stay raw float64
+(NaN for missing): the model's normaliser applies the fitted statistics and casts
+to float32 only after normalising, so training and serving share one code path and
+large-magnitude columns (timestamps, ``1e8 + N(0, 1)``) keep their resolution.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import numpy as np
 import polars as pl
 import torch
 
+from mtrec.config import FeatureConfig
 from mtrec.data.errors import DataError
 from mtrec.data.hashing import hash_series
+from mtrec.data.numeric import FLOAT32_MAX, LOG_TRANSFORMS, representable, transformed
 from mtrec.data.spec import FeatureSpec
 
 __all__ = ["EncodedChunk", "encode_chunk", "feature_major_ids"]
@@ -29,7 +32,7 @@ class EncodedChunk:
         cat_ids: N x F_cat int64 ids of single-valued categorical features.
         multi_values: per multi-hot feature, int64 ids of all tokens (row-major).
         multi_offsets: per multi-hot feature, int64 [N + 1] row offsets into its values.
-        dense: N x F_num float32 raw numeric values (NaN = missing).
+        dense: N x F_num float64 raw numeric values (NaN = missing).
         labels: N x T float32.
         true_probs: N x T float32 or None.
         groups: N int64 or None.
@@ -134,13 +137,56 @@ def _check(
         raise DataError(f"{path}: {what} has value {values[i]} at row {row_offset + i}; {fix}")
 
 
+# separators a text multi-hot column may use; one of them in most values but the
+# delimiter in none means the delimiter is wrong (or missing)
+_SEPARATORS = ("|", ",", " ", ";", "\t")
+# values showing another separator before a wrong delimiter is refused (a few rows whose
+# single token holds a space prove nothing)
+_MIN_EVIDENCE = 8
+
+
+def _split_text(s: pl.Series, f: FeatureConfig, path: str, row_offset: int) -> pl.Series:
+    """Split a text multi-hot column on ``f.delimiter`` (empty tokens dropped).
+
+    Refuses a column without a delimiter, and one whose delimiter no value contains while
+    most values contain another separator: split on the wrong character, ``"a b c"``
+    would be ONE token, a new id per combination of tags, and train silently.
+    """
+    where = f"{path}: column '{f.source}' (multi_hot feature '{f.name}')"
+    text = s.drop_nulls()
+    text = text.filter(text.str.len_bytes() > 0)
+    seen = {c: text.str.contains(c, literal=True) for c in _SEPARATORS if c != f.delimiter}
+    likely = max(seen, key=lambda c: int(seen[c].sum()))
+    count = int(seen[likely].sum())
+    example = ""
+    if count:
+        i = int(np.flatnonzero(s.str.contains(likely, literal=True).fill_null(False).to_numpy())[0])
+        example = f" (e.g. {s[i]!r} at row {row_offset + i})"
+    if f.delimiter is None:
+        hint = f"its values contain {likely!r}{example}: " if count else ""
+        raise DataError(
+            f"{where} holds text but the feature sets no `delimiter`; {hint}set `delimiter:` "
+            "to the text between tokens (text is never split on ',' by default), or store "
+            "the column as a list"
+        )
+    uses = bool(text.str.contains(f.delimiter, literal=True).any())
+    if not uses and count >= _MIN_EVIDENCE and 2 * count >= text.len():
+        raise DataError(
+            f"{where}: no value contains the delimiter {f.delimiter!r}, but {count} of "
+            f"{text.len()} values contain {likely!r}{example}, so each combination of tokens "
+            f"would be one token; set `delimiter: {likely!r}`, or declare the feature "
+            "`kind: categorical` if every row holds one value"
+        )
+    s = s.str.split(f.delimiter)
+    return s.list.eval(pl.element().filter(pl.element().str.len_bytes() > 0))
+
+
 def _encode_multi_hot(
-    df: pl.DataFrame, column: str, delimiter: str | None
+    df: pl.DataFrame, f: FeatureConfig, path: str, row_offset: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    s = df.get_column(column)
+    s = df.get_column(f.source)
     if s.dtype == pl.String:
-        s = s.str.split(delimiter or ",")
-        s = s.list.eval(pl.element().filter(pl.element().str.len_bytes() > 0))
+        s = _split_text(s, f, path, row_offset)
     lengths = s.list.len().fill_null(0).to_numpy().astype(np.int64)
     flat = s.explode().drop_nulls()
     if flat.len() != lengths.sum():  # null tokens inside lists are dropped too
@@ -150,6 +196,33 @@ def _encode_multi_hot(
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return hash_series(flat), offsets
+
+
+def _checked_numeric(
+    col: np.ndarray, f: FeatureConfig, nan_policy: str, path: str, row_offset: int
+) -> np.ndarray:
+    """A numeric column (float64) after ``nan_policy``: with ``fail``, an error for the first
+    null / NaN / inf or value whose transform overflows float32; with ``fill``, such an
+    overflowing value becomes NaN (missing: the normaliser fills it, fitting skips it)."""
+    fits = representable(transformed(col, np.array(f.transform in LOG_TRANSFORMS)))
+    if fits.all():
+        return col
+    where = f"{path}: column '{f.source}' (numeric feature '{f.name}')"
+    if nan_policy == "fail":
+        i = _first_bad_row(~fits)
+        if not np.isfinite(col[i]):
+            raise DataError(
+                f"{where} has a non-finite value ({col[i]}) at row {row_offset + i}; clean the "
+                "data or set `dataset.nan_policy: fill` to replace null/NaN/inf with "
+                "`dataset.fill_value`"
+            )
+        raise DataError(
+            f"{where} has value {float(col[i])!r} at row {row_offset + i}, beyond the float32 "
+            f"range (±{FLOAT32_MAX:.4g}) of transform '{f.transform}'; clean the data, use "
+            "`transform: log1p_standardize` for such magnitudes, or set "
+            "`dataset.nan_policy: fill` to treat such values as missing"
+        )
+    return np.where(np.isfinite(col) & ~fits, np.nan, col)
 
 
 def encode_chunk(
@@ -164,23 +237,14 @@ def encode_chunk(
     multi_values, multi_offsets = [], []
     for f in spec.sparse:
         if f.kind == "multi_hot":
-            v, o = _encode_multi_hot(df, f.source, f.delimiter)
+            v, o = _encode_multi_hot(df, f, path, row_offset)
             multi_values.append(torch.from_numpy(v))
             multi_offsets.append(torch.from_numpy(o))
 
-    dense = np.empty((n, len(spec.numeric)), dtype=np.float32)
+    dense = np.empty((n, len(spec.numeric)), dtype=np.float64)
     for j, f in enumerate(spec.numeric):
         col = df.get_column(f.source).cast(pl.Float64).fill_null(float("nan")).to_numpy()
-        if spec.nan_policy == "fail":
-            bad = ~np.isfinite(col)
-            if bad.any():
-                i = _first_bad_row(bad)
-                raise DataError(
-                    f"{path}: column '{f.source}' (numeric feature '{f.name}') has a non-finite "
-                    f"value ({col[i]}) at row {row_offset + i}; clean the data or set "
-                    "`dataset.nan_policy: fill` to replace null/NaN/inf with `dataset.fill_value`"
-                )
-        dense[:, j] = col
+        dense[:, j] = _checked_numeric(col, f, spec.nan_policy, path, row_offset)
 
     labels = np.zeros((n, len(spec.tasks)), dtype=np.float32)
     true_probs = np.empty((n, len(spec.tasks)), dtype=np.float32) if spec.has_true_probs else None

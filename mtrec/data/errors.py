@@ -1,5 +1,9 @@
-"""Errors raised for bad input data."""
+"""Errors and warnings about input data (the error itself is defined in :mod:`mtrec.errors`)."""
+
+from mtrec.errors import DataError
+
+__all__ = ["DataError", "DataWarning"]
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file, the column (and row when known) and the fix."""
+class DataWarning(UserWarning):
+    """Data that trains, but probably not as intended (the message says why and the fix)."""

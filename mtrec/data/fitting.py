@@ -1,7 +1,15 @@
 """Statistics fitted on the training split, in ONE pass over its encoded chunks.
 
-* numeric normalisation: mean and std of each numeric feature's transformed value
-  (``sign(x)·log1p(|x|)`` for the log transforms), over its finite values;
+* numeric normalisation, in float64 over each feature's finite transformed values
+  ``f(x)`` (``sign(x)·log1p(|x|)`` for the log transforms):
+
+  - ``standardize`` / ``log1p_standardize``: mean and std (merged chunk by chunk, so
+    ``1e8 + N(0, 1)`` keeps its unit std); a warning when a few extreme values inflate
+    the std so much that the middle half of the rows normalises to (almost) one value;
+  - ``robust``: median and ``IQR / 1.349`` (the std of normal data), from a seeded
+    sample of at most 65536 values per feature (exact below that); the model clips
+    the result (``mtrec.embeddings.numeric.ROBUST_CLIP``);
+
 * the frequency filter: the ids each ``min_count`` feature keeps (``mtrec.data.vocab``).
 
 Encoding validates every value, so fitting before a run directory is created is also
@@ -11,6 +19,7 @@ the check that nothing in the training split will fail later.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,43 +28,97 @@ import numpy as np
 from mtrec.config import DEFAULT_CHUNK_ROWS
 from mtrec.data.batcher import encoded_chunks
 from mtrec.data.encode import EncodedChunk
+from mtrec.data.errors import DataWarning
+from mtrec.data.numeric import (
+    LOG_TRANSFORMS,
+    QuantileSample,
+    RunningMoments,
+    representable,
+    transformed,
+)
 from mtrec.data.spec import FeatureSpec, NumericStats
 from mtrec.data.vocab import IdCounter
 
-__all__ = ["fit_statistics", "fit_statistics_on_file"]
+__all__ = ["OUTLIER_SPREAD", "fit_statistics", "fit_statistics_on_file"]
 
-_LOG = ("log1p", "log1p_standardize")
 _STANDARDIZE = ("standardize", "log1p_standardize")
+# IQR of a normal distribution in units of its std: robust-scaled normal data has std ~1
+_IQR_PER_STD = 1.3489795
+# mean |x - median| of a normal distribution in units of its std (scale when the IQR is 0)
+_MAD_PER_STD = math.sqrt(2.0 / math.pi)
+# standardize warns when the middle 50% of the rows spans less than this many stds
+OUTLIER_SPREAD = 1e-3
 
 
 def fit_statistics(spec: FeatureSpec, chunks: Iterable[EncodedChunk]) -> None:
     """Set ``spec.numeric_stats`` and ``spec.kept_ids`` from one pass over ``chunks``."""
     width = len(spec.numeric)
-    log = np.array([f.transform in _LOG for f in spec.numeric], dtype=bool)
-    total = np.zeros(width)
-    squares = np.zeros(width)
-    count = np.zeros(width)
+    log = np.array([f.transform in LOG_TRANSFORMS for f in spec.numeric], dtype=bool)
+    moments = RunningMoments(width)
+    sample = QuantileSample(width)
+    low = np.full(width, np.inf)
+    high = np.full(width, -np.inf)
     counter = IdCounter(spec)
     for chunk in chunks:
         counter.add(chunk)
         if width:
-            x = chunk.dense.numpy().astype(np.float64)
-            x = np.where(log, np.sign(x) * np.log1p(np.abs(x)), x)
-            finite = np.isfinite(x)
-            x = np.where(finite, x, 0.0)
-            total += x.sum(0)
-            squares += (x * x).sum(0)
-            count += finite.sum(0)
+            x = transformed(chunk.dense.numpy().astype(np.float64, copy=False), log)
+            ok = representable(x)
+            moments.add(x, ok)
+            sample.add(x, ok)
+            low = np.minimum(low, np.where(ok, x, np.inf).min(0))
+            high = np.maximum(high, np.where(ok, x, -np.inf).max(0))
+    std = moments.std()
     stats: dict[str, NumericStats] = {}
     for j, f in enumerate(spec.numeric):
-        mean, std = 0.0, 1.0
-        if f.transform in _STANDARDIZE and count[j] > 0:
-            mean = float(total[j] / count[j])
-            var = max(float(squares[j] / count[j]) - mean * mean, 0.0)
-            std = math.sqrt(var) if var > 1e-12 else 1.0
-        stats[f.name] = NumericStats(transform=f.transform, mean=mean, std=std)
+        center, scale = 0.0, 1.0
+        if moments.count[j] > 0 and f.transform in _STANDARDIZE:
+            center = float(moments.mean[j])
+            scale = float(std[j]) if std[j] * std[j] > 1e-12 else 1.0
+            _warn_if_swamped(f.name, f.source, sample, j, center, scale, low[j], high[j])
+        elif moments.count[j] > 0 and f.transform == "robust":
+            center, scale = _robust(sample, j)
+        stats[f.name] = NumericStats(transform=f.transform, mean=center, std=scale)
     spec.numeric_stats = stats
     spec.kept_ids = counter.kept()
+
+
+def _robust(sample: QuantileSample, j: int) -> tuple[float, float]:
+    """Median and a std-like scale: ``IQR / 1.349``, else the mean absolute deviation
+    from the median (features that are mostly one value), else 1."""
+    q25, median, q75 = sample.quantiles(j, [0.25, 0.5, 0.75])  # type: ignore[misc]
+    scale = (q75 - q25) / _IQR_PER_STD
+    if scale <= 0.0:
+        scale = float(np.abs(sample.column(j) - median).mean()) / _MAD_PER_STD
+    return float(median), float(scale) if scale > 0.0 else 1.0
+
+
+def _warn_if_swamped(
+    name: str,
+    column: str,
+    sample: QuantileSample,
+    j: int,
+    mean: float,
+    std: float,
+    low: float,
+    high: float,
+) -> None:
+    """Warn when the std is dominated by a few extreme values: the middle 50% of the rows
+    (or the middle 98% where the quartiles coincide) then normalises to nearly one value."""
+    q01, q25, q75, q99 = sample.quantiles(j, [0.01, 0.25, 0.75, 0.99])  # type: ignore[misc]
+    spread = q75 - q25 if q75 > q25 else q99 - q01
+    if spread <= 0.0 or spread / std >= OUTLIER_SPREAD:
+        return
+    extreme = high if abs(high - mean) >= abs(low - mean) else low
+    warnings.warn(
+        f"numeric feature '{name}' (column '{column}'): extreme values (e.g. {extreme:.6g}, "
+        f"{abs(extreme - mean) / std:.3g} stds from the mean) dominate its std ({std:.6g}), "
+        f"so the middle of the data (spread {spread:.6g}) standardizes to almost one value "
+        "and the feature is nearly dead; use `transform: robust` (median / IQR, clipped) or "
+        "`transform: log1p_standardize`, or clean the outliers",
+        DataWarning,
+        stacklevel=3,
+    )
 
 
 def fit_statistics_on_file(

@@ -26,7 +26,11 @@ __all__ = ["FeatureSpec", "NumericStats"]
 
 @dataclass
 class NumericStats:
-    """Normalisation of one numeric feature: ``(f(x) - mean) / std`` with ``f`` the transform."""
+    """Normalisation of one numeric feature: ``(f(x) - mean) / std`` with ``f`` the transform.
+
+    For ``robust``, ``mean`` is the median and ``std`` is ``IQR / 1.349``; the model clips
+    the result to ``±ROBUST_CLIP`` (``mtrec.embeddings.numeric``).
+    """
 
     transform: str
     mean: float = 0.0
@@ -129,6 +133,13 @@ class FeatureSpec:
                     dt == pl.String and f.delimiter is not None
                 )
                 expected = "a list of strings/integers, or a string with `delimiter:` set"
+            if not ok and f.kind == "multi_hot" and dt == pl.String:
+                raise DataError(
+                    f"{path}: column '{f.source}' (multi_hot feature '{f.name}') holds text but "
+                    "the feature sets no `delimiter`; set `delimiter:` to the text between "
+                    "tokens (e.g. '|' or ' '; text is never split on ',' by default), or store "
+                    "the column as a list"
+                )
             if not ok:
                 raise DataError(
                     f"{path}: column '{f.source}' (feature '{f.name}') has dtype {dt}; "

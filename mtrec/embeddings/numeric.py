@@ -2,39 +2,88 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
 from torch import nn
 
-__all__ = ["NumericEmbedding", "NumericNormalizer"]
+__all__ = ["ROBUST_CLIP", "NumericEmbedding", "NumericNormalizer"]
+
+# `transform: robust` clips normalised values to ±ROBUST_CLIP (in std-like units,
+# IQR / 1.349): a heavy tail or a stray 1e30 cannot push the net into saturation
+ROBUST_CLIP = 5.0
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+class _Stats(Protocol):
+    transform: str
+    mean: float
+    std: float
 
 
 class NumericNormalizer(nn.Module):
-    """Raw values → normalised values: ``(f(x) - mean) / std``, non-finite → ``fill``.
+    """Raw values → normalised values: ``clip((f(x) - mean) / std)``, missing → ``fill``.
 
-    ``f`` is ``sign(x)·log1p(|x|)`` where ``log1p[i]`` is set, else identity. The
-    statistics are fitted on the training split and stored as buffers, so a
+    ``f`` is ``sign(x)·log1p(|x|)`` where ``log1p[i]`` is set, else identity; ``clip[i]``
+    bounds feature i's result (``inf``: no clipping). Everything up to the result is
+    float64 (a unix timestamp or ``1e8 + N(0, 1)`` needs more than float32's 24 bits); the
+    result is float32, the dtype of the rest of the net. A value is missing (→ ``fill``)
+    when it is null / NaN / inf, when ``f(x)`` is beyond the float32 range (the encoder's
+    overflow rule, ``mtrec.data.numeric.representable``) or when the result overflows.
+
+    The statistics are fitted on the training split and stored as buffers, so a
     scripted model takes raw values and needs no side files.
 
     Args:
         mean, std, log1p: per-feature statistics (length N).
-        fill: value of a missing (null / NaN / inf) input after normalisation.
+        fill: value of a missing input after normalisation.
+        clip: per-feature bound of the normalised value (None: no clipping).
     """
 
     def __init__(
-        self, mean: list[float], std: list[float], log1p: list[bool], fill: float = 0.0
+        self,
+        mean: list[float],
+        std: list[float],
+        log1p: list[bool],
+        fill: float = 0.0,
+        clip: list[float] | None = None,
     ) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float64))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float64))
         self.register_buffer("log1p", torch.tensor(log1p, dtype=torch.bool))
+        bound = [float("inf")] * len(mean) if clip is None else clip
+        # derived from the transforms, not fitted: kept out of checkpoints
+        self.register_buffer("clip", torch.tensor(bound, dtype=torch.float64), persistent=False)
         self.fill = fill
+        self.limit = _FLOAT32_MAX
+        # skip work no feature needs (the normaliser runs on every batch)
+        self.any_log = any(log1p)
+        self.any_clip = clip is not None and any(c != float("inf") for c in clip)
+
+    @classmethod
+    def from_stats(cls, stats: Sequence[_Stats], fill: float = 0.0) -> NumericNormalizer:
+        """The normaliser of fitted statistics (``mtrec.data.spec.NumericStats``), in order."""
+        return cls(
+            mean=[s.mean for s in stats],
+            std=[s.std for s in stats],
+            log1p=[s.transform.startswith("log1p") for s in stats],
+            fill=fill,
+            clip=[ROBUST_CLIP if s.transform == "robust" else float("inf") for s in stats],
+        )
 
     def forward(self, dense: torch.Tensor) -> torch.Tensor:
-        """B x N raw → B x N normalised."""
-        logged = torch.sign(dense) * torch.log1p(torch.abs(dense))
-        x = torch.where(self.log1p, logged, dense)
-        x = (x - self.mean) / self.std
-        return torch.where(torch.isfinite(x), x, torch.full_like(x, self.fill))
+        """B x N raw (float64; other float dtypes are upcast) → B x N normalised float32."""
+        t = dense.to(torch.float64)
+        if self.any_log:
+            t = torch.where(self.log1p, torch.sign(t) * torch.log1p(torch.abs(t)), t)
+        x = (t - self.mean) / self.std
+        if self.any_clip:
+            x = torch.maximum(torch.minimum(x, self.clip), -self.clip)
+        x = x.to(torch.float32)
+        ok = (torch.abs(t) <= self.limit) & torch.isfinite(x)
+        return torch.where(ok, x, torch.full_like(x, self.fill))
 
 
 class NumericEmbedding(nn.Module):

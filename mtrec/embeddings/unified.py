@@ -92,7 +92,7 @@ from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtrec.embeddings.per_feature import FrequencyFilter
-from mtrec.multitask.layers import GroupedLinear
+from mtrec.nn.layers import GroupedLinear
 
 __all__ = [
     "UnifiedEmbedding",

@@ -28,7 +28,7 @@ import yaml
 
 from mtrec.evaluate.report import evaluate_run
 from mtrec.io import atomic_write_text
-from mtrec.train.loop import RunError, config_hash, load_run_config
+from mtrec.run import RunError, config_hash, load_run_config
 
 __all__ = ["compare_runs", "intervals_disjoint", "pool_interval"]
 

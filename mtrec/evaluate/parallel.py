@@ -8,32 +8,32 @@ so every row is scored in the same batch with the same weights. The driver
 concatenates the ranges' labels / probabilities in row order: the collected arrays,
 and therefore every metric, are identical to ``--workers 1``.
 
-Ray: without ``address`` (and without ``RAY_ADDRESS``) an embedded local instance is
-started on 127.0.0.1 with no dashboard and stopped afterwards; with one, the tasks run
-on that cluster. Workers load the run themselves, so the run directory and the data
-must be readable at the same paths on every node (a shared filesystem).
+Ray (:func:`mtrec.cluster.ray_session`): without ``address`` (and without
+``RAY_ADDRESS``) an embedded local instance is started on 127.0.0.1 with no dashboard and
+stopped afterwards; with one, the tasks run on that cluster. Workers load the run
+themselves, so the run directory and the data must be readable at the same paths on
+every node (a shared filesystem).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 
+from mtrec.cluster import ray_session
 from mtrec.data.batch import Batch
 from mtrec.data.batcher import iter_batches
+from mtrec.data.columns import count_rows, read_columns
 from mtrec.data.encode import EncodedChunk, encode_chunk
-from mtrec.data.errors import DataError
 from mtrec.data.readers import iter_chunks, read_schema
 from mtrec.data.spec import FeatureSpec
-from mtrec.evaluate.predict import score_batches
 from mtrec.metrics import ScoreCollector
+from mtrec.run import load_trained_model
+from mtrec.scoring import score_batches
 
 __all__ = [
     "collect_scores_sharded",
@@ -45,15 +45,6 @@ __all__ = [
     "score_ranges_locally",
     "shard_ranges",
 ]
-
-
-def count_rows(spec: FeatureSpec, path: str | Path) -> int:
-    """Rows of the dataset at ``path`` (parquet: from the footers, no data read)."""
-    lf = spec.scan(path)
-    try:
-        return int(lf.select(pl.len()).collect().item())
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise DataError(f"{path}: cannot count rows: {str(exc).splitlines()[0]}") from None
 
 
 def shard_ranges(rows: int, shards: int, align: int) -> list[tuple[int, int]]:
@@ -85,12 +76,7 @@ def iter_range_batches(
     ``batch_size``."""
     lf = spec.scan(path)
     spec.check_schema(read_schema(lf, path), path)
-    columns = [f.source for f in spec.sparse + spec.numeric]
-    columns += [t.source for t in spec.tasks]
-    columns += [t.true_prob for t in spec.tasks if t.true_prob]
-    if spec.group_key:
-        columns.append(spec.group_key)
-    lf = lf.select(list(dict.fromkeys(columns))).slice(lo, hi - lo)
+    lf = lf.select(read_columns(spec)).slice(lo, hi - lo)
     carry: EncodedChunk | None = None
     offset = lo
     for df in iter_chunks(lf, path, chunk_rows):
@@ -134,42 +120,12 @@ def _score_range_task(
     run_dir: str, path: str, lo: int, hi: int, threads: int
 ) -> dict[str, np.ndarray | None]:
     """Body of one Ray task: load the run, score its rows, return plain arrays."""
-    from mtrec.train.loop import load_trained_model
-
     torch.set_num_threads(threads)
     cfg, spec, model = load_trained_model(run_dir)
     collector = score_range(
         model, spec, path, lo, hi, cfg.training.eval_batch_size, cfg.dataset.chunk_rows
     )
     return _arrays(collector)
-
-
-@contextmanager
-def ray_session(address: str | None, num_cpus: int) -> Iterator[None]:
-    """Connect to ``address`` / ``RAY_ADDRESS``, or start an embedded loopback-only
-    instance with ``num_cpus`` CPUs (stopped on exit); reuse an already connected one."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        # without this Ray binds to the external interface even when given 127.0.0.1
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def collect_scores_sharded(

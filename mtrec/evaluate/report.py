@@ -26,16 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtrec.checkpoint import best_path
+from mtrec.data.columns import count_rows
 from mtrec.data.errors import DataError
 from mtrec.data.readers import read_schema
 from mtrec.data.spec import FeatureSpec
 from mtrec.evaluate.insights import ModelInsights, collect_insights
-from mtrec.evaluate.parallel import collect_scores_sharded, count_rows
-from mtrec.evaluate.predict import collect_scores
+from mtrec.evaluate.parallel import collect_scores_sharded
 from mtrec.io import atomic_write_text, to_json
 from mtrec.metrics import BOOTSTRAP_METHODS, ScoreCollector, bootstrap, reliability, roc_curve
-from mtrec.train.checkpoint import best_path
-from mtrec.train.loop import VOCAB_FILE, RunError, load_run_config, load_trained_model
+from mtrec.run import VOCAB_FILE, RunError, load_run_config, load_trained_model
+from mtrec.scoring import collect_scores
 
 __all__ = ["check_data_matches", "check_run_files", "evaluate_run", "task_curves"]
 

@@ -1,8 +1,5 @@
-"""The error of export and of loading an exported model (no heavy imports)."""
+"""The error of export and of loading an exported model (defined in :mod:`mtrec.errors`)."""
 
+from mtrec.errors import ExportError
 
-class ExportError(RuntimeError):
-    """Export or loading an exported model failed; the message names the file and the fix.
-
-    A failed export writes nothing.
-    """
+__all__ = ["ExportError"]

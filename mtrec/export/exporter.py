@@ -32,8 +32,8 @@ from mtrec.export.serving import ServingModule
 from mtrec.export.signature import SIGNATURE_FORMAT, NumericFeature, Signature, SparseFeature
 from mtrec.io import atomic_path
 from mtrec.model import MultiTaskModel
+from mtrec.run import load_trained_model, run_config_hash
 from mtrec.serving import SIGNATURE_FILE, load_model
-from mtrec.train.loop import load_trained_model, run_config_hash
 
 __all__ = [
     "PARITY_TOLERANCE",
@@ -76,8 +76,9 @@ def signature_of(
             "id of sparse feature 0 for rows 0..B-1, then feature 1, ...",
             "lengths": "int32 or int64 [num_sparse_features * B] ids per (feature, row), "
             "feature-major (torchrec KeyedJaggedTensor layout)",
-            "dense": "float32 [B, num_numeric_features] RAW numeric values in numeric_features "
-            "order, NaN = missing; the module normalises them itself",
+            "dense": "float64 [B, num_numeric_features] RAW numeric values in numeric_features "
+            "order, NaN = missing (float32 accepted, at float32 resolution); the module "
+            "normalises them itself",
         },
         output="float32 [B, T] probabilities, tasks in `tasks` order",
         sparse_features=[
@@ -218,7 +219,7 @@ def export_run(
 ) -> dict[str, Any]:
     """Script the run's best model, check parity on held-out rows, write atomically.
 
-    Raises :class:`~mtrec.train.checkpoint.CheckpointError` for a missing, corrupt or
+    Raises :class:`~mtrec.errors.CheckpointError` for a missing, corrupt or
     mismatched checkpoint and :class:`ExportError` when scripting or the parity check
     fails; in every case nothing is written.
     """

@@ -29,8 +29,8 @@ class ServingModule(nn.Module):
         values: int64 [sum(lengths)], stable value ids (``mtrec.data.hashing``; ≥ 0),
             feature-major: all ids of feature 0 for rows 0..B-1, then feature 1, ...
         lengths: int32/int64 [F_s · B], ids per (feature, row), feature-major.
-        dense: float32 [B, F_n], RAW numeric values (NaN = missing); the module
-            applies the normalisation fitted at training time. B comes from ``dense``
+        dense: float64 [B, F_n] (float32 accepted), RAW numeric values (NaN = missing);
+            the module applies the normalisation fitted at training time. B comes from ``dense``
             (a model without numeric features takes a [B, 0] tensor).
 
     Returns: float32 [B, T] probabilities, tasks in signature order (chained ESMM tasks:
@@ -124,4 +124,4 @@ class ServingModule(nn.Module):
         tokens: torch.Tensor | None = None
         if self.sparse is not None:
             tokens = self.sparse(values, lengths, batch)
-        return self.task_arch(tokens, dense.to(torch.float32))
+        return self.task_arch(tokens, dense.to(torch.float64))

@@ -29,7 +29,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from mtrec.multitask.layers import FastDropout
+from mtrec.nn.layers import FastDropout
 
 __all__ = ["AutoInt", "InteractingLayer"]
 
@@ -152,8 +152,12 @@ class InteractingLayer(nn.Module):
         """B x F x in → (B x F x A output, β-weighted MoH balance loss or None)."""
         b, f = x.shape[0], x.shape[1]
         q, k, v = self._heads(x)
-        probs = self.dropout(self._probs(q, k))
-        heads = torch.matmul(probs, v)  # B x H x F x d_h
+        if self.training and self.dropout.p > 0.0:
+            heads = torch.matmul(self.dropout(self._probs(q, k)), v)  # B x H x F x d_h
+        else:
+            # fused: never writes the B x H x F x F scores to memory. Those tensors, read and
+            # written ~8 times per step, made attention memory-bound (bench/peers.py).
+            heads = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
         balance: torch.Tensor | None = None
         router = self.router
         if router is not None:

@@ -33,19 +33,60 @@ ESMM probability chaining (``model.multitask.chain``) is model-level, see
 
 from __future__ import annotations
 
+import difflib
 import math
+from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from mtrec.config import ConfigError, MultiTaskConfig
+from mtrec.config.errors import ConfigError
+from mtrec.config.schema import MultiTaskConfig, num
 from mtrec.multitask.base import BlockInputs
 from mtrec.multitask.diagnostics import Diagnostics, dead_fraction, gate_summary, shared_usage
-from mtrec.multitask.layers import FastDropout, GroupedLinear, activation
+from mtrec.multitask.registry import register_block
+from mtrec.nn.layers import FastDropout, GroupedLinear, activation
 
-__all__ = ["APEM", "ISAB", "MAB", "MultiHeadAttention", "build", "group_indices"]
+if TYPE_CHECKING:
+    from mtrec.config.schema import ExperimentConfig
+
+__all__ = ["APEM", "ISAB", "MAB", "APEMConfig", "MultiHeadAttention", "build", "group_indices"]
+
+
+@dataclass
+class APEMConfig:
+    """APEM (arXiv 2301.02494) on the last field tokens: field groups → set attention
+    with ``inducing_points`` learnable points (``heads`` heads; must divide the token
+    width) → SE over fields → per-task pattern selector; each task's r_t then goes through
+    a per-task MLP of ``expert_hidden`` widths. ``field_groups`` lists field names per
+    group; fields listed in no group form one extra group (empty: one group of all
+    fields)."""
+
+    # field names per group; unlisted fields form one more group
+    field_groups: list[list[str]] = field(default_factory=list)
+    # m, learnable inducing points of each group's set attention
+    inducing_points: int = num(4, gt=0)
+    # attention heads of the set attention (divide the token width)
+    heads: int = num(2, gt=0)
+    # squeeze-and-excitation bottleneck: F / se_reduction
+    se_reduction: int = num(4, gt=0)
+    # hidden width of the pattern selector's sample-adaptive MLP
+    selector_hidden: int = num(32, gt=0)
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        """Rules across keys, run when ``type: apem`` is selected."""
+        ia = cfg.model.interaction
+        width = ia.attention_dim if ia.type == "autoint" else cfg.model.embedding.dim
+        if width % self.heads:
+            raise ConfigError(
+                f"model.multitask.apem.heads: {self.heads} heads must divide the token width "
+                f"{width} (model.embedding.dim, or model.interaction.attention_dim with "
+                "AutoInt); pick a divisor"
+            )
+        # the same rules the model applies when it is built (one implementation)
+        group_indices([f.name for f in cfg.features], self.field_groups)
 
 
 class MultiHeadAttention(nn.Module):
@@ -142,8 +183,10 @@ def group_indices(field_names: list[str], field_groups: list[list[str]]) -> list
         idx = []
         for name in members:
             if name not in position:
+                close = difflib.get_close_matches(name, field_names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ConfigError(
-                    f"{key}: unknown field {name!r} (fields: {', '.join(field_names)})"
+                    f"{key}: unknown field {name!r}{hint} (fields: {', '.join(field_names)})"
                 )
             if position[name] in seen:
                 raise ConfigError(f"{key}: field {name!r} is already in another group")
@@ -301,16 +344,11 @@ class APEM(nn.Module):
         }
 
 
+@register_block("apem", config=APEMConfig)
 def build(inputs: BlockInputs, cfg: MultiTaskConfig) -> APEM:
     """APEM on ``tokens[-1]`` for the fields and tasks of ``inputs`` (``model.multitask.apem``)."""
     a = cfg.apem
     dim = inputs.token_dims[-1]
-    if dim % a.heads:
-        raise ConfigError(
-            f"model.multitask.apem.heads: {a.heads} heads must divide the token width {dim} "
-            "(model.embedding.dim, or model.interaction.attention_dim with AutoInt); "
-            "pick a divisor"
-        )
     return APEM(
         inputs.field_names,
         inputs.task_names,

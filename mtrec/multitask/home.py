@@ -39,13 +39,62 @@ of both levels (gates themselves read the ungated input); gates at level 2 read 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import torch
 
-from mtrec.config import MultiTaskConfig
+from mtrec.config.errors import ConfigError
+from mtrec.config.schema import MultiTaskConfig, num
 from mtrec.multitask.base import BlockInputs
-from mtrec.multitask.ple import ExpertBank, ExpertLevel, GateNode, StackedLevels, cgc_level
+from mtrec.multitask.experts import ExpertBank, ExpertLevel, GateNode, StackedLevels, cgc_level
+from mtrec.multitask.registry import register_block
 
-__all__ = ["HoME", "build", "hierarchy_level2", "resolve_groups"]
+if TYPE_CHECKING:
+    from mtrec.config.schema import ExperimentConfig
+
+__all__ = ["HoME", "HoMEConfig", "build", "hierarchy_level2", "resolve_groups"]
+
+
+@dataclass
+class HoMEConfig:
+    """HoME (Wang et al. 2024). ``task_groups`` maps a group (meta-category) name to its
+    tasks; every task in exactly one group (empty: one group of all tasks). Each fix can
+    be switched off for ablation."""
+
+    # group (meta-category) name -> its tasks; empty: one group
+    task_groups: dict[str, list[str]] = field(default_factory=dict)
+    # shared experts per level
+    shared_experts: int = num(1, ge=0)
+    # experts per group (level 1 and 2)
+    group_experts: int = num(1, ge=0)
+    # experts per task (level 2)
+    task_experts: int = num(1, ge=0)
+    # expert normalisation: Swish(BatchNorm(MLP(v)))
+    expert_norm: bool = True
+    # two-level hierarchy mask (off: one flat CGC level over all tasks)
+    hierarchy: bool = True
+    # per-expert LoRA-style feature gate v * 2σ(v B A), rank feature_gate_rank
+    feature_gate: bool = True
+    # rank l of the feature gates' B A
+    feature_gate_rank: int = num(8, gt=0)
+    # residual self-gate over a node's own experts
+    self_gate: bool = True
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        """Rules across keys, run when ``type: home`` is selected."""
+        # every gate needs an expert (level-1 group gates with the hierarchy, task gates
+        # without it)
+        own_key = "group_experts" if self.hierarchy else "task_experts"
+        if self.shared_experts + getattr(self, own_key) < 1:
+            raise ConfigError(
+                f"model.multitask.home: shared_experts + {own_key} must be >= 1 "
+                f"(hierarchy: {str(self.hierarchy).lower()}); raise one of them"
+            )
+        try:
+            resolve_groups(cfg.task_names, self.task_groups)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def resolve_groups(
@@ -271,6 +320,7 @@ class HoME(StackedLevels):
         return torch.cat([shared, out[:g]], dim=2)
 
 
+@register_block("home", config=HoMEConfig)
 def build(inputs: BlockInputs, cfg: MultiTaskConfig) -> HoME:
     """``model.multitask.type: home``; settings under ``model.multitask.home``."""
     h = cfg.home

@@ -7,10 +7,13 @@ from itertools import pairwise
 import torch
 from torch import nn
 
+from mtrec.config.schema import MultiTaskConfig
+from mtrec.multitask.base import BlockInputs
 from mtrec.multitask.diagnostics import Diagnostics, dead_fraction, gate_summary, shared_usage
-from mtrec.multitask.layers import FastDropout, GroupedLinear, activation
+from mtrec.multitask.registry import register_block
+from mtrec.nn.layers import FastDropout, GroupedLinear, activation
 
-__all__ = ["MMoE", "SharedBottom"]
+__all__ = ["MMoE", "SharedBottom", "build_mmoe", "build_shared_bottom"]
 
 
 class MMoE(nn.Module):
@@ -149,3 +152,25 @@ class SharedBottom(nn.Module):
             "gates": {},
             "shared_usage": {},
         }
+
+
+@register_block("mmoe")
+def build_mmoe(inputs: BlockInputs, cfg: MultiTaskConfig) -> MMoE:
+    """``model.multitask.type: mmoe`` (the shared keys only: num_experts, expert_hidden, ...)."""
+    return MMoE(
+        inputs.in_features,
+        inputs.num_tasks,
+        cfg.num_experts,
+        cfg.expert_hidden,
+        cfg.activation,
+        cfg.dropout,
+        inputs.task_names,
+    )
+
+
+@register_block("shared_bottom")
+def build_shared_bottom(inputs: BlockInputs, cfg: MultiTaskConfig) -> SharedBottom:
+    """``model.multitask.type: shared_bottom``: one MLP of ``expert_hidden`` for all tasks."""
+    return SharedBottom(
+        inputs.in_features, inputs.num_tasks, cfg.expert_hidden, cfg.activation, cfg.dropout
+    )

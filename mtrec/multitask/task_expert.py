@@ -33,18 +33,38 @@ Choices the paper leaves open (ours):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from mtrec.config import MultiTaskConfig
+from mtrec.config.schema import MultiTaskConfig, num
 from mtrec.multitask.base import BlockInputs
 from mtrec.multitask.diagnostics import Diagnostics, dead_fraction, gate_summary, shared_usage
-from mtrec.multitask.layers import FastDropout, GroupedLinear, activation
+from mtrec.multitask.registry import register_block
+from mtrec.nn.layers import FastDropout, GroupedLinear, activation
 
-__all__ = ["TaskExpert", "TaskExpertLayer", "build"]
+__all__ = ["TaskExpert", "TaskExpertConfig", "TaskExpertLayer", "build"]
+
+
+@dataclass
+class TaskExpertConfig:
+    """TaskExpert (Ye & Xu 2023) over field tokens: ``num_experts`` experts per layer,
+    per-task per-token gates over experts + the task's feature memory. With AutoInt there
+    is one layer per interacting layer (reading its output) and ``layers`` is ignored;
+    without, ``layers`` layers each read the field tokens. Each task's head is a per-task
+    MLP of ``expert_hidden`` widths on its flattened final memory."""
+
+    # expert layers without AutoInt (with it: one per AutoInt layer)
+    layers: int = num(2, gt=0)
+    # n, experts per layer
+    num_experts: int = num(4, gt=0)
+    # width of every expert and of the memory (0: the width of the last tokens read)
+    expert_dim: int = num(0, ge=0)
+    # memory write: replace (M_t^l = F_t^l) or residual (M_t^l = M_t^{l-1} + F_t^l)
+    memory: Literal["replace", "residual"] = "replace"
 
 
 def _softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -231,6 +251,7 @@ class TaskExpert(nn.Module):
         }
 
 
+@register_block("task_expert", config=TaskExpertConfig)
 def build(inputs: BlockInputs, cfg: MultiTaskConfig) -> TaskExpert:
     """TaskExpert for the fields, tasks and token widths of ``inputs``
     (``model.multitask.task_expert``)."""

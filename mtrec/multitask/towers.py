@@ -7,7 +7,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from mtrec.multitask.layers import FastDropout, GroupedLinear, activation
+from mtrec.nn.layers import FastDropout, GroupedLinear, activation
 
 __all__ = ["TaskTowers"]
 

@@ -27,11 +27,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import polars as pl
 import torch
 
 from mtrec.data.batch import Batch
 from mtrec.data.batcher import iter_batches, stream_batches, to_batch
+from mtrec.data.columns import count_rows, read_columns
 from mtrec.data.encode import EncodedChunk, encode_chunk
 from mtrec.data.errors import DataError
 from mtrec.data.readers import iter_chunks, read_schema
@@ -61,15 +61,6 @@ class RowRange:
         return self.stop - self.start
 
 
-def count_rows(spec: FeatureSpec, path: str | Path) -> int:
-    """Rows of the split at ``path`` (parquet: read from the footers, no data pages)."""
-    lf = spec.scan(path)
-    try:
-        return int(lf.select(pl.len()).collect().item())
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise DataError(f"{path}: cannot count rows: {str(exc).splitlines()[0]}") from None
-
-
 def train_shard(total_rows: int, rank: int, world_size: int) -> RowRange:
     """Worker ``rank``'s training rows: ``total_rows // world_size`` of them, contiguous."""
     per = total_rows // world_size
@@ -81,17 +72,6 @@ def eval_shard(total_rows: int, rank: int, world_size: int) -> RowRange:
     return RowRange(rank * total_rows // world_size, (rank + 1) * total_rows // world_size)
 
 
-def _columns(spec: FeatureSpec, need_labels: bool) -> list[str]:
-    # the columns mtrec.data.batcher.encoded_chunks reads, in its order
-    columns = [f.source for f in spec.sparse + spec.numeric]
-    if need_labels:
-        columns += [t.source for t in spec.tasks]
-        columns += [t.true_prob for t in spec.tasks if t.true_prob]
-    if spec.group_key:
-        columns.append(spec.group_key)
-    return list(dict.fromkeys(columns))
-
-
 def shard_chunks(
     spec: FeatureSpec, path: str | Path, rows: RowRange, chunk_rows: int
 ) -> Iterator[EncodedChunk]:
@@ -99,7 +79,7 @@ def shard_chunks(
     lf = spec.scan(path)
     spec.check_schema(read_schema(lf, path), path)
     offset = rows.start
-    sliced = lf.select(_columns(spec, need_labels=True)).slice(rows.start, rows.rows)
+    sliced = lf.select(read_columns(spec)).slice(rows.start, rows.rows)
     for df in iter_chunks(sliced, path, chunk_rows):
         yield encode_chunk(df, spec, str(path), row_offset=offset)
         offset += df.height

@@ -14,14 +14,18 @@ exactly as the local loop does (:func:`mtrec.train.loop.train`), then runs a Ray
   restarts the group (``FailureConfig(max_failures)``) and every rank resumes from the
   latest one, redoing only the unfinished epoch.
 
-Rank 0 also writes the run directory of a local run: ``metrics.jsonl``,
-``checkpoints/last.pt`` and ``best.pt`` (unsharded, the local layout), so ``mtrec
-evaluate / export`` and ``--resume`` (with any number of workers, or locally) work on
-it. The run directory must be reachable from rank 0 (one machine, or shared storage
-on a multi-node cluster, as Ray Train's ``storage_path`` needs anyway).
+The driver holds the run directory's lock (:class:`mtrec.run.RunLock`) for the whole
+run. Rank 0 also writes the run directory of a local run through the same epoch ledger
+(:class:`mtrec.train.ledger.EpochLedger`): ``metrics.jsonl``, ``checkpoints/last.pt`` and
+``best.pt`` (unsharded, the local layout), so ``mtrec evaluate / export`` and
+``--resume`` (with any number of workers, or locally) work on it. A non-finite loss on
+any worker stops every worker and the driver raises
+:class:`mtrec.errors.DivergenceError`. The run directory must be reachable from rank 0
+(one machine, or shared storage on a multi-node cluster, as Ray Train's
+``storage_path`` needs anyway).
 
 Without an address an embedded Ray instance is started on 127.0.0.1; with
-``--address`` (or ``RAY_ADDRESS``) the run joins that cluster.
+``--address`` (or ``RAY_ADDRESS``) the run joins that cluster (:mod:`mtrec.cluster`).
 
 Example::
 
@@ -32,11 +36,8 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
 import shutil
-import socket
-import sys
 import tempfile
 import time
 import warnings
@@ -50,33 +51,33 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mtrec.checkpoint import last_path, load_checkpoint
+from mtrec.cluster import (
+    check_reachable,
+    cluster_address,
+    connect,
+    set_ray_env,
+    start_local_ray,
+)
 from mtrec.config import ConfigError, ExperimentConfig
+from mtrec.data.columns import count_rows
 from mtrec.data.encode import EncodedChunk
-from mtrec.data.errors import DataError
 from mtrec.data.spec import FeatureSpec
-from mtrec.io import to_json
+from mtrec.errors import ClusterError, DataError, DivergenceError, RunError
 from mtrec.metrics import ScoreCollector
-from mtrec.train.checkpoint import best_path, last_path, load_checkpoint, save_checkpoint
+from mtrec.run import METRICS_FILE, trim_metrics, write_run_files
 from mtrec.train.distributed import ShardedTrainStep, ShardingError, check_sharding_types
 from mtrec.train.distributed_data import (
     RowRange,
-    count_rows,
     eval_shard,
     load_shard,
     padded_eval_batches,
     train_batches,
     train_shard,
 )
-from mtrec.train.loop import (
-    RunError,
-    _mean_auc,
-    _short,
-    _State,
-    _trim_metrics,
-    config_hash,
-    train,
-    write_run_files,
-)
+from mtrec.train.ledger import EpochLedger, LoopState, LossWatch, diverged_message
+from mtrec.train.ledger import log as _log
+from mtrec.train.loop import train
 
 __all__ = [
     "FAULT_ENV",
@@ -91,21 +92,9 @@ __all__ = [
 # For fault-tolerance tests.
 FAULT_ENV = "MTREC_FAULT_INJECT"
 
-# Set before Ray is imported or started (see shared/STACK.md): keep Ray on loopback,
-# make ray.train.report cheap (~0.1 s instead of ~1.8 s), and show every worker's log
-# lines (Ray otherwise folds lines that differ only in numbers, e.g. the rank).
-_RAY_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-    "RAY_DEDUP_LOGS": "0",
-}
 _CHECKPOINT_DIR = "ray"  # under RUN/checkpoints/
 _RANK_SEED_STRIDE = 1_000_003  # rank r's shuffle / dropout seeds; rank 0 = the local loop's
 _LOG_INTERVAL_S = 10.0
-
-
-class ClusterError(RunError):
-    """The Ray cluster cannot run the job (unreachable, too small); says why and the fix."""
 
 
 @dataclass
@@ -154,8 +143,7 @@ def train_distributed(
             work on the device, see :mod:`mtrec.train.distributed`).
         max_failures: worker-group restarts (from the latest checkpoint) before giving up.
     """
-    for key, value in _RAY_ENV.items():
-        os.environ.setdefault(key, value)
+    set_ray_env()
     if workers < 1:
         raise ClusterError(f"--workers {workers}: must be at least 1")
     if cfg.training.batch_size < workers:
@@ -176,13 +164,13 @@ def train_distributed(
         gpu = torch.cuda.is_available() and torch.cuda.device_count() >= workers
         use_gpu = gpu if use_gpu is None else use_gpu
     else:
-        _check_reachable(address)
+        check_reachable(address)
     import ray
 
     started = connected = False
     try:
         if not ray.is_initialized() and address is not None:
-            _connect(address)
+            connect(address)
             connected = True
         if ray.is_initialized():
             use_gpu, cpus = _check_resources(workers, use_gpu)
@@ -244,79 +232,6 @@ def train_distributed(
     finally:
         if started or connected:  # a Ray session the caller opened stays open
             ray.shutdown()
-
-
-def cluster_address(address: str | None) -> str | None:
-    """The Ray cluster to join: ``address``, else ``$RAY_ADDRESS``, else None (embedded).
-
-    ``http(s)://`` is the job server's address (what ``ray job`` commands take), not one
-    to train on: given explicitly it is an error; in ``$RAY_ADDRESS`` it is ignored.
-    """
-    if address and address.startswith(("http://", "https://")):
-        raise ClusterError(
-            f"--address {address}: that is the Ray job server (dashboard) address; pass the "
-            "cluster's HOST:PORT (e.g. 127.0.0.1:6379), or submit with `ray job submit`"
-        )
-    if address:
-        return address
-    env = os.environ.get("RAY_ADDRESS") or None
-    if env and env.startswith(("http://", "https://")):
-        return None
-    return env
-
-
-def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
-    """Fail fast (a TCP connect, no Ray involved) when ``host:port`` does not answer."""
-    if address == "auto" or address.startswith(("local", "anyscale://")):
-        return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterError(
-            f"--address {address!r}: expected HOST:PORT of a Ray head node "
-            "(e.g. 127.0.0.1:6379, or ray://HOST:10001)"
-        )
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise ClusterError(
-            f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); start one with "
-            "`ray start --head --node-ip-address=127.0.0.1 --port=6379`, fix --address / "
-            "RAY_ADDRESS, or leave both unset to train in an embedded local instance"
-        ) from None
-
-
-def _connect(address: str) -> None:
-    import ray
-
-    try:
-        ray.init(address=address, log_to_driver=True)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ClusterError(
-            f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}"
-        ) from None
-
-
-def start_local_ray(num_cpus: int | None = None) -> None:
-    """Start an embedded Ray instance on 127.0.0.1 (no dashboard), with the settings
-    distributed training needs; ``num_cpus`` defaults to this process's CPUs."""
-    for key, value in _RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    import ray
-    from ray._private import ray_constants
-
-    # Ray reads the variable once, on import: when something imported Ray before this
-    # call, it would resolve 127.0.0.1 to the external interface (STACK.md)
-    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(
-        address="local",  # a new instance, even when another one runs on this machine
-        num_cpus=num_cpus or len(os.sched_getaffinity(0)),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=True,
-    )
 
 
 def _check_resources(workers: int, use_gpu: bool | None) -> tuple[bool, int]:
@@ -387,7 +302,7 @@ def _fit(job: _Job, workers: int, use_gpu: bool, max_failures: int) -> dict[str,
     if not isinstance(summary, dict):
         raise RunError(f"training under Ray returned no summary ({result.error or 'no error'})")
     if "error" in summary:
-        raise FloatingPointError(summary["error"])
+        raise DivergenceError(summary["error"])
     if "run_error" in summary:
         raise RunError(summary["run_error"])
     return summary
@@ -418,12 +333,6 @@ def _worker_failure(exc: Any, max_failures: int) -> str:
 # ---------------------------------------------------------------------------- workers
 
 
-def _log(message: str) -> None:
-    # straight to stderr: Ray forwards it to the driver and `ray job logs`
-    sys.stderr.write(f"[mtrec] {message}\n")
-    sys.stderr.flush()
-
-
 @contextmanager
 def _quiet_root_logger() -> Iterator[None]:
     """FBGEMM logs every table's kernel arguments through the root logger at INFO while
@@ -439,17 +348,22 @@ def _quiet_root_logger() -> Iterator[None]:
 
 def _quiet_libraries() -> None:
     """torchrec logs at INFO per table; keep warnings (less a planner note about dry
-    runs, which these are not). Python warnings are filtered as the CLI does."""
+    runs, which these are not)."""
     for name in ("torchrec", "fbgemm_gpu", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("torchrec.distributed.planner.storage_reservations").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The train function of every Ray Train worker."""
+    """The train function of every Ray Train worker; Python warnings of the libraries are
+    silenced for its duration, as the CLI does."""
+    with warnings.catch_warnings():
+        for category in (UserWarning, FutureWarning, DeprecationWarning):
+            warnings.simplefilter("ignore", category)
+        return _worker_body(config)
+
+
+def _worker_body(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
 
@@ -479,7 +393,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
         )
     st, resumed_at, source = _restore(step, job, rank)
     if rank == 0:
-        _trim_metrics(out / "metrics.jsonl", st.epoch)
+        trim_metrics(out / METRICS_FILE, st.epoch)
         _log(
             f"{world} workers started {timing['workers_start_s']:.1f} s after submission, "
             f"{job.threads} thread(s) each; plan: {step.plan_summary()}"
@@ -511,7 +425,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     return summary
 
 
-def _restore(step: ShardedTrainStep, job: _Job, rank: int) -> tuple[_State, list[int], str]:
+def _restore(step: ShardedTrainStep, job: _Job, rank: int) -> tuple[LoopState, list[int], str]:
     """The state this worker group starts from: ``(loop state, epochs after which this
     fit restarted, source)``.
 
@@ -544,14 +458,14 @@ def _restore(step: ShardedTrainStep, job: _Job, rank: int) -> tuple[_State, list
     if int(agree) == 1:
         assert saved is not None
         step.load_sharded_state(saved["step"])
-        st = _State(**saved["loop"])
+        st = LoopState(**saved["loop"])
         return st, [*earlier, st.epoch], "ray_checkpoint"
     del saved
     if last_epoch < 0:
-        return _State(), [], "scratch"
+        return LoopState(), [], "scratch"
     state = load_checkpoint(last)
     step.load_full_state(state)
-    st = _State(**state["loop"])
+    st = LoopState(**state["loop"])
     restarted = checkpoint is not None or st.epoch > job.start_epoch
     return st, [*earlier, st.epoch] if restarted else [], "last.pt"
 
@@ -559,7 +473,7 @@ def _restore(step: ShardedTrainStep, job: _Job, rank: int) -> tuple[_State, list
 def _epochs(
     job: _Job,
     step: ShardedTrainStep,
-    st: _State,
+    st: LoopState,
     rank: int,
     world: int,
     train_source: EncodedChunk | tuple[str, RowRange],
@@ -569,20 +483,16 @@ def _epochs(
 ) -> dict[str, Any] | None:
     cfg, spec, tr = job.cfg, job.spec, job.cfg.training
     out = Path(job.out)
-    chash = config_hash(cfg)
-    stopped_early = False
-    while st.epoch < tr.epochs:
-        if st.bad_epochs >= tr.early_stopping_patience > 0:
-            stopped_early = True
-            break
-        done_here = st.epoch - job.start_epoch  # epochs of this invocation, restarts included
-        if job.stop_after_epochs is not None and done_here >= job.stop_after_epochs:
-            break
+    ledger = EpochLedger(cfg, out, st)  # rank 0 judges and writes; the others follow
+    watch = LossWatch(f"worker {rank}/{world}: ")
+    # epochs of this invocation, restarts included
+    while ledger.another_epoch(st.epoch - job.start_epoch, job.stop_after_epochs):
         epoch = st.epoch
         seed = cfg.seed * 1000 + epoch + rank * _RANK_SEED_STRIDE
         torch.manual_seed(seed)  # this rank's dropout stream of this epoch
         seen, steps = 0, 0
         loss_sum = torch.zeros((), device=step.device)  # read once per epoch (a GPU sync)
+        first_loss = float("nan")
         t0 = last_log = time.perf_counter()
         batches = train_batches(train_source, spec, job.rank_batch, seed, cfg.dataset.chunk_rows)
         for batch in batches:
@@ -592,8 +502,11 @@ def _epochs(
             seen += batch.batch_size
             _maybe_fail(job.fault, rank, epoch + 1, steps)
             if steps % tr.log_every_steps == 0 or steps == 1:
-                error = _check_loss(float(loss.detach()), epoch, steps, step.device)
-                if error is not None:
+                value = float(loss.detach())
+                first_loss = value if steps == 1 else first_loss
+                verdict = watch.verdict(value, epoch, steps)
+                error = _agree_to_stop(verdict, epoch, steps, step.device)
+                if error is not None:  # returned, not raised: Ray would retry a raised error
                     return {"error": error} if rank == 0 else None
             now = time.perf_counter()
             if tr.progress and now - last_log >= _LOG_INTERVAL_S:
@@ -606,15 +519,12 @@ def _epochs(
                 break
         seconds = time.perf_counter() - t0
         parts: list[Any] = [None] * world
-        dist.all_gather_object(parts, (seen, seconds, float(loss_sum)))
+        dist.all_gather_object(parts, (seen, seconds, float(loss_sum), first_loss))
         total = sum(p[0] for p in parts)
         epoch_seconds = max(p[1] for p in parts)  # ranks run in lock step
-        st.train_samples += total
-        st.train_seconds += epoch_seconds
-        st.epoch = epoch + 1
         per_worker = [round(p[0] / max(p[1], 1e-9), 1) for p in parts]
         record: dict[str, Any] = {
-            "epoch": st.epoch,
+            "epoch": epoch + 1,
             "train_rows": total,
             "train_seconds": round(epoch_seconds, 3),
             "samples_per_s": round(total / max(epoch_seconds, 1e-9), 1),
@@ -622,10 +532,18 @@ def _epochs(
             "workers": world,
             "samples_per_s_per_worker": per_worker,
         }
+        try:  # every rank holds the same record: all stop together
+            ledger.check_loss(record, epoch, sum(p[3] for p in parts) / world)
+        except DivergenceError as exc:
+            return {"error": str(exc)} if rank == 0 else None
+        st.train_samples += total
+        st.train_seconds += epoch_seconds
+        st.epoch = epoch + 1
         scores = _score(step, spec, valid, job.valid_rows, rank, world, tr.eval_batch_size)
         decision: list[Any] = [None]
         if rank == 0:
-            decision[0] = _judge(st, record, scores, spec)
+            metrics = scores.compute(spec.task_names) if scores is not None else None
+            decision[0] = (ledger.judge(record, metrics), st.__dict__.copy())
         dist.broadcast_object_list(decision, src=0)
         improved, st_dict = decision[0]
         for key, value in st_dict.items():
@@ -633,51 +551,35 @@ def _epochs(
         full = step.full_state()  # collective; the whole state on rank 0
         if rank == 0:
             assert full is not None
-            if improved:
-                save_checkpoint(
-                    {
-                        "model": full["model"],
-                        "epoch": st.epoch,
-                        "config_hash": chash,
-                        "valid": st.best_valid,
-                    },
-                    best_path(out),
-                )
-            # as the local loop: the line first, then last.pt (resume trims extra lines)
-            with open(out / "metrics.jsonl", "a") as fh:
-                fh.write(to_json(record) + "\n")
-            save_checkpoint(
-                {**full, "loop": st.__dict__.copy(), "config_hash": chash}, last_path(out)
-            )
-            _log(f"epoch {st.epoch}: " + to_json(record))
+            ledger.commit(record, improved, full)
         del full
         _log(
             f"worker {rank}/{world} epoch {st.epoch}: {parts[rank][0]:,} rows, "
             f"{per_worker[rank]:,.0f} samples/s (all workers: {record['samples_per_s']:,.0f})"
         )
-        _report(step, st, chash, rank, resumed_at, record if rank == 0 else {})
+        _report(step, st, ledger.chash, rank, resumed_at, record if rank == 0 else {})
     if rank != 0:
         return None
     if st.best_epoch < 0:  # returned, not raised: Ray would retry a raised error
         return {"run_error": f"{out}: no epoch completed; nothing to summarise"}
     return {
-        **st.summary(out, stopped_early),
+        **ledger.summary(),
         "workers": world,
         "restarts": len(resumed_at),
         "resumed_after_epochs": resumed_at,
     }
 
 
-def _check_loss(value: float, epoch: int, steps: int, device: torch.device) -> str | None:
-    """Every rank checks the same global flag, so all stop together (no rank is left
-    waiting in a collective)."""
-    flag = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=device)
+def _agree_to_stop(verdict: str | None, epoch: int, steps: int, device: torch.device) -> str | None:
+    """Whether any rank's loss diverged (``verdict``: this rank's reason): every rank
+    checks the same global flag, so all stop together (no rank is left waiting in a
+    collective); rank 0 reports its own reason, or how many workers diverged."""
+    flag = torch.tensor([0.0 if verdict is None else 1.0], device=device)
     dist.all_reduce(flag)
     if float(flag) == 0.0:
         return None
-    return (
-        f"training loss is not finite at epoch {epoch + 1} step {steps} on "
-        f"{int(flag)} worker(s); lower training.learning_rate or check the data"
+    return verdict or diverged_message(
+        f"the loss diverged on {int(flag)} other worker(s)", epoch, steps
     )
 
 
@@ -736,34 +638,9 @@ def _score(
     return collector
 
 
-def _judge(
-    st: _State, record: dict[str, Any], scores: ScoreCollector | None, spec: FeatureSpec
-) -> tuple[bool, dict[str, Any]]:
-    """Rank 0: validation metrics into ``record``; whether the epoch is the best so far
-    (the local loop's rule) and the loop state every rank takes over."""
-    improved = True
-    if scores is not None:
-        metrics = scores.compute(spec.task_names)
-        mean_auc = _mean_auc(metrics)
-        record["valid"] = _short(metrics)
-        record["valid_mean_auc"] = round(mean_auc, 6)
-        if math.isnan(mean_auc):
-            one_class = [t for t, m in metrics.items() if math.isnan(m["auc"])]
-            _log(f"warning: validation AUC undefined (one class) for {one_class}")
-        else:
-            improved = mean_auc > st.best_auc
-        if improved:
-            st.best_auc, st.best_valid = mean_auc, _short(metrics)
-    if improved:
-        st.best_epoch, st.bad_epochs = st.epoch, 0
-    else:
-        st.bad_epochs += 1
-    return improved, st.__dict__.copy()
-
-
 def _report(
     step: ShardedTrainStep,
-    st: _State,
+    st: LoopState,
     chash: str,
     rank: int,
     resumed_at: list[int],

@@ -1,4 +1,4 @@
-"""Building blocks shared by the multi-task blocks."""
+"""Building blocks shared by every part of the model (no mtrec imports: anything may use them)."""
 
 from __future__ import annotations
 

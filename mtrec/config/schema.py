@@ -1,0 +1,386 @@
+"""The experiment schema: typed dataclasses, one per YAML section.
+
+Each field's ``#`` comment is its entry in ``docs/configuration.md`` (see
+:mod:`mtrec.docs`). Numeric fields declare their valid range with :func:`num`; one walker
+(:mod:`mtrec.config.checks`) checks every number against it and refuses NaN / inf. The
+settings of a multi-task block live in the block's own module (see
+:mod:`mtrec.multitask.registry`) and hang under ``model.multitask.<name>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "DEFAULT_CHUNK_ROWS",
+    "Bounds",
+    "DatasetConfig",
+    "EmbeddingConfig",
+    "ExperimentConfig",
+    "FeatureConfig",
+    "HeadsRoutingConfig",
+    "InteractionConfig",
+    "ModelConfig",
+    "MultiTaskConfig",
+    "TaskConfig",
+    "TrainingConfig",
+    "bounds",
+    "num",
+]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The valid range of a numeric setting (``None``: open on that side)."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def contains(self, x: float) -> bool:
+        return not (
+            (self.gt is not None and not x > self.gt)
+            or (self.ge is not None and not x >= self.ge)
+            or (self.lt is not None and not x < self.lt)
+            or (self.le is not None and not x <= self.le)
+        )
+
+    def __str__(self) -> str:
+        """``> 0``, ``>= 0`` or ``in [0, 1)``: the form of the error messages."""
+        low = ("(", self.gt) if self.gt is not None else ("[", self.ge)
+        high = (")", self.lt) if self.lt is not None else ("]", self.le)
+        if low[1] is not None and high[1] is not None:
+            return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+        if low[1] is not None:
+            return f"{'>' if low[0] == '(' else '>='} {low[1]:g}"
+        if high[1] is not None:
+            return f"{'<' if high[0] == ')' else '<='} {high[1]:g}"
+        return "any finite number"
+
+
+def bounds(
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> dict[str, Bounds]:
+    """Field metadata declaring a valid range, for list / mapping fields of numbers (each
+    item is checked): ``field(default_factory=list, metadata=bounds(gt=0))``."""
+    return {"bounds": Bounds(gt=gt, ge=ge, lt=lt, le=le)}
+
+
+def num(
+    default: Any,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> Any:
+    """A numeric field with its valid range; every value must also be finite. ``None``
+    (an optional field left unset) is not checked.
+
+    Example::
+
+        learning_rate: float = num(1e-3, gt=0)
+        dropout: float = num(0.0, ge=0, lt=1)
+    """
+    return field(default=default, metadata=bounds(gt=gt, ge=ge, lt=lt, le=le))
+
+
+def _block_names() -> list[str]:
+    from mtrec.multitask.registry import block_names
+
+    return block_names()
+
+
+def _block_configs() -> dict[str, type]:
+    from mtrec.multitask.registry import registered_blocks
+
+    return {n: s.config for n, s in registered_blocks().items() if s.config is not None}
+
+
+# rows per chunk streamed from disk: bounds loader memory (measured: peak RSS streaming
+# 5M rows / 0.5M rows = 1.40 at 131072, 1.5 at 262144)
+DEFAULT_CHUNK_ROWS = 131072
+
+FeatureKind = Literal["categorical", "multi_hot", "numeric"]
+NumericTransform = Literal["none", "log1p", "standardize", "log1p_standardize", "robust"]
+DataFormat = Literal["parquet", "csv", "criteo"]
+
+
+@dataclass
+class FeatureConfig:
+    """One input feature.
+
+    ``column`` defaults to ``name``. Categorical values (string or integer) and
+    multi-hot tokens are turned into stable int64 ids (see ``mtrec.data.hashing``).
+    """
+
+    # feature name (unique; also the column unless `column` is set)
+    name: str
+    # categorical (one id), multi_hot (a list of ids) or numeric (a float)
+    kind: FeatureKind
+    # source column (default: name); one column may feed several features
+    column: str | None = None
+    # numeric only; robust: (x - median) / (IQR / 1.349) clipped to ±5, for heavy tails
+    transform: NumericTransform = "standardize"
+    # multi_hot only: split string columns on this delimiter (list columns need none)
+    delimiter: str | None = None
+    # multi_hot only: how the ids of one row combine
+    pooling: Literal["sum", "mean"] = "sum"
+    # per-feature hash buckets of the baseline embedding (None: model.embedding.buckets)
+    buckets: int | None = num(None, gt=0)
+    # values seen fewer times in the training split share one "rare" embedding
+    # (None: model.embedding.min_count)
+    min_count: int | None = num(None, ge=0)
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+@dataclass
+class TaskConfig:
+    """A binary task: ``label`` column with values in {0, 1}."""
+
+    # task name (unique)
+    name: str
+    # label column of 0/1 values (default: name)
+    label: str | None = None
+    # weight of this task's BCE in the training loss
+    weight: float = num(1.0, ge=0)
+    # column holding the true probability (planted synthetic data) for oracle AUC
+    true_prob: str | None = None
+
+    @property
+    def source(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class DatasetConfig:
+    """Where the data lies. Paths may use ``${MTREC_DATA_DIR}`` and are resolved
+    relative to the YAML file that sets them."""
+
+    # file format of the splits (criteo: raw TSV or its header'd CSV variant)
+    format: DataFormat = "parquet"
+    # training split: a file, a directory of shards or a glob (relative paths: to the YAML file)
+    train: str = ""
+    # validation split (early stopping, best checkpoint); optional
+    valid: str | None = None
+    # test split read by `mtrec evaluate`; optional
+    test: str | None = None
+    # what to do with NaN / inf / null in numeric columns
+    nan_policy: Literal["fail", "fill"] = "fail"
+    # with nan_policy fill: the value missing / NaN numerics become
+    fill_value: float = 0.0
+    # rows per chunk read from disk by the streaming batcher
+    chunk_rows: int = num(DEFAULT_CHUNK_ROWS, gt=0)
+    # CSV only
+    csv_separator: str = ","
+
+
+@dataclass
+class EmbeddingConfig:
+    """Sparse feature embeddings.
+
+    ``type: unified`` (the default) multiplexes every sparse feature into one shared table of
+    ``rows`` × ``chunk_dim`` (Unified Embedding, see ``mtrec.embeddings.unified``):
+    feature i reads ``chunks[i]`` salted rows and concatenates them; a feature whose
+    ``chunks[i] * chunk_dim != dim`` gets its own linear projection to ``dim``.
+    ``type: per_feature`` is the baseline: one hashed table per feature (``buckets`` rows
+    each). Rule of thumb for ``chunks``: ``k = min(3, 1 + floor(log10(vocabulary) / 2))``
+    (1 below ~100 values, 2 up to ~10^4, 3 above), then more for the features that
+    matter most. The ``unified`` keys are ignored by ``per_feature`` (so one config can
+    switch ``type`` by override) and ``buckets`` is ignored by ``unified``.
+    """
+
+    # unified (one multiplexed table, default) or per_feature (baseline)
+    type: Literal["per_feature", "unified"] = "unified"
+    # d, the width of every field token
+    dim: int = num(16, gt=0)
+    # default hash buckets per categorical / multi-hot feature
+    buckets: int = num(100000, gt=0)
+    # row-wise Adagrad (FBGEMM fused) on the embedding rows
+    learning_rate: float = num(0.05, gt=0)
+    # row-wise Adagrad epsilon
+    eps: float = num(1e-8, gt=0)
+    # default frequency filter of categorical / multi-hot features: values seen fewer than
+    # this many times in the training split map to one shared "rare" id inside the model
+    # (0: off). Stops embeddings of rare values from memorising their few labels.
+    min_count: int = num(0, ge=0)
+    # unified only: M, rows of the shared table (None: the sum of the per-feature buckets,
+    # rounded up to a multiple of num_tables: the per_feature parameter budget at chunk_dim=dim)
+    rows: int | None = num(None, gt=0)
+    # unified only: d_c, the width of one chunk (None: dim)
+    chunk_dim: int | None = num(None, gt=0)
+    # unified only: chunks (k) per sparse feature name; unlisted features take 1
+    chunks: dict[str, int] = field(default_factory=dict, metadata=bounds(gt=0))
+    # unified only: physical tables the shared one is split into round-robin (rows % n == 0)
+    num_tables: int = num(1, gt=0)
+
+
+@dataclass
+class MultiTaskConfig:
+    """Multi-task block and task towers. ``type`` picks a registered block (see
+    :mod:`mtrec.multitask.registry`; your own with top-level ``imports:``); its own settings
+    live under the key of the same name (``ple``, ``home``, ``apem``, ``task_expert``, ...).
+    ``num_experts`` / ``expert_hidden`` / ``activation`` / ``dropout`` are shared by every
+    expert-based block. ``chain`` (ESMM): task names in funnel order, e.g.
+    ``[click, purchase]``; each later task predicts the joint probability
+    p(click ∧ purchase) = p(click) · p(purchase | click) and is trained on the joint label."""
+
+    # the multi-task block: a registered name (a block of your own: list its module in imports)
+    type: str = field(default="mmoe", metadata={"choices": _block_names})
+    # experts of MMoE (PLE/HoME/TaskExpert have their own counts)
+    num_experts: int = num(4, gt=0)
+    # expert MLP widths; the last is the task representation size
+    expert_hidden: list[int] = field(default_factory=lambda: [128, 64], metadata=bounds(gt=0))
+    # hidden widths of each task's tower (ends in one logit)
+    tower_hidden: list[int] = field(default_factory=lambda: [64], metadata=bounds(gt=0))
+    # activation of experts and towers (HoME's normalised experts use Swish)
+    activation: Literal["relu", "silu", "gelu"] = "relu"
+    # dropout after expert and tower layers
+    dropout: float = num(0.0, ge=0, lt=1)
+    # ESMM funnel: task names in order; later tasks predict joint probabilities
+    chain: list[str] = field(default_factory=list)
+    # block name -> its settings: in YAML each is a key of its own, model.multitask.<name>
+    blocks: dict[str, Any] = field(default_factory=dict, metadata={"sections": _block_configs})
+
+    def __getattr__(self, name: str) -> Any:
+        # cfg.ple, cfg.home, ...: a registered block's settings (its defaults if not set)
+        if name.startswith("__") or name == "blocks":
+            raise AttributeError(name)
+        cls = _block_configs().get(name)
+        if cls is None:
+            raise AttributeError(f"MultiTaskConfig has no key or block settings {name!r}")
+        return self.blocks.setdefault(name, cls())
+
+    @property
+    def block(self) -> Any:
+        """The settings of the selected block (``None`` if it has none)."""
+        cls = _block_configs().get(self.type)
+        return None if cls is None else getattr(self, self.type)
+
+
+@dataclass
+class HeadsRoutingConfig:
+    """MoH (arXiv 2410.11842): ``shared`` heads always on; a per-token router picks
+    ``top_k`` of the remaining heads; ``balance_weight`` β of the load-balance loss."""
+
+    # h_s heads always on
+    shared: int = num(1, ge=0)
+    # routed heads each token picks
+    top_k: int = num(1, ge=1)
+    # β of the load-balance auxiliary loss
+    balance_weight: float = num(0.01, ge=0)
+
+
+@dataclass
+class InteractionConfig:
+    """Feature interaction between the field tokens and the multi-task block.
+
+    ``type: none`` feeds the flattened field tokens to the block. ``type: autoint``
+    runs ``layers`` multi-head self-attention layers over the F field tokens
+    (``heads`` heads of ``attention_dim / heads`` each; ``residual``: a W_res path;
+    ``layer_norm``: LayerNorm before each layer's ReLU; ``dropout``: on attention
+    weights) and feeds the block their flattened output (F × ``attention_dim``).
+    A non-empty ``dnn`` makes it AutoInt+: a ReLU MLP of these widths on the flattened
+    tokens, concatenated to the attention output (see ``mtrec.interaction.autoint``).
+    """
+
+    # none (flattened tokens to the block) or autoint
+    type: Literal["none", "autoint"] = "none"
+    # interacting layers
+    layers: int = num(3, gt=0)
+    # A, output width per field (all heads)
+    attention_dim: int = num(32, gt=0)
+    # attention heads (divide attention_dim)
+    heads: int = num(2, gt=0)
+    # add the W_res residual projection
+    residual: bool = True
+    # LayerNorm on the residual sum, before the ReLU
+    layer_norm: bool = False
+    # dropout on attention weights
+    dropout: float = num(0.0, ge=0, lt=1)
+    # AutoInt+: widths of the parallel MLP on the flattened tokens (empty: off)
+    dnn: list[int] = field(default_factory=list, metadata=bounds(gt=0))
+    # Mixture-of-Head routing (MoH); None: every head always on
+    heads_routing: HeadsRoutingConfig | None = None
+
+
+@dataclass
+class ModelConfig:
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
+    interaction: InteractionConfig = field(default_factory=InteractionConfig)
+
+
+@dataclass
+class TrainingConfig:
+    # rows per training step (global over Ray workers)
+    batch_size: int = num(1024, gt=0)
+    # rows per batch when scoring
+    eval_batch_size: int = num(8192, gt=0)
+    # maximum epochs
+    epochs: int = num(10, gt=0)
+    # Adam learning rate of the dense parameters
+    learning_rate: float = num(1e-3, gt=0)
+    # Adam weight decay of the dense parameters
+    weight_decay: float = num(0.0, ge=0)
+    # stop after this many epochs without a better mean validation AUC (0: never)
+    early_stopping_patience: int = num(2, ge=0)
+    # CPU threads for torch intra-op work
+    threads: int = num(2, gt=0)
+    # dense math of the training forward: fp32, or bf16 autocast (about 2x faster on CPUs
+    # with AVX512-BF16 / AMX; embeddings, loss and optimizer state stay fp32)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # keep the encoded training split in memory after the first pass (fast epochs);
+    # off: stream it from disk every epoch with a bounded shuffle buffer
+    cache_in_memory: bool = True
+    # stop an epoch after this many batches (0: full epoch); for smoke runs
+    max_steps_per_epoch: int = num(0, ge=0)
+    # read the loss (and log it) every this many steps
+    log_every_steps: int = num(50, gt=0)
+    # show a progress bar on stderr
+    progress: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: data, features, tasks, model and training."""
+
+    dataset: DatasetConfig
+    features: list[FeatureConfig]
+    tasks: list[TaskConfig]
+    # experiment name (shown in reports and `mtrec compare`)
+    name: str = "experiment"
+    # seed of weight init, shuffling and dropout: same seed + data = same metrics
+    seed: int = num(2026, ge=0)
+    # column used to group rows for GAUC (e.g. user id)
+    group_key: str | None = None
+    # modules defining your own blocks (register_block), e.g. [my_blocks]: a name is looked
+    # up as my_blocks.py next to the YAML file that lists it, then on sys.path; the run's
+    # config.yaml records the resolved file path, so evaluate / export re-import it
+    imports: list[str] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        # pickled (Ray workers, deepcopy) as its plain dict: rebuilding imports the config's
+        # `imports` first, so a user block's settings unpickle in a fresh process too
+        from mtrec.config.builder import config_to_dict
+        from mtrec.config.loading import rebuild_config
+
+        return (rebuild_config, (config_to_dict(self),))
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def features_of(self, *kinds: str) -> list[FeatureConfig]:
+        return [f for f in self.features if f.kind in kinds]
