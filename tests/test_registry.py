@@ -110,7 +110,7 @@ def test_user_block_next_to_the_yaml_trains_evaluates_exports_and_serves(
     import torch
 
     scripted = torch.jit.load(str(model))
-    assert scripted.block.shared.weight.shape[0] == 48
+    assert scripted.task_arch.block.shared.weight.shape[0] == 48
 
 
 def _base(tmp: Path) -> str:
