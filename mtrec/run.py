@@ -122,7 +122,7 @@ def _changed_keys(stored_file: Path, cfg: ExperimentConfig) -> list[str] | None:
         stored = parse_config(yaml.safe_load(stored_file.read_text()), source=str(stored_file))
     except Exception:  # any unreadable config: report the hashes only
         return None
-    return diff_configs(_hashed_dict(stored, False), _hashed_dict(cfg, False))
+    return sorted(diff_configs(_hashed_dict(stored, False), _hashed_dict(cfg, False)))
 
 
 def _config_mismatch(out: Path, cfg: ExperimentConfig, stored_hash: str | None) -> RunError:
