@@ -254,8 +254,11 @@ def test_tokens_are_projected_concatenations_of_salted_rows(num_tables: int, nam
             torch.testing.assert_close(out[r, f], project(emb, f, vec), rtol=1e-5, atol=1e-6)
         if width == emb.dim:  # passed through unchanged
             exact(out[:, f], pooled[:, starts[name] : starts[name] + width])
-    # the same logical rows whatever the physical split
-    exact(out[0, 0], project(emb, 0, chunk_vector(emb, table, 0, [3])))
+    # the same logical rows whatever the physical split (a projected field goes through a
+    # batched GEMM in the model and a single-row one here: equal up to GEMM rounding)
+    torch.testing.assert_close(
+        out[0, 0], project(emb, 0, chunk_vector(emb, table, 0, [3])), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_num_tables_split_is_the_same_logical_table() -> None:
