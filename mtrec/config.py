@@ -80,6 +80,9 @@ class FeatureConfig:
     # values seen fewer times in the training split share one "rare" embedding
     # (None: model.embedding.min_count)
     min_count: int | None = None
+    # categorical only: report metrics separately for rows whose id was seen / unseen in
+    # training (None: the highest-cardinality features, unless another feature says true)
+    slice: bool | None = None
 
     @property
     def source(self) -> str:
@@ -672,6 +675,11 @@ def _check_semantics(cfg: ExperimentConfig, source: str) -> None:
                 )
             if f.min_count < 0:
                 raise ConfigError(f"{source}: features[{i}].min_count: must be >= 0")
+        if f.slice and f.kind != "categorical":
+            raise ConfigError(
+                f"{source}: features[{i}].slice: only categorical features can be sliced "
+                "by seen / unseen id"
+            )
         if f.kind != "multi_hot" and f.delimiter is not None:
             raise ConfigError(
                 f"{source}: features[{i}].delimiter: only multi_hot features take a delimiter"

@@ -33,6 +33,7 @@ from mtrec.data.readers import read_schema
 from mtrec.data.spec import FeatureSpec
 from mtrec.data.vocab import load_kept_ids, save_kept_ids
 from mtrec.evaluate.predict import evaluate_split
+from mtrec.evaluate.slices import SEEN_IDS_FILE, fit_seen_ids, save_seen_ids
 from mtrec.io import atomic_write_text, to_json
 from mtrec.model import MultiTaskModel, build_model
 from mtrec.multitask.diagnostics import model_diagnostics
@@ -207,6 +208,7 @@ def write_run_files(
         spec.save_stats(stats_file)
         if spec.kept_ids:
             save_kept_ids(spec.kept_ids, out / VOCAB_FILE)
+        save_seen_ids(fit_seen_ids(spec, cfg.dataset.train), out / SEEN_IDS_FILE)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
@@ -271,7 +273,13 @@ def train(
     except BaseException:
         if resume_state is None and not last_path(out).exists():
             # this call created the run and completed no epoch: leave no half-made run behind
-            for name in ("config.yaml", "feature_stats.json", VOCAB_FILE, "metrics.jsonl"):
+            for name in (
+                "config.yaml",
+                "feature_stats.json",
+                VOCAB_FILE,
+                SEEN_IDS_FILE,
+                "metrics.jsonl",
+            ):
                 (out / name).unlink(missing_ok=True)
             for sub in (out / "checkpoints", out):
                 if sub.exists() and not any(sub.iterdir()) and (sub != out or not existed):
