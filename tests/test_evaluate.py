@@ -464,3 +464,37 @@ def test_report_slices_partition_the_rows(run: Path, evaluated: dict) -> None:
         "## Seen / unseen ids"
         in Path(evaluated["summary"]["report"]).with_suffix(".md").read_text()
     )
+
+
+def test_sliced_features_default_to_highest_cardinality(tmp_path: Path) -> None:
+    from mtrec.config import FeatureConfig
+    from mtrec.data.hashing import hash_series
+    from mtrec.data.spec import FeatureSpec
+    from mtrec.evaluate.slices import fit_seen_ids, load_seen_ids, save_seen_ids
+
+    path = tmp_path / "train.parquet"
+    pl.DataFrame(
+        {
+            "a": [1, 2, 3, 4, None],  # 4 distinct (+ a null, not an id)
+            "b": [1, 1, 2, 2, 2],  # 2 distinct
+            "c": [1, 2, 3, 3, 3],  # 3 distinct
+            "tags": [[1], [2], [3], [4], [5]],
+        }
+    ).write_parquet(path)
+
+    def spec(**slice_of: bool) -> FeatureSpec:
+        feats = [FeatureConfig(n, "categorical", slice=slice_of.get(n)) for n in "abc"]
+        return FeatureSpec(
+            sparse=[*feats, FeatureConfig("tags", "multi_hot")], numeric=[], tasks=[]
+        )
+
+    seen = fit_seen_ids(spec(), path)
+    assert list(seen) == ["a", "c"]  # the two with most distinct values; multi-hot never
+    want = np.sort(hash_series(pl.Series([1, 2, 3, 4])))
+    assert np.array_equal(seen["a"], want)
+    assert list(fit_seen_ids(spec(a=False), path)) == ["b", "c"]
+    assert list(fit_seen_ids(spec(b=True), path)) == ["b"]
+    save_seen_ids(seen, tmp_path / "ids.npz")
+    back = load_seen_ids(tmp_path / "ids.npz")
+    assert back.keys() == seen.keys() and all(np.array_equal(back[k], seen[k]) for k in seen)
+    assert load_seen_ids(tmp_path / "absent.npz") == {}

@@ -6,7 +6,7 @@ row carries, beside its features and 0/1 labels, the *true* probability of each
 label (``p_<task>`` columns), so the Bayes-optimal ("oracle") AUC of each task is
 known and can be printed beside a model's.
 
-Two presets:
+Three presets:
 
 ``default`` (the quick-start demo)
     ``user_id`` (Zipf over ~10k users, also the GAUC group key), eight Zipf
@@ -33,7 +33,13 @@ Two presets:
     ``p_conversion = p_click * p_cvr``, with ``p_cvr`` sharing a teacher component
     with ``p_click``.
 
-Everything is vectorised NumPy and written in chunks of :data:`CHUNK_ROWS` rows
+``cold-start`` (generalisation to new users, issue #16)
+    Time-ordered interactions split by time (column ``ts``): users and items arrive over
+    time with power-law activity, so ~85-90% of test rows carry a ``user_id`` unseen in
+    training; labels depend on per-id effects and on side features that generalise. See
+    :mod:`mtrec.data.synth_cold_start` (it holds all rows in memory).
+
+The other presets are vectorised NumPy written in chunks of :data:`CHUNK_ROWS` rows
 (parquet row groups of at most :data:`ROW_GROUP_ROWS`), so memory stays bounded
 whatever ``rows`` is. Output is a deterministic function of ``(rows, seed, preset,
 vocab_scale, num_tasks)`` (and the fixed :data:`CHUNK_ROWS`): every chunk of every split
