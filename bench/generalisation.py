@@ -147,8 +147,9 @@ def run_seed(out: Path, rows: int, seed: int, threads: int) -> dict[str, Any]:
     cfg = load_config(config)
     frames = {s: pl.read_parquet(data / f"{s}.parquet") for s in ("train", "valid", "test")}
     test, train = frames["test"], frames["train"]
-    unseen = ~test.get_column(SLICE_FEATURE).is_in(train.get_column(SLICE_FEATURE).unique())
-    unseen = unseen.to_numpy()
+    unseen = ~np.isin(
+        test.get_column(SLICE_FEATURE).to_numpy(), train.get_column(SLICE_FEATURE).to_numpy()
+    )
     floor_probs = _floor(cfg, frames, seed)
     model_slice = report["slices"][SLICE_FEATURE]["unseen"]
     res: dict[str, Any] = {

@@ -434,8 +434,8 @@ def test_cold_start_side_features_generalise_to_new_users(
     out, _ = cold_run
     frames = _read(out)
     train, test = frames["train.parquet"], frames["test.parquet"]
-    new = ~test.get_column("user_id").is_in(train.get_column("user_id").unique())
-    test = test.filter(new)
+    users = train.get_column("user_id").to_numpy()
+    test = test.filter(~np.isin(test.get_column("user_id").to_numpy(), users))
     onehot = OneHotEncoder(handle_unknown="ignore").fit(train.select(SIDE_CATS).to_numpy())
     scale = StandardScaler().fit(np.log1p(train.select(SIDE_NUMS).to_numpy()))
 

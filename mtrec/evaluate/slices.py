@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from mtrec.data.errors import DataError
 from mtrec.data.hashing import MISSING_ID, hash_series
@@ -58,8 +59,15 @@ def fit_seen_ids(spec: FeatureSpec, train_path: str | Path) -> dict[str, np.ndar
     candidates = marked or [f.name for f in cats if getattr(f, "slice", None) is not False]
     if not candidates:
         return {}
-    uniq = {n: np.unique(v) for n, v in _ids(spec, train_path, candidates).items()}
-    uniq = {n: u[u != MISSING_ID].astype(np.int64) for n, u in uniq.items()}
+    by_name = {f.name: f for f in spec.sparse}
+    lf = spec.scan(train_path)
+    uniq: dict[str, np.ndarray] = {}
+    for n in candidates:
+        # distinct raw values first (memory: the vocabulary, not the rows), then their ids
+        col = by_name[n].source
+        values = lf.select(pl.col(col).unique()).collect().get_column(col)
+        ids = np.unique(hash_series(values))
+        uniq[n] = ids[ids != MISSING_ID].astype(np.int64)
     if not marked:  # the highest-cardinality ones (stable order on ties)
         top = sorted(candidates, key=lambda n: -len(uniq[n]))[:DEFAULT_SLICED]
         uniq = {n: uniq[n] for n in candidates if n in top}
