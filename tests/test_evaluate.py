@@ -498,3 +498,17 @@ def test_sliced_features_default_to_highest_cardinality(tmp_path: Path) -> None:
     back = load_seen_ids(tmp_path / "ids.npz")
     assert back.keys() == seen.keys() and all(np.array_equal(back[k], seen[k]) for k in seen)
     assert load_seen_ids(tmp_path / "absent.npz") == {}
+
+
+def test_slice_flag_only_on_categorical_features() -> None:
+    from mtrec.config import ConfigError, parse_config
+
+    raw = {
+        "dataset": {"train": "t.parquet"},
+        "features": [{"name": "x", "kind": "numeric", "slice": True}],
+        "tasks": [{"name": "click"}],
+    }
+    with pytest.raises(ConfigError, match=r"features\[0\]\.slice: only categorical"):
+        parse_config(raw)
+    raw["features"] = [{"name": "x", "kind": "categorical", "slice": True}]
+    assert parse_config(raw).features[0].slice is True
