@@ -13,7 +13,9 @@ seed and the training seed):
   all-zero row) plus the numerics transformed as the config says and standardised with
   training statistics; per task AUC (bootstrap interval), logloss and unseen-user slice;
 * ``base_rate_logloss``: logloss of the training positive rate; ``oracle_auc``: AUC of the
-  true probabilities (all rows and unseen-user rows).
+  true probabilities (all rows and unseen-user rows); ``cold_user_oracle_auc_unseen``: AUC
+  on unseen-user rows of the best probabilities without the user's own effect
+  (``p_<task>_cold``): the most any model can reach there.
 
 Output: one ``generalisation_run`` JSON line per seed, then one ``generalisation`` line
 with mean ± std over seeds of every number (each line carries the load average).
@@ -27,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -46,11 +49,13 @@ BOOT = 100
 
 
 def _data(out: Path, rows: int, seed: int) -> Path:
+    import mtrec.data.synth_cold_start as generator
     from mtrec.data.synthetic import synthesize
 
     d = out / f"data-seed{seed}"
     meta = d / "bench-meta.json"
-    want = {"rows": rows, "seed": seed, "preset": "cold-start"}
+    code = hashlib.sha256(Path(generator.__file__).read_bytes()).hexdigest()[:12]
+    want = {"rows": rows, "seed": seed, "preset": "cold-start", "code": code}
     if meta.exists() and json.loads(meta.read_text()) == want:
         return d
     log(f"generating {rows:,} cold-start rows (seed {seed}) into {d}")
@@ -159,6 +164,7 @@ def run_seed(out: Path, rows: int, seed: int, threads: int) -> dict[str, Any]:
         "base_rate_logloss": {},
         "oracle_auc": {},
         "oracle_auc_unseen": {},
+        "cold_user_oracle_auc_unseen": {},
     }
     for t in cfg.tasks:
         y = test.get_column(t.label or t.name).to_numpy()
@@ -182,6 +188,8 @@ def run_seed(out: Path, rows: int, seed: int, threads: int) -> dict[str, Any]:
         res["base_rate_logloss"][t.name] = logloss(y, np.full(len(y), rate))
         res["oracle_auc"][t.name] = auc(y, truth)
         res["oracle_auc_unseen"][t.name] = auc(y[unseen], truth[unseen])
+        cold = test.get_column(f"{t.true_prob}_cold").to_numpy()
+        res["cold_user_oracle_auc_unseen"][t.name] = auc(y[unseen], cold[unseen])
     return emit("generalisation_run", rows=rows, seed=seed, **res)
 
 
@@ -204,7 +212,14 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out / f"rows{args.rows}"
     runs = [run_seed(out, args.rows, s, args.threads) for s in args.seeds]
-    keys = ("model", "floor", "base_rate_logloss", "oracle_auc", "oracle_auc_unseen")
+    keys = (
+        "model",
+        "floor",
+        "base_rate_logloss",
+        "oracle_auc",
+        "oracle_auc_unseen",
+        "cold_user_oracle_auc_unseen",
+    )
     flat = [_leaves({k: r[k] for k in (*keys, "unseen_user_fraction")}) for r in runs]
     summary = {
         k: [

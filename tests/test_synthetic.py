@@ -409,6 +409,11 @@ def test_cold_start_labels_and_oracle(cold_run: tuple[Path, dict[str, Any]]) -> 
         assert summary["oracle_auc"][task] > 0.75
         p = test.get_column(f"p_{task}").to_numpy()
         assert oracle_auc(test.get_column(task).to_numpy(), p) == summary["oracle_auc"][task]
+        # without the user's own effect the best AUC on new users is lower, still far above 0.5
+        cold = summary["cold_user_oracle_auc"][task]
+        assert 0.7 < cold < summary["oracle_auc"][task]
+        p_cold = test.get_column(f"p_{task}_cold").to_numpy()
+        assert abs(p_cold.mean() - p.mean()) < 0.1 * p.mean()  # the same rate on average
 
 
 def test_cold_start_config_uses_package_defaults(cold_run: tuple[Path, dict[str, Any]]) -> None:

@@ -2,8 +2,9 @@
 
 Users and items arrive over time. Each user has an arrival time ``a_u ~ U(0, 1)``, a
 power-law activity weight (Pareto, tail index :data:`USER_ACTIVITY_ALPHA`) and an active
-span (exponential, mean :data:`USER_SPAN` for a median user, longer for heavy users); its rows are spread uniformly over its span, so the
-newest rows mostly belong to users who arrived after the training cut. Items live longer
+span (exponential, mean :data:`USER_SPAN` for a median user, longer for heavy users); its
+rows are spread uniformly over its span, so the newest rows mostly belong to users who
+arrived after the training cut. Activity is capped, so no user dominates. Items live longer
 (mean :data:`ITEM_LIFE`) with power-law popularity; a row draws its item among the items
 alive at its time. Rows are sorted by time and split by time: oldest 80% train, next 10%
 valid, newest 10% test (ordered by the ``ts`` column). At the default scale ~85-90% of test
@@ -20,7 +21,9 @@ training); ``side_part`` generalises to new ids: user attributes (``gender``, ``
 the interaction and a low-rank user-attribute x category cross. The side part carries
 :data:`SIDE_SHARE` of the logit variance, so a model leaning on ids loses on the new users
 and one that uses the side features wins. ``p_click`` / ``p_conversion`` hold the true
-probabilities (oracle AUC).
+probabilities (oracle AUC); ``p_click_cold`` / ``p_conversion_cold`` the best probabilities
+*without* the user's own effect (averaged over its prior): on the rows of users unseen in
+training, their AUC (``cold_user_oracle_auc``) is the most any model can reach.
 
 Everything is vectorised NumPy over all rows at once (1M rows: a few seconds, ~200 MB);
 the output is a deterministic function of ``(rows, seed, vocab_scale, num_tasks)``.
@@ -71,6 +74,7 @@ _SPAN_SECONDS = 90 * 86_400
 _REGIONS, _DEVICES, _GENDERS, _CATEGORIES = 200, 4, 3, 60
 _CROSS_RANK = 3
 _CODE = 3
+_COLD_NODES = 24
 
 
 @dataclass
@@ -83,6 +87,10 @@ class _Rows:
     items: np.ndarray
     n_users: int
     n_items: int
+    # the latent logits without the user's own effect [n, 2], and that effect's std [2]
+    # (the user effects are N(0, 1) per user times this scale)
+    cold_latent: np.ndarray
+    user_scale: np.ndarray
 
 
 @dataclass
@@ -154,6 +162,8 @@ def _generate(rows: int, seed: int, vocab_scale: float) -> _Rows:
     age_z = (age[u] - 35.0) / 11.0
     price_z = (np.log(price[i]) - 3.0) / 0.9
     latent = np.empty((rows, 2))
+    cold_latent = np.empty((rows, 2))
+    user_scale = np.zeros(2)
     for j in range(2):
         # side part: per-value effects, smooth numeric effects, a user x category cross
         eff = {
@@ -177,11 +187,16 @@ def _generate(rows: int, seed: int, vocab_scale: float) -> _Rows:
             + a_hour * np.cos(2.0 * math.pi * (hour - rng.uniform(0, 24)) / 24.0)
             + np.einsum("ij,ij->i", user_vec, cat_vec)
         )
-        ids = rng.normal(0.0, 1.0, n_users)[u] + rng.normal(0.0, 0.7, n_items)[i]
+        user_eff = rng.normal(0.0, 1.0, n_users)[u]
+        ids = user_eff + rng.normal(0.0, 0.7, n_items)[i]
         sigma = _SIGMAS[j]
-        latent[:, j] = _standardised(side, sigma * math.sqrt(SIDE_SHARE)) + _standardised(
-            ids, sigma * math.sqrt(1.0 - SIDE_SHARE)
+        id_std = float(ids.std())
+        user_scale[j] = sigma * math.sqrt(1.0 - SIDE_SHARE) / id_std if id_std > 0 else 0.0
+        latent[:, j] = (
+            _standardised(side, sigma * math.sqrt(SIDE_SHARE))
+            + (ids - float(ids.mean())) * user_scale[j]
         )
+        cold_latent[:, j] = latent[:, j] - user_scale[j] * user_eff
 
     # stored ids: a fixed per-seed permutation, so id order says nothing about arrival
     user_ids = rng.permutation(n_users).astype(np.int64) + 1
@@ -198,24 +213,41 @@ def _generate(rows: int, seed: int, vocab_scale: float) -> _Rows:
         "item_price": np.round(price[i], 2),
         "hour": np.round(hour, 3),
     }
-    return _Rows(cols, latent, u, i, n_users, n_items)
+    return _Rows(cols, latent, u, i, n_users, n_items, cold_latent, user_scale)
 
 
-def _labels(latent: np.ndarray, seed: int, num_tasks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Biases for the target rates (fitted on a fixed subsample), then 0/1 labels."""
+def _labels(
+    latent: np.ndarray, seed: int, num_tasks: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Biases [2] for the target rates (fitted on a fixed subsample), then 0/1 labels and
+    true probabilities [n, num_tasks]."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, _CODE, 1]))
     sub = latent[rng.choice(len(latent), min(len(latent), _BIAS_ROWS), replace=False)]
     b_click = _syn._bias_for_rates(sub[:, :1], np.array([_CLICK_RATE]))
     p_sub = _syn._sigmoid(sub[:, :1] + b_click)
     # the conversion target is marginal: mean(p_click * p_cvr) = click rate * cvr
     b_cvr = _syn._bias_for_rates(sub[:, 1:], np.array([_CLICK_RATE * _CVR_RATE]), weights=p_sub)
-    p = _syn._sigmoid(latent + np.concatenate([b_click, b_cvr]))
+    bias = np.concatenate([b_click, b_cvr])
+    p = _syn._sigmoid(latent + bias)
     draw = rng.random(p.shape)
     click = draw[:, 0] < p[:, 0]
     conversion = click & (draw[:, 1] < p[:, 1])
     labels = np.stack([click, conversion], axis=1).astype(np.int64)
     probs = np.stack([p[:, 0], p[:, 0] * p[:, 1]], axis=1)
-    return labels[:, :num_tasks], probs[:, :num_tasks]
+    return labels[:, :num_tasks], probs[:, :num_tasks], bias
+
+
+def _cold_probs(rows: _Rows, bias: np.ndarray, num_tasks: int) -> np.ndarray:
+    """The best probabilities without the user id [n, num_tasks]: the true probability
+    averaged over the user-effect prior (Gauss-Hermite, 24 nodes). The click and cvr user
+    effects are independent, so ``E[p_click * p_cvr] = E[p_click] * E[p_cvr]``."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(_COLD_NODES)
+    weights = weights / weights.sum()
+    p = np.zeros_like(rows.cold_latent)
+    base = rows.cold_latent + bias
+    for x, w in zip(nodes, weights, strict=True):
+        p += w * _syn._sigmoid(base + rows.user_scale * x)
+    return np.stack([p[:, 0], p[:, 0] * p[:, 1]], axis=1)[:, :num_tasks]
 
 
 def unseen_fraction(train_ids: np.ndarray, test_ids: np.ndarray) -> float:
@@ -248,7 +280,8 @@ def write_cold_start(
 ) -> tuple[dict[str, Any], _Layout]:
     """Write the three splits into ``tmp``; return the summary fields and the layout."""
     data = _generate(rows, seed, vocab_scale)
-    labels, probs = _labels(data.latent, seed, num_tasks)
+    labels, probs, bias = _labels(data.latent, seed, num_tasks)
+    cold = _cold_probs(data, bias, num_tasks)
     tasks = list(COLD_START_TASKS[:num_tasks])
     sizes = _syn._split_sizes(rows)
     bounds = {"train": (0, sizes["train"])}
@@ -260,6 +293,8 @@ def write_cold_start(
             cols[name] = pa.array(labels[s:e, t], type=pa.int64())
         for t, name in enumerate(tasks):
             cols[f"p_{name}"] = pa.array(probs[s:e, t], type=pa.float64())
+        for t, name in enumerate(tasks):
+            cols[f"p_{name}_cold"] = pa.array(cold[s:e, t], type=pa.float64())
         pq.write_table(
             pa.table(cols),
             tmp / f"{split}.parquet",
@@ -268,11 +303,16 @@ def write_cold_start(
         )
     s, e = bounds["test"]
     tr = bounds["train"][1]
+    new = s + np.flatnonzero(~np.isin(data.users[s:e], data.users[:tr]))
     summary = {
         "splits": sizes,
         "positive_rate": {t: float(labels[:, j].mean()) for j, t in enumerate(tasks)},
         "oracle_auc": {
             t: _syn.oracle_auc(labels[s:e, j], probs[s:e, j]) for j, t in enumerate(tasks)
+        },
+        # the best AUC on test rows of users unseen in training: without the user's effect
+        "cold_user_oracle_auc": {
+            t: _syn.oracle_auc(labels[new, j], cold[new, j]) for j, t in enumerate(tasks)
         },
         "unseen_test_fraction": {
             "user_id": unseen_fraction(data.users[:tr], data.users[s:e]),
