@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--rows", type=int, default=200_000)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--preset", choices=["default", "criteo-like"], default="default")
+    s.add_argument("--preset", choices=["default", "criteo-like", "cold-start"], default="default")
     s.add_argument("--vocab-scale", type=float, default=1.0)
     s.add_argument(
         "--tasks", type=int, default=None, help="number of tasks (preset default: 4 or 2)"

@@ -43,6 +43,7 @@ from mtrec.config import (
     load_config,
     parse_config,
 )
+from mtrec.data.seen_ids import SEEN_IDS_FILE, fit_seen_ids, save_seen_ids
 from mtrec.data.spec import FeatureSpec
 from mtrec.data.vocab import load_kept_ids, save_kept_ids
 from mtrec.errors import CheckpointError, RunError, RunLockedError
@@ -375,13 +376,15 @@ def write_run_files(
         spec.save_stats(stats_file)
         if spec.kept_ids:
             save_kept_ids(spec.kept_ids, out / VOCAB_FILE)
+        # the ids training saw, for the cold / warm slices of evaluation
+        save_seen_ids(fit_seen_ids(spec, cfg.dataset.train), out / SEEN_IDS_FILE)
         atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def remove_unfinished_run(out: Path) -> None:
     """Remove the files a training wrote into ``out`` before it completed an epoch (the
     lock file stays with its holder)."""
-    for name in (CONFIG_FILE, STATS_FILE, VOCAB_FILE, METRICS_FILE):
+    for name in (CONFIG_FILE, STATS_FILE, VOCAB_FILE, SEEN_IDS_FILE, METRICS_FILE):
         (out / name).unlink(missing_ok=True)
     checkpoints = out / "checkpoints"
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):

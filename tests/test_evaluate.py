@@ -412,3 +412,104 @@ def test_expert_health_is_row_weighted_and_reported(autoint_setup) -> None:
     text = "\n".join(_health_markdown(ins.to_dict()))
     assert "## Expert health" in text and experts[0] in text
     assert "| shared expert | " + " | ".join(sorted(spec.task_names)) + " |" in text
+
+
+# ------------------------------------------------------------------------------ slices
+
+
+def test_slice_metrics_hand_checked() -> None:
+    from mtrec.evaluate.slices import slice_metrics
+
+    # ids 5, 7 were seen in training; 9 and 11 were not; 0 (MISSING_ID, a null) counts as seen
+    ids = {"user": np.array([5, 9, 7, 11, 9, 0])}
+    seen = {"user": np.array([5, 7])}
+    labels = np.array([[1], [0], [0], [1], [1], [0]])
+    probs = np.array([[0.9], [0.2], [0.3], [0.1], [0.6], [0.1]])
+    true = np.array([[0.8], [0.1], [0.2], [0.3], [0.9], [0.2]])
+    out = slice_metrics(labels, probs, true, ids, seen, ["click"])["user"]
+    assert out["seen"]["rows"] == 3 and out["unseen"]["rows"] == 3
+    s, u = out["seen"]["tasks"]["click"], out["unseen"]["tasks"]["click"]
+    assert s["auc"] == 1.0  # seen rows: positive 0.9 above negatives 0.3, 0.1
+    assert u["auc"] == 0.5  # unseen: negative 0.2 between positives 0.1 and 0.6
+    assert u["mean_pred"] == pytest.approx(0.3) and u["observed"] == pytest.approx(2 / 3)
+    assert u["calibration"] == pytest.approx(0.3 / (2 / 3))
+    assert s["logloss"] == pytest.approx(-(math.log(0.9) + math.log(0.7) + math.log(0.9)) / 3)
+    assert u["oracle_auc"] == 1.0
+
+
+def test_report_slices_partition_the_rows(run: Path, evaluated: dict) -> None:
+    """The run stored its training ids; the report's seen / unseen slices cover every row
+    once and their metrics equal a direct computation on the rows of each slice."""
+    from mtrec.data.hashing import hash_series
+    from mtrec.evaluate.slices import SEEN_IDS_FILE, load_seen_ids
+
+    report = evaluated["report"]
+    seen = load_seen_ids(run / SEEN_IDS_FILE)
+    assert seen and set(report["slices"]) == set(seen)
+    cfg, spec, model = load_trained_model(run)
+    collector = collect_scores(model, spec, cfg.dataset.test, 512)
+    train = pl.read_parquet(cfg.dataset.train)
+    test = pl.read_parquet(cfg.dataset.test)
+    for feature, parts in report["slices"].items():
+        assert parts["seen"]["rows"] + parts["unseen"]["rows"] == report["rows"]
+        stored = set(seen[feature].tolist())
+        assert stored == set(hash_series(train.get_column(feature)).tolist()) - {0}
+        known = np.isin(hash_series(test.get_column(feature)), seen[feature])
+        for j, task in enumerate(spec.task_names):
+            got = parts["seen"]["tasks"][task]
+            y, p = collector.labels[known, j], collector.probs[known, j]
+            assert got["auc"] == pytest.approx(auc(y, p))
+            assert got["logloss"] == pytest.approx(logloss(y, p))
+            assert got["mean_pred"] == pytest.approx(float(p.mean()))
+    assert (
+        "## Seen / unseen ids"
+        in Path(evaluated["summary"]["report"]).with_suffix(".md").read_text()
+    )
+
+
+def test_sliced_features_default_to_highest_cardinality(tmp_path: Path) -> None:
+    from mtrec.config import FeatureConfig
+    from mtrec.data.hashing import hash_series
+    from mtrec.data.spec import FeatureSpec
+    from mtrec.evaluate.slices import fit_seen_ids, load_seen_ids, save_seen_ids
+
+    path = tmp_path / "train.parquet"
+    pl.DataFrame(
+        {
+            "a": [1, 2, 3, 4, None],  # 4 distinct (+ a null, not an id)
+            "b": [1, 1, 2, 2, 2],  # 2 distinct
+            "c": [1, 2, 3, 3, 3],  # 3 distinct
+            "tags": [[1], [2], [3], [4], [5]],
+        }
+    ).write_parquet(path)
+
+    def spec(**slice_of: bool) -> FeatureSpec:
+        feats = [FeatureConfig(n, "categorical", slice=slice_of.get(n)) for n in "abc"]
+        return FeatureSpec(
+            sparse=[*feats, FeatureConfig("tags", "multi_hot")], numeric=[], tasks=[]
+        )
+
+    seen = fit_seen_ids(spec(), path)
+    assert list(seen) == ["a", "c"]  # the two with most distinct values; multi-hot never
+    want = np.sort(hash_series(pl.Series([1, 2, 3, 4])))
+    assert np.array_equal(seen["a"], want)
+    assert list(fit_seen_ids(spec(a=False), path)) == ["b", "c"]
+    assert list(fit_seen_ids(spec(b=True), path)) == ["b"]
+    save_seen_ids(seen, tmp_path / "ids.npz")
+    back = load_seen_ids(tmp_path / "ids.npz")
+    assert back.keys() == seen.keys() and all(np.array_equal(back[k], seen[k]) for k in seen)
+    assert load_seen_ids(tmp_path / "absent.npz") == {}
+
+
+def test_slice_flag_only_on_categorical_features() -> None:
+    from mtrec.config import ConfigError, parse_config
+
+    raw = {
+        "dataset": {"train": "t.parquet"},
+        "features": [{"name": "x", "kind": "numeric", "slice": True}],
+        "tasks": [{"name": "click"}],
+    }
+    with pytest.raises(ConfigError, match=r"features\[0\]\.slice: only categorical"):
+        parse_config(raw)
+    raw["features"] = [{"name": "x", "kind": "categorical", "slice": True}]
+    assert parse_config(raw).features[0].slice is True

@@ -348,3 +348,106 @@ def test_oracle_auc_matches_pairwise_definition() -> None:
     assert oracle_auc(y, s) == pytest.approx(expected)
     assert oracle_auc(np.zeros(5), np.arange(5.0)) is None
     assert oracle_auc(np.array([0, 1]), np.array([0.1, 0.9])) == 1.0
+
+
+# --------------------------------------------------------------------------- cold-start
+
+COLD_ROWS = 100_000
+SIDE_CATS = ("gender", "region", "device", "item_category")
+SIDE_NUMS = ("user_age", "item_price", "hour")
+
+
+@pytest.fixture(scope="module")
+def cold_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("synth_cold")
+    return out, synthesize(out, rows=COLD_ROWS, seed=3, preset="cold-start")
+
+
+def test_cold_start_same_seed_same_data(tmp_path: Path) -> None:
+    a = synthesize(tmp_path / "a", rows=5_000, seed=1, preset="cold-start")
+    b = synthesize(tmp_path / "b", rows=5_000, seed=1, preset="cold-start")
+    c = synthesize(tmp_path / "c", rows=5_000, seed=2, preset="cold-start")
+    for name in SPLIT_FILES:
+        da, db = (pl.read_parquet(tmp_path / d / name) for d in "ab")
+        assert da.equals(db), name
+    assert (tmp_path / "a" / "config.yaml").read_text() == (
+        tmp_path / "b" / "config.yaml"
+    ).read_text()
+    assert a["oracle_auc"] == b["oracle_auc"] and a["oracle_auc"] != c["oracle_auc"]
+    assert not pl.read_parquet(tmp_path / "c" / "test.parquet").equals(
+        pl.read_parquet(tmp_path / "a" / "test.parquet")
+    )
+
+
+def test_cold_start_is_split_by_time_with_new_users(cold_run: tuple[Path, dict[str, Any]]) -> None:
+    out, summary = cold_run
+    frames = _read(out)
+    ts = [frames[n].get_column("ts").to_numpy() for n in SPLIT_FILES]
+    for t in ts:
+        assert np.all(np.diff(t) >= 0)
+    assert ts[0].max() <= ts[1].min() and ts[1].max() <= ts[2].min()
+    train_users = set(frames["train.parquet"].get_column("user_id").to_list())
+    test_users = frames["test.parquet"].get_column("user_id").to_numpy()
+    unseen = float(np.mean([u not in train_users for u in test_users]))
+    assert unseen >= 0.8
+    assert unseen == pytest.approx(summary["unseen_test_fraction"]["user_id"])
+    assert summary["splits"] == {"train": 80_000, "valid": 10_000, "test": 10_000}
+    # power-law activity: the busiest user has far more rows than the median one
+    counts = frames["train.parquet"].get_column("user_id").value_counts().get_column("count")
+    assert counts.max() >= 20 * counts.median()
+
+
+def test_cold_start_labels_and_oracle(cold_run: tuple[Path, dict[str, Any]]) -> None:
+    out, summary = cold_run
+    assert summary["tasks"] == ["click", "conversion"]
+    test = _read(out)["test.parquet"]
+    click, conv = test.get_column("click").to_numpy(), test.get_column("conversion").to_numpy()
+    assert np.all(conv <= click)  # a conversion needs a click
+    assert 0.12 < summary["positive_rate"]["click"] < 0.18
+    assert 0.02 < summary["positive_rate"]["conversion"] < 0.04
+    for task in ("click", "conversion"):
+        assert summary["oracle_auc"][task] > 0.75
+        p = test.get_column(f"p_{task}").to_numpy()
+        assert oracle_auc(test.get_column(task).to_numpy(), p) == summary["oracle_auc"][task]
+        # without the user's own effect the best AUC on new users is lower, still far above 0.5
+        cold = summary["cold_user_oracle_auc"][task]
+        assert 0.7 < cold < summary["oracle_auc"][task]
+        p_cold = test.get_column(f"p_{task}_cold").to_numpy()
+        assert abs(p_cold.mean() - p.mean()) < 0.1 * p.mean()  # the same rate on average
+
+
+def test_cold_start_config_uses_package_defaults(cold_run: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = cold_run
+    cfg = load_config(out / "config.yaml")
+    assert cfg.model.embedding.type == "unified"
+    assert cfg.group_key == "user_id"
+    names = {f.name for f in cfg.features}
+    assert {"user_id", "item_id", *SIDE_CATS, *SIDE_NUMS} == names
+    assert [t.true_prob for t in cfg.tasks] == ["p_click", "p_conversion"]
+    header = (out / "config.yaml").read_text()
+    assert "unseen in training" in header
+
+
+def test_cold_start_side_features_generalise_to_new_users(
+    cold_run: tuple[Path, dict[str, Any]],
+) -> None:
+    """A one-hot logistic regression on side features alone (no ids), fitted on the training
+    split, ranks the test rows of users never seen in training well above chance."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    out, _ = cold_run
+    frames = _read(out)
+    train, test = frames["train.parquet"], frames["test.parquet"]
+    users = train.get_column("user_id").to_numpy()
+    test = test.filter(~np.isin(test.get_column("user_id").to_numpy(), users))
+    onehot = OneHotEncoder(handle_unknown="ignore").fit(train.select(SIDE_CATS).to_numpy())
+    scale = StandardScaler().fit(np.log1p(train.select(SIDE_NUMS).to_numpy()))
+
+    def x(df: pl.DataFrame) -> np.ndarray:
+        cats = onehot.transform(df.select(SIDE_CATS).to_numpy()).toarray()
+        return np.hstack([cats, scale.transform(np.log1p(df.select(SIDE_NUMS).to_numpy()))])
+
+    lr = LogisticRegression(max_iter=300).fit(x(train), train.get_column("click").to_numpy())
+    auc = oracle_auc(test.get_column("click").to_numpy(), lr.predict_proba(x(test))[:, 1])
+    assert auc is not None and auc > 0.65

@@ -82,6 +82,11 @@ def check_config(cfg: ExperimentConfig, source: str) -> None:
                 f"{source}: features[{i}].min_count: only categorical and multi_hot "
                 "features take a min_count"
             )
+        if f.slice and f.kind != "categorical":
+            raise ConfigError(
+                f"{source}: features[{i}].slice: only categorical features can be sliced "
+                "by seen / unseen id"
+            )
         if f.kind != "multi_hot" and f.delimiter is not None:
             raise ConfigError(
                 f"{source}: features[{i}].delimiter: only multi_hot features take a delimiter"

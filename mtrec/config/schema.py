@@ -137,6 +137,9 @@ class FeatureConfig:
     # values seen fewer times in the training split share one "rare" embedding
     # (None: model.embedding.min_count)
     min_count: int | None = num(None, ge=0)
+    # categorical only: report metrics separately for rows whose id was seen / unseen in
+    # training (None: the highest-cardinality features, unless another feature says true)
+    slice: bool | None = None
 
     @property
     def source(self) -> str:

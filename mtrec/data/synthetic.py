@@ -6,7 +6,7 @@ row carries, beside its features and 0/1 labels, the *true* probability of each
 label (``p_<task>`` columns), so the Bayes-optimal ("oracle") AUC of each task is
 known and can be printed beside a model's.
 
-Two presets:
+Three presets:
 
 ``default`` (the quick-start demo)
     ``user_id`` (Zipf over ~10k users, also the GAUC group key), eight Zipf
@@ -33,7 +33,13 @@ Two presets:
     ``p_conversion = p_click * p_cvr``, with ``p_cvr`` sharing a teacher component
     with ``p_click``.
 
-Everything is vectorised NumPy and written in chunks of :data:`CHUNK_ROWS` rows
+``cold-start`` (generalisation to new users, issue #16)
+    Time-ordered interactions split by time (column ``ts``): users and items arrive over
+    time with power-law activity, so ~85-90% of test rows carry a ``user_id`` unseen in
+    training; labels depend on per-id effects and on side features that generalise. See
+    :mod:`mtrec.data.synth_cold_start` (it holds all rows in memory).
+
+The other presets are vectorised NumPy written in chunks of :data:`CHUNK_ROWS` rows
 (parquet row groups of at most :data:`ROW_GROUP_ROWS`), so memory stays bounded
 whatever ``rows`` is. Output is a deterministic function of ``(rows, seed, preset,
 vocab_scale, num_tasks)`` (and the fixed :data:`CHUNK_ROWS`): every chunk of every split
@@ -83,7 +89,7 @@ __all__ = [
     "synthesize",
 ]
 
-Preset = Literal["default", "criteo-like"]
+Preset = Literal["default", "criteo-like", "cold-start"]
 
 #: rows generated (and held in memory) at a time
 CHUNK_ROWS = 262_144
@@ -137,7 +143,7 @@ _CROSS_HEAD = 1_000
 _CROSS_DECAY = 5.0
 _CROSS_RANK = 4
 _CALIBRATION_ROWS = 65_536
-_PRESET_CODE = {"default": 1, "criteo-like": 2}
+_PRESET_CODE = {"default": 1, "criteo-like": 2, "cold-start": 3}
 
 
 def _scaled(v: int, vocab_scale: float) -> int:
@@ -894,17 +900,20 @@ def synthesize(
         rows: total rows, split 80/10/10 into train / valid / test (at least 10).
         seed: data seed; the same arguments always give the same data.
         preset: ``"default"`` (demo: 4 tasks in 2 groups, user_id, tags, 8 categorical,
-            4 numeric) or ``"criteo-like"`` (13 numeric + 26 categorical, click and
-            conversion).
+            4 numeric), ``"criteo-like"`` (13 numeric + 26 categorical, click and
+            conversion) or ``"cold-start"`` (time-ordered, most test users unseen in
+            training; see :mod:`mtrec.data.synth_cold_start`).
         vocab_scale: multiplies every vocabulary size (at least 2 values each).
         num_tasks: number of tasks; default 4 for ``"default"`` (any >= 1), 2 for
-            ``"criteo-like"`` (1: click only).
+            ``"criteo-like"`` and ``"cold-start"`` (1: click only).
         progress: print progress lines to stderr.
 
     Returns:
         ``{"out", "config", "rows", "tasks", "splits": {split: rows}, "preset",
         "positive_rate": {task: rate over all rows}, "oracle_auc": {task: AUC of the
-        true probabilities on the test split}, "wall_s"}``.
+        true probabilities on the test split}, "wall_s"}``; ``"cold-start"`` adds
+        ``"unseen_test_fraction": {"user_id", "item_id"}`` (test rows whose id is not in
+        the training split).
     """
     start_time = time.perf_counter()
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 10:
@@ -912,9 +921,9 @@ def synthesize(
     if preset not in _PRESET_CODE:
         raise ValueError(f"preset must be one of {sorted(_PRESET_CODE)}, got {preset!r}")
     _check_scale(vocab_scale)
-    max_tasks = 2 if preset == "criteo-like" else None
+    max_tasks = None if preset == "default" else 2
     if num_tasks is None:
-        num_tasks = 2 if preset == "criteo-like" else 4
+        num_tasks = 4 if preset == "default" else 2
     if num_tasks < 1 or (max_tasks is not None and num_tasks > max_tasks):
         raise ValueError(
             f"num_tasks must be >= 1{f' and <= {max_tasks}' if max_tasks else ''} "
@@ -922,6 +931,8 @@ def synthesize(
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if preset == "cold-start":
+        return _synthesize_cold_start(out, rows, seed, float(vocab_scale), num_tasks, start_time)
     build = _build_default if preset == "default" else _build_criteo_like
     spec = build(seed, float(vocab_scale), num_tasks)
     sizes = _split_sizes(rows)
@@ -959,6 +970,41 @@ def synthesize(
         }
         cfg = _config_dict(preset, spec, seed)
         _write_config(tmp / "config.yaml", _config_text(cfg, spec, summary, float(vocab_scale)))
+        for name in (*(f"{s}.parquet" for s, _ in SPLITS), "config.yaml"):
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary["wall_s"] = round(time.perf_counter() - start_time, 3)
+    return summary
+
+
+def _synthesize_cold_start(
+    out: Path, rows: int, seed: int, vocab_scale: float, num_tasks: int, start_time: float
+) -> dict[str, Any]:
+    """The ``cold-start`` preset: split by time, see :mod:`mtrec.data.synth_cold_start`."""
+    from mtrec.data.synth_cold_start import write_cold_start
+
+    tmp = Path(tempfile.mkdtemp(prefix=".synth-tmp-", dir=out))
+    try:
+        fields, layout = write_cold_start(tmp, rows, seed, vocab_scale, num_tasks)
+        summary: dict[str, Any] = {
+            "out": str(out),
+            "config": str(out / "config.yaml"),
+            "rows": rows,
+            "tasks": list(layout.tasks),
+            "preset": "cold-start",
+            **fields,
+        }
+        cfg = _config_dict("cold-start", layout, seed)  # type: ignore[arg-type]
+        text = _config_text(cfg, layout, summary, vocab_scale)  # type: ignore[arg-type]
+        unseen = summary["unseen_test_fraction"]
+        text = text.replace(
+            "\n# Oracle",
+            f"\n# Split by time (column ts); test rows with a user_id unseen in training: "
+            f"{unseen['user_id']:.1%}, item_id: {unseen['item_id']:.1%}\n# Oracle",
+            1,
+        )
+        _write_config(tmp / "config.yaml", text)
         for name in (*(f"{s}.parquet" for s, _ in SPLITS), "config.yaml"):
             os.replace(tmp / name, out / name)
     finally:

@@ -33,6 +33,7 @@ from mtrec.data.readers import read_schema
 from mtrec.data.spec import FeatureSpec
 from mtrec.evaluate.insights import ModelInsights, collect_insights
 from mtrec.evaluate.parallel import collect_scores_sharded
+from mtrec.evaluate.slices import slice_markdown, slice_report
 from mtrec.io import atomic_write_text, to_json
 from mtrec.metrics import BOOTSTRAP_METHODS, ScoreCollector, bootstrap, reliability, roc_curve
 from mtrec.run import VOCAB_FILE, RunError, load_run_config, load_trained_model
@@ -275,6 +276,7 @@ def _markdown(report: dict[str, Any]) -> str:
         lines.append(
             "`oracle_auc`: AUC of the true probabilities: the best any model can reach here."
         )
+    lines += slice_markdown(report.get("slices", {}))
     lines += _health_markdown(report.get("insights", {}))
     for kind, name in report.get("plots", {}).items():
         lines += ["", f"## {_TITLES.get(kind, kind)}", "", f"![{kind}]({name})"]
@@ -419,6 +421,7 @@ def evaluate_run(
             for t, m in tasks.items()
         },
     }
+    report["slices"] = slice_report(run_dir, spec, data, collector)
     if plots and len(collector):
         t_plots = time.perf_counter()
         insights = collect_insights(model, spec, data, batch_size, diag_rows, chunk_rows)
