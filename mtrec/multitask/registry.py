@@ -106,9 +106,11 @@ def _load_builtins() -> None:
 
 
 def registered_blocks() -> dict[str, BlockSpec]:
-    """Every registered block by name (built-ins first, then user blocks)."""
+    """Every registered block by name: built-ins sorted by name (whatever order their
+    modules were imported in), then user blocks in registration order."""
     _load_builtins()
-    return dict(_BLOCKS)
+    builtin = sorted(n for n, s in _BLOCKS.items() if s.build.__module__.startswith("mtrec."))
+    return {n: _BLOCKS[n] for n in [*builtin, *(n for n in _BLOCKS if n not in builtin)]}
 
 
 def block_names() -> list[str]:
