@@ -879,6 +879,13 @@ _ConfigDumper.add_representer(list, _represent_list)
 _ConfigDumper.add_representer(_FlowMap, _represent_flow_map)
 
 
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished splits and config from ``tmp`` into ``out``, config last (each
+    file replaced atomically: a reader never sees a half-written one)."""
+    for name in (*(f"{s}.parquet" for s, _ in SPLITS), "config.yaml"):
+        os.replace(tmp / name, out / name)
+
+
 def _write_config(path: Path, text: str) -> None:
     path.write_text(text)
 
@@ -970,8 +977,7 @@ def synthesize(
         }
         cfg = _config_dict(preset, spec, seed)
         _write_config(tmp / "config.yaml", _config_text(cfg, spec, summary, float(vocab_scale)))
-        for name in (*(f"{s}.parquet" for s, _ in SPLITS), "config.yaml"):
-            os.replace(tmp / name, out / name)
+        _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary["wall_s"] = round(time.perf_counter() - start_time, 3)
@@ -1005,8 +1011,7 @@ def _synthesize_cold_start(
             1,
         )
         _write_config(tmp / "config.yaml", text)
-        for name in (*(f"{s}.parquet" for s, _ in SPLITS), "config.yaml"):
-            os.replace(tmp / name, out / name)
+        _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary["wall_s"] = round(time.perf_counter() - start_time, 3)
