@@ -15,19 +15,35 @@ from torchrec.optim import RowWiseAdagrad
 
 from mtrec.config import ExperimentConfig
 
-__all__ = ["fuse_sparse_optimizer", "make_dense_optimizer", "sparse_optimizers"]
+__all__ = [
+    "LINEAR_PREFIX",
+    "fuse_sparse_optimizer",
+    "make_dense_optimizer",
+    "sparse_optimizers",
+    "sparse_settings",
+]
+
+
+# module path prefix of the linear term's per-id weights (``MultiTaskModel.linear_arch``)
+LINEAR_PREFIX = "linear_arch."
+
+
+def sparse_settings(path: str, cfg: ExperimentConfig) -> dict[str, float]:
+    """Row-wise Adagrad settings of the collection at module ``path``: ``model.linear``'s
+    for the linear term's per-id weights, ``model.embedding``'s for every other table."""
+    opt = cfg.model.linear if path.startswith(LINEAR_PREFIX) else cfg.model.embedding
+    return {"lr": opt.learning_rate, "eps": opt.eps}
 
 
 def fuse_sparse_optimizer(model: nn.Module, cfg: ExperimentConfig) -> nn.Module:
     """Swap every ``EmbeddingBagCollection`` in ``model`` for a fused one, keeping its weights."""
-    emb = cfg.model.embedding
-    for parent in list(model.modules()):
+    for path, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, EmbeddingBagCollection):
                 fused = FusedEmbeddingBagCollection(
                     child.embedding_bag_configs(),
                     optimizer_type=RowWiseAdagrad,
-                    optimizer_kwargs={"lr": emb.learning_rate, "eps": emb.eps},
+                    optimizer_kwargs=sparse_settings(f"{path}.{name}" if path else name, cfg),
                     device=torch.device("cpu"),
                 )
                 fused.load_state_dict(child.state_dict())
