@@ -296,3 +296,50 @@ def test_baseline_cli_then_evaluate_export_and_floor_report(
     assert _last_json(capsys)["parity_max_abs_diff"] <= 1e-5
     assert cli_main(["compare", str(model), str(floor)]) == 0
     assert "-floor" in _last_json(capsys)["markdown"]
+
+
+# ------------------------------------------------------------------ sharded (torchrec DMP)
+
+
+def _sharded_worker(rank: int, cfgs: list, store: str, out: str) -> None:
+    """One gloo rank: the sharded step and the local step from the same seed, 3 batches."""
+    import torch.distributed as dist
+
+    from mtrec.train.distributed import ShardedTrainStep
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=1)
+    result = []
+    for cfg in cfgs:
+        spec = fitted_spec(cfg)
+        batch = first_batch(cfg, spec, "train", rows=256)
+        sharded = ShardedTrainStep(cfg, spec, device=torch.device("cpu"))
+        local = TrainStep(cfg, spec)
+        losses = [(float(sharded.step(batch)), float(local.step(batch))) for _ in range(3)]
+        local.model.eval()
+        with torch.no_grad():
+            want = local.model(batch.sparse, batch.dense)
+        gap = float((sharded.logits(batch) - want).abs().max())
+        result.append({"losses": losses, "gap": gap})
+    torch.save(result, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_sharded_training_matches_the_local_step_with_the_linear_term(
+    data: Path, tmp_path: Path
+) -> None:
+    """The DMP path gives the linear table its own Adagrad settings too (same losses)."""
+    import torch.multiprocessing as mp
+
+    on = ["model.linear.enabled=true", "model.linear.learning_rate=0.5"]
+    cfgs = [
+        small_config(data, tmp_path, on),
+        small_config(data, tmp_path, [*on, "model.deep=false"]),
+    ]
+    out = tmp_path / "result.pt"
+    mp.spawn(_sharded_worker, args=(cfgs, str(tmp_path / "store"), str(out)), nprocs=1, join=True)
+    for r in torch.load(out, weights_only=True):
+        for sharded, local in r["losses"]:
+            assert sharded == pytest.approx(local, rel=1e-6)
+        assert r["gap"] <= 1e-5
