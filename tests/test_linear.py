@@ -112,9 +112,9 @@ def test_floor_first_step_is_the_hand_computed_adagrad_and_adam_step(tiny) -> No
     # row's W columns (padding columns have zero gradient)
     acc = (g_ids**2).sum(1, keepdim=True) / linear_width(2)
     want_ids = -cfg.model.linear.learning_rate * g_ids / (acc.sqrt() + cfg.model.linear.eps)
-    # Adam's first step: lr · g / (|g| + eps)
+    # Adam's first step: lr · g / (|g| + eps), at the linear term's own dense rate
     g_dense = grad[n_ids:]
-    want_dense = -cfg.training.learning_rate * g_dense / (g_dense.abs() + 1e-8)
+    want_dense = -cfg.model.linear.dense_learning_rate * g_dense / (g_dense.abs() + 1e-8)
     got = _weights(step)
     torch.testing.assert_close(got[:n_ids], want_ids, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got[n_ids:], want_dense, atol=1e-6, rtol=1e-5)
@@ -248,6 +248,15 @@ def test_linear_table_trains_with_its_own_adagrad_settings(data: Path, tmp_path)
     assert lrs["linear_arch.ebc"] == {0.5}
     (emb_lr,) = lrs["sparse_arch.embedding.ebc"]
     assert emb_lr == pytest.approx(cfg.model.embedding.learning_rate) != 0.5
+    # the linear head (numeric weights, bias) has its own Adam group; the rest as before
+    head = {id(p) for p in step.model.task_arch.linear.parameters()}
+    groups = step.dense_opt.param_groups
+    assert [g["lr"] for g in groups] == [
+        cfg.training.learning_rate,
+        cfg.model.linear.dense_learning_rate,
+    ]
+    assert {id(p) for p in groups[1]["params"]} == head
+    assert not head & {id(p) for p in groups[0]["params"]}
 
 
 def test_deep_off_needs_the_linear_term(data: Path, tmp_path) -> None:

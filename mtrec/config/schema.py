@@ -329,11 +329,13 @@ class LinearConfig:
 
     # add the linear term to every task's logit
     enabled: bool = False
-    # row-wise Adagrad (FBGEMM fused) on the per-id weights (numeric weights and the bias
-    # train with the dense Adam of `training`)
+    # row-wise Adagrad (FBGEMM fused) on the per-id weights
     learning_rate: float = num(0.05, gt=0)
     # row-wise Adagrad epsilon of the per-id weights
     eps: float = num(1e-8, gt=0)
+    # Adam learning rate of the numeric weights and the per-task bias (the bias must reach
+    # the base-rate logit, e.g. -3.5 for a 3% label, within a few hundred steps)
+    dense_learning_rate: float = num(0.05, gt=0)
 
 
 @dataclass

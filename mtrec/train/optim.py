@@ -7,6 +7,9 @@ with a dense optimizer would rewrite every row of every table each step.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -16,7 +19,9 @@ from torchrec.optim import RowWiseAdagrad
 from mtrec.config import ExperimentConfig
 
 __all__ = [
+    "LINEAR_HEAD",
     "LINEAR_PREFIX",
+    "dense_param_groups",
     "fuse_sparse_optimizer",
     "make_dense_optimizer",
     "sparse_optimizers",
@@ -58,12 +63,39 @@ def sparse_optimizers(model: nn.Module) -> dict[str, FusedEmbeddingBagCollection
     }
 
 
+# module path of the linear term's numeric weights and bias (``TaskArch.linear``)
+LINEAR_HEAD = "task_arch.linear."
+
+
+def dense_param_groups(
+    named: Iterable[tuple[str, nn.Parameter]], cfg: ExperimentConfig
+) -> list[dict[str, Any]]:
+    """Adam parameter groups of the dense parameters ``named`` (in the model's order): the
+    linear term's numeric weights and bias at ``model.linear.dense_learning_rate`` (a
+    logistic regression's bias must reach the base-rate logit, far from 0 for rare labels,
+    within a few hundred steps), everything else at ``training.learning_rate``. One group
+    when the linear term is off (the layout of runs made before it)."""
+    rest: list[nn.Parameter] = []
+    head: list[nn.Parameter] = []
+    for name, p in named:
+        (head if LINEAR_HEAD in name else rest).append(p)
+    groups: list[dict[str, Any]] = [{"params": rest}] if rest or not head else []
+    if head:
+        groups.append({"params": head, "lr": cfg.model.linear.dense_learning_rate})
+    return groups
+
+
 def make_dense_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
     fused_prefixes = tuple(f"{name}." for name in sparse_optimizers(model))
-    params = [
-        p
+    named = [
+        (name, p)
         for name, p in model.named_parameters()
         if p.requires_grad and not name.startswith(fused_prefixes)
     ]
     tr = cfg.training
-    return torch.optim.Adam(params, lr=tr.learning_rate, weight_decay=tr.weight_decay, foreach=True)
+    return torch.optim.Adam(
+        dense_param_groups(named, cfg),
+        lr=tr.learning_rate,
+        weight_decay=tr.weight_decay,
+        foreach=True,
+    )
