@@ -64,6 +64,13 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _cmd_baseline(args: argparse.Namespace) -> dict[str, Any]:
+    from mtrec.config import load_config
+    from mtrec.train.baseline import train_floor
+
+    return train_floor(load_config(args.config, overrides=args.set), args.out, resume=args.resume)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from mtrec.evaluate.report import evaluate_run
 
@@ -86,6 +93,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         address=args.address,
         plots=not args.no_plots,
         diag_rows=args.diag_rows,
+        floor=args.floor,
     )
 
 
@@ -156,6 +164,23 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.set_defaults(fn=_cmd_train)
 
+    b = sub.add_parser(
+        "baseline",
+        help="train the logistic-regression floor of a YAML experiment (same pipeline, "
+        "linear term only)",
+    )
+    b.add_argument("--config", required=True)
+    b.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, as for train (repeatable)",
+    )
+    b.add_argument("--out", help="run directory (default runs/NAME-floor-TIMESTAMP)")
+    b.add_argument("--resume", action="store_true", help="continue the run in --out")
+    b.set_defaults(fn=_cmd_baseline)
+
     e = sub.add_parser("evaluate", help="evaluate a run's best model on a split")
     e.add_argument("--run", required=True)
     e.add_argument("--split", default="test")
@@ -188,6 +213,13 @@ def _parser() -> argparse.ArgumentParser:
         "local instance on 127.0.0.1)",
     )
     e.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    e.add_argument(
+        "--floor",
+        metavar="RUN",
+        help="a `mtrec baseline` run: its AUC / logloss go beside the model's in the report, "
+        "which says when the model is below its floor (evaluated on the same data if it "
+        "has no report yet)",
+    )
     e.add_argument(
         "--diag-rows",
         type=int,

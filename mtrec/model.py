@@ -19,6 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtrec.config import ExperimentConfig
 from mtrec.data.spec import FeatureSpec
+from mtrec.embeddings.linear import LinearArch, LinearHead
 from mtrec.embeddings.numeric import NumericEmbedding, NumericNormalizer
 from mtrec.embeddings.per_feature import PerFeatureEmbedding, PerFeaturePooling
 from mtrec.embeddings.unified import UnifiedEmbedding, UnifiedPooling
@@ -125,9 +126,14 @@ class TaskArch(nn.Module):
         task_names: the T tasks.
         interaction: B x F x d tokens → per-layer tokens and flat v, or None (v = flat tokens).
         chain: task indices of the ESMM chain, funnel order (empty: no chaining).
+        linear: the first-order term (per-id weights of :class:`LinearArch`, normalised
+            numerics, bias → B x T), added to the logits before the chain; None: off.
 
-    Shapes: sparse B x F_s x d (or None without sparse features), dense B x F_n →
-    B x T logits; F = F_s + F_n tokens, sparse fields first.
+    ``block`` and ``towers`` are None for a linear-only model (``model.deep: false``, the
+    logistic-regression floor): then the logits are the linear term alone.
+
+    Shapes: sparse B x F_s x d (or None without sparse features), dense B x F_n,
+    linear_ids B x F_s x W (or None) → B x T logits; F = F_s + F_n tokens, sparse first.
     """
 
     chain_tasks: list[int]  # task indices of the ESMM chain (type set below the class)
@@ -136,11 +142,12 @@ class TaskArch(nn.Module):
         self,
         normalizer: NumericNormalizer | None,
         numeric_embedding: NumericEmbedding | None,
-        block: nn.Module,
-        towers: TaskTowers,
+        block: nn.Module | None,
+        towers: TaskTowers | None,
         task_names: list[str],
         interaction: AutoInt | None = None,
         chain: list[int] | None = None,
+        linear: LinearHead | None = None,
     ) -> None:
         super().__init__()
         self.normalizer = normalizer
@@ -148,6 +155,9 @@ class TaskArch(nn.Module):
         self.interaction = interaction
         self.block = block
         self.towers = towers
+        self.linear = linear
+        if (block is None or towers is None) and linear is None:
+            raise ValueError("TaskArch needs a block and towers, or a linear term")
         self.task_names = list(task_names)
         self.num_tasks = len(task_names)
         self.chain_tasks = list(chain or [])
@@ -176,19 +186,38 @@ class TaskArch(nn.Module):
             return v, [x0] + layers  # noqa: RUF005 (TorchScript has no list unpacking)
         return x0.flatten(1), [x0]
 
+    def first_order(self, linear_ids: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
+        """B x T logits of the linear term (which must be on)."""
+        assert self.linear is not None
+        normed = dense.float() if self.normalizer is None else self.normalizer(dense)
+        return self.linear(linear_ids, normed)
+
     @torch.jit.export
     def forward_with_aux(
-        self, sparse: torch.Tensor | None, dense: torch.Tensor
+        self,
+        sparse: torch.Tensor | None,
+        dense: torch.Tensor,
+        linear_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """B x T logits and the auxiliary losses (already weighted) that blocks declared."""
         aux: dict[str, torch.Tensor] = {}
-        v, tokens = self.block_inputs(self.field_tokens(sparse, dense), aux)
-        logits = self.towers(self.block(v, tokens, aux))
+        if self.block is not None and self.towers is not None:
+            v, tokens = self.block_inputs(self.field_tokens(sparse, dense), aux)
+            logits = self.towers(self.block(v, tokens, aux))
+            if self.linear is not None:
+                logits = logits + self.first_order(linear_ids, dense)
+        else:
+            logits = self.first_order(linear_ids, dense)
         return _chain_steps(logits, self.chain_tasks, self.num_tasks), aux
 
-    def forward(self, sparse: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        sparse: torch.Tensor | None,
+        dense: torch.Tensor,
+        linear_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """B x T logits (of the joint probability for chained tasks)."""
-        return self.forward_with_aux(sparse, dense)[0]
+        return self.forward_with_aux(sparse, dense, linear_ids)[0]
 
 
 # TorchScript cannot type an empty list attribute and reads class annotations unevaluated
@@ -247,9 +276,12 @@ class MultiTaskModel(nn.Module):
     """Sparse arch → task arch: KJT of raw ids and raw numeric values → B x T logits.
 
     Args:
-        sparse_arch: KJT → B x F_s x d field tokens (None without sparse features).
+        sparse_arch: KJT → B x F_s x d field tokens (None without sparse features, or
+            for a linear-only model).
         task_arch: (tokens, dense) → logits: normaliser, numeric embedding, interaction,
-            multi-task block, towers, ESMM chain.
+            multi-task block, towers, linear term, ESMM chain.
+        linear_arch: KJT → B x F_s x W per-task weights of the ids (the sparse half of the
+            linear term, ``model.linear``), or None.
 
     ``forward(sparse, dense)`` returns B x T logits; ``predict`` returns probabilities;
     ``forward_with_aux`` also returns the auxiliary losses for training. The task arch's
@@ -260,10 +292,16 @@ class MultiTaskModel(nn.Module):
 
     __jit_unused_properties__ = ["sparse_embedding", "chain", *_TASK_PARTS]  # noqa: RUF012
 
-    def __init__(self, sparse_arch: SparseArch | None, task_arch: TaskArch) -> None:
+    def __init__(
+        self,
+        sparse_arch: SparseArch | None,
+        task_arch: TaskArch,
+        linear_arch: LinearArch | None = None,
+    ) -> None:
         super().__init__()
         self.sparse_arch = sparse_arch
         self.task_arch = task_arch
+        self.linear_arch = linear_arch
         self.task_names = list(task_arch.task_names)
         # epoch of the checkpoint the weights came from (-1: not loaded from a run)
         self.trained_epoch = -1
@@ -311,6 +349,12 @@ class MultiTaskModel(nn.Module):
             return None
         return self.sparse_arch(sparse)
 
+    def linear_ids(self, sparse: KeyedJaggedTensor) -> torch.Tensor | None:
+        """B x F_s x W per-task weights of the ids (None without the linear term)."""
+        if self.linear_arch is None:
+            return None
+        return self.linear_arch(sparse)
+
     def field_tokens(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """B x F x d tokens: sparse fields, then numeric fields."""
         return self.task_arch.field_tokens(self.sparse_tokens(sparse), dense)
@@ -327,7 +371,9 @@ class MultiTaskModel(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """B x T logits and the auxiliary losses (already weighted) that blocks declared;
         the training loss adds their sum to the task loss."""
-        return self.task_arch.forward_with_aux(self.sparse_tokens(sparse), dense)
+        return self.task_arch.forward_with_aux(
+            self.sparse_tokens(sparse), dense, self.linear_ids(sparse)
+        )
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """B x T logits (of the joint probability for chained tasks)."""
@@ -341,16 +387,49 @@ class MultiTaskModel(nn.Module):
 def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
     """Build the model of ``cfg``; ``spec`` must carry the fitted numeric statistics and
     (for features with ``min_count``) the fitted kept ids."""
+    emb_cfg = cfg.model.embedding
+    kept = [
+        torch.from_numpy(spec.kept_ids[f.name]) if f.name in spec.kept_ids else None
+        for f in spec.sparse
+    ]
+    buckets = [f.buckets or emb_cfg.buckets for f in spec.sparse]
+    poolings = [f.pooling for f in spec.sparse]
+    normalizer = None
+    if spec.numeric:
+        stats = [spec.numeric_stats[f.name] for f in spec.numeric]
+        normalizer = NumericNormalizer.from_stats(stats, spec.fill_value)
+    sparse_arch = numeric = interaction = block = towers = None
+    if cfg.model.deep:
+        sparse_arch, numeric, interaction, block, towers = _deep_parts(
+            cfg, spec, kept, buckets, poolings
+        )
+    # built after the deep parts, so switching it on leaves their seeded init unchanged
+    linear_arch = linear = None
+    if cfg.model.linear.enabled:
+        if spec.sparse:
+            linear_arch = LinearArch(
+                spec.sparse_names, buckets, len(spec.tasks), poolings, kept_ids=kept
+            )
+        linear = LinearHead(len(spec.numeric), len(spec.tasks))
+    chain = [spec.task_names.index(t) for t in cfg.model.multitask.chain]
+    task_arch = TaskArch(
+        normalizer, numeric, block, towers, spec.task_names, interaction, chain, linear
+    )
+    return MultiTaskModel(sparse_arch, task_arch, linear_arch)
+
+
+def _deep_parts(
+    cfg: ExperimentConfig,
+    spec: FeatureSpec,
+    kept: list[torch.Tensor | None],
+    buckets: list[int],
+    poolings: list[str],
+) -> tuple[SparseArch | None, NumericEmbedding | None, AutoInt | None, nn.Module, TaskTowers]:
+    """The deep model's parts: sparse arch, numeric embedding, interaction, block, towers."""
     emb_cfg, mt_cfg = cfg.model.embedding, cfg.model.multitask
     d = emb_cfg.dim
     sparse: PerFeatureEmbedding | UnifiedEmbedding | None = None
     if spec.sparse:
-        kept = [
-            torch.from_numpy(spec.kept_ids[f.name]) if f.name in spec.kept_ids else None
-            for f in spec.sparse
-        ]
-        buckets = [f.buckets or emb_cfg.buckets for f in spec.sparse]
-        poolings = [f.pooling for f in spec.sparse]
         if emb_cfg.type == "unified":
             tables = emb_cfg.num_tables
             sparse = UnifiedEmbedding(
@@ -365,11 +444,7 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
             )
         else:
             sparse = PerFeatureEmbedding(spec.sparse_names, buckets, d, poolings, kept_ids=kept)
-    normalizer = numeric = None
-    if spec.numeric:
-        stats = [spec.numeric_stats[f.name] for f in spec.numeric]
-        normalizer = NumericNormalizer.from_stats(stats, spec.fill_value)
-        numeric = NumericEmbedding(len(spec.numeric), d)
+    numeric = NumericEmbedding(len(spec.numeric), d) if spec.numeric else None
     field_names = [f.name for f in spec.sparse] + [f.name for f in spec.numeric]
     num_fields = len(field_names)
     interaction = build_interaction(cfg.model.interaction, num_fields, d)
@@ -387,6 +462,4 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
         mt_cfg.activation,
         mt_cfg.dropout,
     )
-    chain = [spec.task_names.index(t) for t in mt_cfg.chain]
-    task_arch = TaskArch(normalizer, numeric, block, towers, spec.task_names, interaction, chain)
-    return MultiTaskModel(None if sparse is None else SparseArch(sparse), task_arch)
+    return (None if sparse is None else SparseArch(sparse)), numeric, interaction, block, towers

@@ -299,7 +299,7 @@ def test_pipeline_entry_points_wrap_the_cli() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    for cmd in ("train", "evaluate", "export"):
+    for cmd in ("train", "baseline", "evaluate", "export"):
         proc = subprocess.run(
             [sys.executable, str(root / "pipelines" / f"{cmd}.py"), "--help"],
             capture_output=True,

@@ -103,6 +103,11 @@ def check_config(cfg: ExperimentConfig, source: str) -> None:
         )
     _check_interaction(cfg, source)
     _check_multitask(cfg, source)
+    if not cfg.model.deep and not cfg.model.linear.enabled:
+        raise ConfigError(
+            f"{source}: model.deep: false leaves no model; set model.linear.enabled: true "
+            "(or use `mtrec baseline`, which sets both)"
+        )
 
 
 def _check_multitask(cfg: ExperimentConfig, source: str) -> None:

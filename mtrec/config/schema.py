@@ -21,6 +21,7 @@ __all__ = [
     "FeatureConfig",
     "HeadsRoutingConfig",
     "InteractionConfig",
+    "LinearConfig",
     "ModelConfig",
     "MultiTaskConfig",
     "TaskConfig",
@@ -317,10 +318,35 @@ class InteractionConfig:
 
 
 @dataclass
+class LinearConfig:
+    """First-order (linear) term per task, as in Wide & Deep / DeepFM: one weight per task
+    for every hashed id of every sparse feature (the ids, buckets and frequency filter of
+    ``per_feature`` embeddings; multi-hot bags pooled as the feature's ``pooling``), plus
+    one per task for every normalised numeric feature and a per-task bias. Added to each
+    task's logit before the ESMM chain. ``mtrec baseline`` trains this term alone (the
+    logistic-regression floor, ``model.deep: false``).
+    """
+
+    # add the linear term to every task's logit
+    enabled: bool = False
+    # row-wise Adagrad (FBGEMM fused) on the per-id weights
+    learning_rate: float = num(0.05, gt=0)
+    # row-wise Adagrad epsilon of the per-id weights
+    eps: float = num(1e-8, gt=0)
+    # Adam learning rate of the numeric weights and the per-task bias (the bias must reach
+    # the base-rate logit, e.g. -3.5 for a 3% label, within a few hundred steps)
+    dense_learning_rate: float = num(0.05, gt=0)
+
+
+@dataclass
 class ModelConfig:
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
     interaction: InteractionConfig = field(default_factory=InteractionConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    # the deep part (embeddings, interaction, block, towers); false leaves only the linear
+    # term (needs linear.enabled): the logistic-regression floor of `mtrec baseline`
+    deep: bool = True
 
 
 @dataclass

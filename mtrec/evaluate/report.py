@@ -31,6 +31,7 @@ from mtrec.data.columns import count_rows
 from mtrec.data.errors import DataError
 from mtrec.data.readers import read_schema
 from mtrec.data.spec import FeatureSpec
+from mtrec.evaluate.floor import floor_markdown, floor_section, read_floor_report
 from mtrec.evaluate.insights import ModelInsights, collect_insights
 from mtrec.evaluate.parallel import collect_scores_sharded
 from mtrec.evaluate.slices import slice_markdown, slice_report
@@ -254,6 +255,7 @@ def _markdown(report: dict[str, Any]) -> str:
     ]
     for task, m in report["tasks"].items():
         lines.append(f"| {task} | " + " | ".join(_fmt(m.get(c)) for c in present) + " |")
+    lines += floor_markdown(report.get("floor"))
     boot = report["bootstrap"]
     lines += [
         "",
@@ -333,12 +335,16 @@ def evaluate_run(
     address: str | None = None,
     plots: bool = True,
     diag_rows: int = 8192,
+    floor: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score ``split`` (or the dataset ``data``) with the run's best model; write the report.
 
     Returns the CLI summary: ``{"run_dir", "split", "rows", "tasks": {task: {"auc",
-    "auc_ci", "logloss", "logloss_ci", ["oracle_auc"], ["gauc"]}}, "report", "wall_s"}``.
+    "auc_ci", "logloss", "logloss_ci", ["oracle_auc"], ["gauc"]}}, "report", "wall_s"}``
+    (plus ``"below_floor": [tasks]`` with ``floor``).
     ``workers > 1`` scores disjoint row ranges as Ray tasks (same metrics as 1 worker).
+    ``floor``: a ``mtrec baseline`` run shown beside the model (:mod:`mtrec.evaluate.floor`);
+    evaluated first on the same data (same bootstrap, no plots) if it has no report yet.
     """
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -421,6 +427,23 @@ def evaluate_run(
             for t, m in tasks.items()
         },
     }
+    if floor is not None:
+        floor_report = read_floor_report(floor, report_path.name)
+        if floor_report is None:
+            evaluate_run(
+                floor,
+                split,
+                data if data_given else None,
+                bootstrap_resamples=bootstrap_resamples,
+                seed=seed,
+                bootstrap_method=bootstrap_method,
+                workers=workers,
+                address=address,
+                plots=False,
+            )
+            floor_report = read_floor_report(floor, report_path.name)
+        assert floor_report is not None
+        report["floor"] = floor_section(floor, floor_report, report)
     report["slices"] = slice_report(run_dir, spec, data, collector)
     if plots and len(collector):
         t_plots = time.perf_counter()
@@ -440,6 +463,7 @@ def evaluate_run(
         "tasks": {t: _summary(m) for t, m in tasks.items()},
         "report": str(report_path),
         "wall_s": round(time.perf_counter() - t0, 2),
+        **({"below_floor": report["floor"]["below_floor"]} if "floor" in report else {}),
     }
 
 

@@ -53,6 +53,10 @@ class ServingModule(nn.Module):
         self.sparse: nn.Module | None = (
             None if model.sparse_arch is None else model.sparse_arch.torch_pooling()
         )
+        # (values, lengths, B) → B x F_s x W per-task id weights of the linear term
+        self.linear: nn.Module | None = (
+            None if model.linear_arch is None else model.linear_arch.torch_pooling()
+        )
         self.task_arch: TaskArch = model.task_arch  # the trained object, not a copy
         self.feature_names = list(sparse_names)
         self.task_names = list(model.task_names)
@@ -124,4 +128,7 @@ class ServingModule(nn.Module):
         tokens: torch.Tensor | None = None
         if self.sparse is not None:
             tokens = self.sparse(values, lengths, batch)
-        return self.task_arch(tokens, dense.to(torch.float64))
+        linear_ids: torch.Tensor | None = None
+        if self.linear is not None:
+            linear_ids = self.linear(values, lengths, batch)
+        return self.task_arch(tokens, dense.to(torch.float64), linear_ids)

@@ -56,6 +56,7 @@ from mtrec.data.batch import Batch
 from mtrec.data.spec import FeatureSpec
 from mtrec.model import MultiTaskModel, build_model, remap_legacy_train_state
 from mtrec.train.losses import WeightedBCELoss
+from mtrec.train.optim import dense_param_groups, sparse_settings
 
 __all__ = [
     "CPU_SHARDING_TYPES",
@@ -114,16 +115,14 @@ def _embedding_collections(model: nn.Module) -> dict[str, EmbeddingBagCollection
 def _to_meta(model: nn.Module, cfg: ExperimentConfig) -> None:
     """Replace every EmbeddingBagCollection by one on the meta device (DMP allocates
     only each rank's shards) carrying the row-wise Adagrad that FBGEMM fuses."""
-    emb = cfg.model.embedding
-    for parent in list(model.modules()):
+    for path, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, EmbeddingBagCollection):
                 meta = EmbeddingBagCollection(
                     child.embedding_bag_configs(), device=torch.device("meta")
                 )
-                apply_optimizer_in_backward(
-                    RowWiseAdagrad, meta.parameters(), {"lr": emb.learning_rate, "eps": emb.eps}
-                )
+                settings = sparse_settings(f"{path}.{name}" if path else name, cfg)
+                apply_optimizer_in_backward(RowWiseAdagrad, meta.parameters(), settings)
                 setattr(parent, name, meta)
 
 
@@ -208,10 +207,13 @@ class ShardedTrainStep:
         self._load_tensors(init)
         # dense parameters in the order of the plain model, so the optimizer state has the
         # layout of TrainStep's (a local run can resume from it and back)
-        dense = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
+        dense = list(in_backward_optimizer_filter(self.model.named_parameters()))
         tr = cfg.training
         self.dense_opt = torch.optim.Adam(
-            dense, lr=tr.learning_rate, weight_decay=tr.weight_decay, foreach=True
+            dense_param_groups(dense, cfg),
+            lr=tr.learning_rate,
+            weight_decay=tr.weight_decay,
+            foreach=True,
         )
         self.loss_fn = WeightedBCELoss([t.weight for t in cfg.tasks])
         self.bf16 = tr.precision == "bf16"

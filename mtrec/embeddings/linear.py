@@ -1,0 +1,93 @@
+"""The first-order (linear) term of every task, as in Wide & Deep / DeepFM.
+
+Split like the deep model, so serving reuses the trained objects:
+
+* :class:`LinearArch` (beside ``SparseArch``): raw ids → B x F_s x T per-task weights.
+  It IS a :class:`PerFeatureEmbedding` of width T (one hashed table per feature, so the
+  frequency filter, ``id mod buckets`` and mean divisor are the embedding's own code,
+  :class:`~mtrec.embeddings.per_feature.PerFeatureLayout`), started at zero; its
+  torchrec collection is fused with its own row-wise Adagrad settings (``model.linear``),
+  and ``torch_pooling()`` is the embedding's torch-only twin for export.
+* :class:`LinearHead` (inside ``TaskArch``): sums those weights over the fields and adds
+  one weight per task for each normalised numeric feature and a per-task bias → B x T.
+
+Together: ``logit_t = b_t + Σ_f Σ_{id ∈ bag_f} w_{f,t}[row(id)] (÷|bag_f| for mean
+pooling) + Σ_j u_{j,t} · x̃_j``: a logistic regression per task over the one-hot hashed ids
+and the normalised numerics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtrec.embeddings.per_feature import PerFeatureEmbedding
+
+__all__ = ["LinearArch", "LinearHead", "linear_width"]
+
+
+def linear_width(num_tasks: int) -> int:
+    """Row width of the per-id tables: T rounded up to a multiple of 4 (FBGEMM's kernels
+    take no narrower rows). The padding columns get no gradient and stay zero; they do
+    count in row-wise Adagrad's mean squared gradient, so a row's step is that of width T
+    times sqrt(width / T)."""
+    return -(-num_tasks // 4) * 4
+
+
+class LinearArch(PerFeatureEmbedding):
+    """Per-task weight of every hashed id: KJT of raw ids → B x F_s x W (W =
+    :func:`linear_width` of T; column t < T is task t's weight, the rest stay zero).
+
+    Args:
+        feature_names: sparse features, in KJT key order.
+        buckets: rows of each feature's table (the per-feature buckets of the embedding).
+        num_tasks: T, one weight per task in every row.
+        poolings: "sum" or "mean" per feature (multi-hot bags).
+        kept_ids: per feature, the ids kept by the frequency filter (None: no filter).
+
+    All weights start at zero (the logistic-regression start: every logit = bias).
+    """
+
+    def __init__(
+        self,
+        feature_names: list[str],
+        buckets: list[int],
+        num_tasks: int,
+        poolings: list[str],
+        kept_ids: list[torch.Tensor | None] | None = None,
+    ) -> None:
+        super().__init__(
+            feature_names, buckets, linear_width(num_tasks), poolings, kept_ids=kept_ids
+        )
+        self.num_tasks = num_tasks
+        with torch.no_grad():
+            for table in self.ebc.embedding_bags.values():
+                table.weight.zero_()
+
+
+class LinearHead(nn.Module):
+    """Per-id weights and normalised numerics → B x T first-order logits.
+
+    Args:
+        num_numeric: F_n, normalised numeric features.
+        num_tasks: T.
+
+    Shapes: ids B x F_s x W (W ≥ T, :class:`LinearArch`; None without sparse features),
+    dense B x F_n → B x T.
+    """
+
+    def __init__(self, num_numeric: int, num_tasks: int) -> None:
+        super().__init__()
+        self.num_numeric = num_numeric
+        self.num_tasks = num_tasks
+        # T x F_n and T, zero start; trained by the dense optimizer
+        self.weight = nn.Parameter(torch.zeros(num_tasks, num_numeric))
+        self.bias = nn.Parameter(torch.zeros(num_tasks))
+
+    def forward(self, ids: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
+        out = self.bias.expand(dense.size(0), -1)
+        if self.num_numeric > 0:
+            out = out + dense @ self.weight.t()
+        if ids is not None:
+            out = out + ids.sum(1)[:, : self.num_tasks]
+        return out
