@@ -39,6 +39,7 @@ from typing import Any
 import _common as C
 
 CONFIG = C.REPO / "configs" / "census_kdd" / "mmoe.yaml"
+_POLICY_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 SETTINGS = ("t1-auto", "t2-auto", "t2-passive", "t2-active")
 
 
@@ -76,7 +77,9 @@ class Competitor:
     """The competing process, started and stopped around one timed window."""
 
     def __init__(self, seconds: float, size: int) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+        }
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--competitor", str(seconds), "--size", str(size)],
             stdout=subprocess.PIPE,
@@ -129,7 +132,9 @@ class Worker:
     def __init__(self, threads: int, policy: str, seconds: float, warmup: int) -> None:
         from mtrec.threads import wait_policy_env
 
-        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+        }
         env.update(wait_policy_env(policy))
         env["PYTHONPATH"] = os.pathsep.join([str(C.REPO), env.get("PYTHONPATH", "")])
         argv = ["--worker", str(threads), "--seconds", str(seconds), "--warmup", str(warmup)]

@@ -22,6 +22,7 @@ import warnings
 from typing import Any, Literal
 
 __all__ = [
+    "WAIT_POLICIES",
     "WaitPolicy",
     "affinity_cores",
     "apply_threads",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 WaitPolicy = Literal["auto", "passive", "active"]
+WAIT_POLICIES: tuple[str, ...] = ("auto", "passive", "active")
 _ENV_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
@@ -88,13 +90,14 @@ def set_wait_policy(policy: str) -> bool:
     process: False (with a warning when the policy is not ``auto``) once libgomp is
     loaded. A variable the user already exported wins over the config."""
     env = wait_policy_env(policy)
+    before = wait_policy_in_effect()
     for key, value in env.items():
         os.environ.setdefault(key, value)
     if openmp_started():
         if env:
             warnings.warn(
                 f"training.omp_wait_policy: {policy}: torch is already imported, so OpenMP "
-                f"keeps its wait policy ({wait_policy_in_effect()}); set OMP_WAIT_POLICY in "
+                f"keeps its wait policy ({before}); set OMP_WAIT_POLICY in "
                 "the environment before starting Python to change it",
                 RuntimeWarning,
                 stacklevel=2,
