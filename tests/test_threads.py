@@ -114,7 +114,7 @@ def test_cli_sets_wait_policy_before_torch_loads(
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
     argv = [
-        *("train", str(tmp / "small.yaml"), "--out", str(tmp / "run")),
+        *("train", "--config", str(tmp / "small.yaml"), "--out", str(tmp / "run")),
         *("--set", f"training.omp_wait_policy={policy}", "--set", "training.epochs=1"),
         *("--set", "training.max_steps_per_epoch=1", "--set", "training.progress=false"),
         *("--set", "training.threads=1"),
