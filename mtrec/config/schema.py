@@ -347,8 +347,10 @@ class TrainingConfig:
     # Read when torch loads: the mtrec command sets it in time, a notebook that already
     # imported torch cannot (export OMP_WAIT_POLICY before starting Python instead)
     omp_wait_policy: Literal["auto", "passive", "active"] = "passive"
-    # torch.compile the dense task arch for training (Inductor's C++ backend: one-off
-    # compile of tens of seconds; export and evaluation always run the eager module)
+    # torch.compile the dense task arch for training (Inductor's C++ backend: a one-off
+    # compile of 10-80 s; export and evaluation run the eager module). Measured slower
+    # than eager on a 2-core CPU (bench/compile.py); dropout masks come from Inductor's
+    # own generator, so losses match eager only without dropout
     compile: bool = False
     # dense math of the training forward: fp32, or bf16 autocast (about 2x faster on CPUs
     # with AVX512-BF16 / AMX; embeddings, loss and optimizer state stay fp32)
