@@ -136,6 +136,7 @@ class Worker:
             k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
         }
         env.update(wait_policy_env(policy))
+        env[C.POLICY_ENV] = policy  # what bench/_common applies on import
         env["PYTHONPATH"] = os.pathsep.join([str(C.REPO), env.get("PYTHONPATH", "")])
         argv = ["--worker", str(threads), "--seconds", str(seconds), "--warmup", str(warmup)]
         self.proc = subprocess.Popen(
@@ -213,10 +214,12 @@ def main() -> None:
             setting=name,
             threads=threads,
             policy=policy,
-            solo_samples_per_s=statistics.median(x["solo_samples_per_s"] for x in recs),
-            contended_samples_per_s=statistics.median(x["contended_samples_per_s"] for x in recs),
+            solo_samples_per_s=round(statistics.median(x["solo_samples_per_s"] for x in recs), 1),
+            contended_samples_per_s=round(
+                statistics.median(x["contended_samples_per_s"] for x in recs), 1
+            ),
             ratio=round(statistics.median(x["ratio"] for x in recs), 3),
-            competitor_gflops=statistics.median(x["competitor_gflops"] for x in recs),
+            competitor_gflops=round(statistics.median(x["competitor_gflops"] for x in recs), 2),
             rounds=len(recs),
         )
 
