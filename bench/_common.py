@@ -6,6 +6,8 @@ progress to stderr. Nothing here is asserted by tests.
 
 Pieces:
 
+* On import: the OpenMP wait policy ``mtrec train`` uses (``training.omp_wait_policy``,
+  or ``$MTREC_BENCH_OMP_WAIT_POLICY``), so import this before torch.
 * :func:`emit` / :func:`log` — the JSON line and progress messages.
 * :func:`ensure_synthetic` — planted data under the cache directory
   (``bench/.cache/`` by default, git-ignored), regenerated only when missing or
@@ -31,9 +33,22 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+# the OpenMP wait policy of every bench, as `mtrec train` sets it (training.omp_wait_policy,
+# default passive); applied here, before the bench scripts import torch
+POLICY_ENV = "MTREC_BENCH_OMP_WAIT_POLICY"
 DEFAULT_CACHE = REPO / "bench" / ".cache"
 SPLIT_FILES = ("train.parquet", "valid.parquet", "test.parquet", "config.yaml")
 _META = "bench-meta.json"
+
+
+def _apply_wait_policy() -> None:
+    from mtrec.config import TrainingConfig
+    from mtrec.threads import set_wait_policy
+
+    set_wait_policy(os.environ.get(POLICY_ENV, TrainingConfig.omp_wait_policy))
+
+
+_apply_wait_policy()
 
 
 # ----------------------------------------------------------------------------- output

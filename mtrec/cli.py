@@ -47,11 +47,21 @@ def _cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from mtrec.cluster import cluster_address
-    from mtrec.config import load_config
+    from mtrec.config import TrainingConfig, parse_config
+    from mtrec.config.loading import load_raw_config
+    from mtrec.threads import WAIT_POLICIES, set_wait_policy
 
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers {args.workers}: must be >= 1")
-    cfg = load_config(args.config, overrides=args.set)
+    raw = load_raw_config(args.config, overrides=args.set)
+    # before the config's blocks (and so torch) are imported: libgomp reads its wait
+    # policy once, when it loads; an embedded Ray's workers inherit the variable. A bad
+    # value is left to the config's own check below
+    training = raw.get("training") if isinstance(raw.get("training"), dict) else {}
+    policy = training.get("omp_wait_policy", TrainingConfig.omp_wait_policy)
+    if policy in WAIT_POLICIES:
+        set_wait_policy(policy)
+    cfg = parse_config(raw, source=str(args.config))
     address = cluster_address(args.address)
     if args.workers is None and address is None:
         from mtrec.train.loop import train

@@ -81,6 +81,7 @@ RUN_LENGTH_KEYS = (
     "epochs",
     "early_stopping_patience",
     "threads",
+    "omp_wait_policy",
     "eval_batch_size",
     "progress",
     "log_every_steps",

@@ -353,11 +353,18 @@ def load_config(
     path: str | os.PathLike[str], overrides: list[str] | None = None
 ) -> ExperimentConfig:
     """Load, merge (``extends:``), override (``key.path=value``) and validate a YAML experiment."""
-    path = Path(path)
-    raw = _load_raw(path)
+    return parse_config(load_raw_config(path, overrides), source=str(path))
+
+
+def load_raw_config(
+    path: str | os.PathLike[str], overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """The merged (``extends:``) and overridden YAML experiment as a plain dict, before
+    validation and before its ``imports`` run (nothing here imports torch)."""
+    raw = _load_raw(Path(path))
     for item in overrides or []:
         _apply_override(raw, item)
-    return parse_config(raw, source=str(path))
+    return raw
 
 
 def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:

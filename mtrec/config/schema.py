@@ -363,8 +363,21 @@ class TrainingConfig:
     weight_decay: float = num(0.0, ge=0)
     # stop after this many epochs without a better mean validation AUC (0: never)
     early_stopping_patience: int = num(2, ge=0)
-    # CPU threads for torch intra-op work
-    threads: int = num(2, gt=0)
+    # CPU threads for torch intra-op work; auto: the cores this process may use (its CPU
+    # affinity; Ray workers on one node split them). Never picked from timings, so the
+    # same seed and thread count give the same metrics
+    threads: int | Literal["auto"] = num("auto", gt=0)
+    # how OpenMP's threads wait at the end of a parallel region: passive sleeps at once
+    # (measured: keeps 2-thread training fast beside other CPU-heavy processes, where
+    # libgomp's default spin is ~10x slower), active spins, auto leaves libgomp's default.
+    # Read when torch loads: the mtrec command sets it in time, a notebook that already
+    # imported torch cannot (export OMP_WAIT_POLICY before starting Python instead)
+    omp_wait_policy: Literal["auto", "passive", "active"] = "passive"
+    # torch.compile the dense task arch for training (Inductor's C++ backend: a one-off
+    # compile of 10-80 s; export and evaluation run the eager module). Measured slower
+    # than eager on a 2-core CPU (bench/compile.py); dropout masks come from Inductor's
+    # own generator, so losses match eager only without dropout
+    compile: bool = False
     # dense math of the training forward: fp32, or bf16 autocast (about 2x faster on CPUs
     # with AVX512-BF16 / AMX; embeddings, loss and optimizer state stay fp32)
     precision: Literal["fp32", "bf16"] = "fp32"

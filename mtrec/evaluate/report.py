@@ -39,6 +39,7 @@ from mtrec.io import atomic_write_text, to_json
 from mtrec.metrics import BOOTSTRAP_METHODS, ScoreCollector, bootstrap, reliability, roc_curve
 from mtrec.run import VOCAB_FILE, RunError, load_run_config, load_trained_model
 from mtrec.scoring import collect_scores
+from mtrec.threads import resolve_threads
 
 __all__ = ["check_data_matches", "check_run_files", "evaluate_run", "task_curves"]
 
@@ -356,7 +357,8 @@ def evaluate_run(
         raise ValueError(f"workers must be >= 1, got {workers}")
     check_run_files(run_dir)
     cfg, spec, model = load_trained_model(run_dir)
-    torch.set_num_threads(cfg.training.threads)
+    threads = resolve_threads(cfg.training.threads)
+    torch.set_num_threads(threads)
     data_given = data is not None
     if data is None:
         if split not in ("train", "valid", "test"):
@@ -382,7 +384,7 @@ def evaluate_run(
             workers,
             batch_size,
             chunk_rows,
-            threads=max(1, cfg.training.threads // workers),
+            threads=max(1, threads // workers),
             address=address,
         )
     t_metrics = time.perf_counter()
@@ -392,7 +394,7 @@ def evaluate_run(
         bootstrap_resamples,
         seed,
         bootstrap_method,
-        threads=cfg.training.threads,
+        threads=threads,
     )
     timing = {
         "score_s": round(t_metrics - t_score, 3),

@@ -42,6 +42,7 @@ from mtrec.run import (
     write_run_files,
 )
 from mtrec.scoring import evaluate_split
+from mtrec.threads import apply_threads
 from mtrec.train.ledger import EpochLedger, LoopState, LossWatch
 from mtrec.train.progress import Progress
 from mtrec.train.step import TrainStep
@@ -101,7 +102,7 @@ def train(
     wall_start = time.perf_counter()
     tr = cfg.training
     out = Path(out) if out else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    torch.set_num_threads(tr.threads)
+    apply_threads(tr)
     if resume and not out.is_dir():  # before the lock, which would create it
         check_run_dir(cfg, out, resume)
     # held until this call returns: a second training into ``out`` fails at once

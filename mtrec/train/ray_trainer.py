@@ -66,6 +66,7 @@ from mtrec.data.spec import FeatureSpec
 from mtrec.errors import ClusterError, DataError, DivergenceError, RunError
 from mtrec.metrics import ScoreCollector
 from mtrec.run import METRICS_FILE, trim_metrics, write_run_files
+from mtrec.threads import resolve_threads
 from mtrec.train.distributed import ShardedTrainStep, ShardingError, check_sharding_types
 from mtrec.train.distributed_data import (
     RowRange,
@@ -212,7 +213,7 @@ def train_distributed(
                 rank_batch=cfg.training.batch_size // workers,
                 # training.threads per worker, as far as the CPUs go: more threads than
                 # cores make OpenMP spin against the other workers (several times slower)
-                threads=max(1, min(cfg.training.threads, cpus // workers)),
+                threads=max(1, min(resolve_threads(cfg.training.threads), cpus // workers)),
             )
             if not ray.is_initialized():
                 t0 = time.perf_counter()

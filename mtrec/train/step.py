@@ -25,6 +25,12 @@ class TrainStep:
 
     With ``training.precision: bf16`` the forward runs under CPU bf16 autocast (dense
     matmuls in bf16); the loss, gradients' accumulation and optimizer state stay fp32.
+
+    With ``training.compile`` the dense task arch's forward (and so its backward) runs
+    through ``torch.compile`` (Inductor: generated C++ kernels on CPU); the sparse
+    lookup stays eager (FBGEMM's fused backward is not traceable). Only the training
+    step is compiled: ``self.model`` stays the eager module, so checkpoints, evaluation
+    and TorchScript export see the same weights and code as without it.
     """
 
     def __init__(self, cfg: ExperimentConfig, spec: FeatureSpec) -> None:
@@ -36,11 +42,21 @@ class TrainStep:
         self.loss_fn = WeightedBCELoss([t.weight for t in cfg.tasks])
         self.bf16 = cfg.training.precision == "bf16"
         self.model.train()
+        # B x F_s x d tokens, B x F_n float64 -> (B x T logits, aux losses); the compiled
+        # graph is built on the first step (tens of seconds) and reused; a new batch size
+        # (an epoch's last batch) compiles once more with a dynamic batch dimension
+        self._task_forward = (
+            torch.compile(self.model.task_arch.forward_with_aux) if cfg.training.compile else None
+        )
 
     def step(self, batch: Batch) -> torch.Tensor:
         """Forward, backward (updates looked-up embedding rows), Adam step; returns the loss."""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            logits, aux = self.model.forward_with_aux(batch.sparse, batch.dense)
+            if self._task_forward is None:
+                logits, aux = self.model.forward_with_aux(batch.sparse, batch.dense)
+            else:  # the same computation as MultiTaskModel.forward_with_aux
+                tokens = self.model.sparse_tokens(batch.sparse)
+                logits, aux = self._task_forward(tokens, batch.dense)
         loss = self.loss_fn(logits, batch.labels, aux)
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()
