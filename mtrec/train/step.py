@@ -56,7 +56,8 @@ class TrainStep:
                 logits, aux = self.model.forward_with_aux(batch.sparse, batch.dense)
             else:  # the same computation as MultiTaskModel.forward_with_aux
                 tokens = self.model.sparse_tokens(batch.sparse)
-                logits, aux = self._task_forward(tokens, batch.dense)
+                linear_ids = self.model.linear_ids(batch.sparse)
+                logits, aux = self._task_forward(tokens, batch.dense, linear_ids)
         loss = self.loss_fn(logits, batch.labels, aux)
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()
