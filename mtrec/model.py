@@ -12,6 +12,7 @@ The multi-task block is looked up by ``model.multitask.type`` in the block regis
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mtrec.config import ExperimentConfig
 from mtrec.data.spec import FeatureSpec
 from mtrec.embeddings.numeric import NumericEmbedding, NumericNormalizer
-from mtrec.embeddings.per_feature import PerFeatureEmbedding, PerFeaturePooling
+from mtrec.embeddings.per_feature import (
+    RARE_ID,
+    UNSEEN_ID,
+    PerFeatureEmbedding,
+    PerFeaturePooling,
+)
 from mtrec.embeddings.unified import UnifiedEmbedding, UnifiedPooling
 from mtrec.interaction import AutoInt, build_interaction
 from mtrec.multitask.base import BlockInputs
@@ -345,10 +351,23 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
     d = emb_cfg.dim
     sparse: PerFeatureEmbedding | UnifiedEmbedding | None = None
     if spec.sparse:
+        # frequency filter and unseen-id handling: own row or the rare one, trained by id
+        # dropout (mtrec.embeddings.per_feature.FrequencyFilter)
         kept = [
             torch.from_numpy(spec.kept_ids[f.name]) if f.name in spec.kept_ids else None
             for f in spec.sparse
         ]
+        unknown: dict[str, Any] = {
+            "kept_ids": kept,
+            "seen_ids": [
+                torch.from_numpy(spec.seen_ids[f.name]) if f.name in spec.seen_ids else None
+                for f in spec.sparse
+            ],
+            "unknown_ids": [
+                UNSEEN_ID if spec.unseen_of(f.name) == "own_row" else RARE_ID for f in spec.sparse
+            ],
+            "id_dropout": [spec.id_dropout.get(f.name, 0.0) for f in spec.sparse],
+        }
         buckets = [f.buckets or emb_cfg.buckets for f in spec.sparse]
         poolings = [f.pooling for f in spec.sparse]
         if emb_cfg.type == "unified":
@@ -361,10 +380,10 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
                 chunks=[emb_cfg.chunks.get(f.name, 1) for f in spec.sparse],
                 chunk_dim=emb_cfg.chunk_dim or d,
                 num_tables=tables,
-                kept_ids=kept,
+                **unknown,
             )
         else:
-            sparse = PerFeatureEmbedding(spec.sparse_names, buckets, d, poolings, kept_ids=kept)
+            sparse = PerFeatureEmbedding(spec.sparse_names, buckets, d, poolings, **unknown)
     normalizer = numeric = None
     if spec.numeric:
         stats = [spec.numeric_stats[f.name] for f in spec.numeric]
