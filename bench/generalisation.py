@@ -25,7 +25,7 @@ Usage::
     .venv/bin/python bench/generalisation.py --rows 1000000 --seeds 0 1 2
     .venv/bin/python bench/generalisation.py --rows 200000 --seeds 0   # quick, ~10 min on 2 cores
     .venv/bin/python bench/generalisation.py --rows 100000 --seeds 0 \
-        --set model.embedding.id_dropout=auto --tag -drop-auto   # a variant of the config
+        --set model.embedding.id_dropout=auto --tag=-drop-auto   # a variant of the config
 """
 
 from __future__ import annotations
