@@ -241,3 +241,16 @@ def test_export_scores_unseen_ids_with_the_trained_unknown_row(
     with torch.no_grad():
         eager = model.predict(kjt(spec.sparse_names, ids), dense)
     torch.testing.assert_close(score(never_seen[0], at), eager, rtol=0, atol=PARITY_TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("1.5", "must be in \\[0, 1\\)"), ("often", "expected float or one of 'auto'")],
+)
+def test_bad_id_dropout_names_the_key(tmp_path_factory, tmp_path: Path, value, message) -> None:
+    from mtrec.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"model.embedding.id_dropout: {message}"):
+        small_config(
+            small_data_dir(tmp_path_factory), tmp_path, [f"model.embedding.id_dropout={value}"]
+        )
