@@ -24,6 +24,8 @@ Usage::
 
     .venv/bin/python bench/generalisation.py --rows 1000000 --seeds 0 1 2
     .venv/bin/python bench/generalisation.py --rows 200000 --seeds 0   # quick, ~10 min on 2 cores
+    .venv/bin/python bench/generalisation.py --rows 100000 --seeds 0 \
+        --set model.embedding.id_dropout=auto --tag=-drop-auto   # a variant of the config
 """
 
 from __future__ import annotations
@@ -139,16 +141,17 @@ def _metrics(y: np.ndarray, p: np.ndarray, seed: int) -> dict[str, Any]:
     }
 
 
-def run_seed(out: Path, rows: int, seed: int, threads: int) -> dict[str, Any]:
+def run_seed(
+    out: Path, rows: int, seed: int, threads: int, sets: list[str] | None = None, tag: str = ""
+) -> dict[str, Any]:
     from mtrec.config import load_config
     from mtrec.metrics import auc, logloss
 
     data = _data(out, rows, seed)
     config = data / "config.yaml"
-    run_one(config, seed, out / f"runs-seed{seed}", [], threads)
-    report = json.loads(
-        (out / f"runs-seed{seed}" / "config" / f"seed{seed}" / "eval" / "report.json").read_text()
-    )
+    runs = out / f"runs{tag}-seed{seed}"
+    run_one(config, seed, runs, list(sets or []), threads)
+    report = json.loads((runs / "config" / f"seed{seed}" / "eval" / "report.json").read_text())
     cfg = load_config(config)
     frames = {s: pl.read_parquet(data / f"{s}.parquet") for s in ("train", "valid", "test")}
     test, train = frames["test"], frames["train"]
@@ -209,9 +212,20 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / ".runs" / "generalisation")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override passed to `mtrec train` (repeatable), e.g. "
+        "model.embedding.id_dropout=auto",
+    )
+    ap.add_argument("--tag", default="", help="suffix of the run directories (needed with --set)")
     args = ap.parse_args()
+    if args.set and not args.tag:
+        ap.error("--set needs --tag (runs of other settings would be reused)")
     out = args.out / f"rows{args.rows}"
-    runs = [run_seed(out, args.rows, s, args.threads) for s in args.seeds]
+    runs = [run_seed(out, args.rows, s, args.threads, args.set, args.tag) for s in args.seeds]
     keys = (
         "model",
         "floor",
@@ -228,7 +242,7 @@ def main() -> None:
         ]
         for k in flat[0]
     }
-    emit("generalisation", rows=args.rows, seeds=args.seeds, mean_std=summary)
+    emit("generalisation", rows=args.rows, seeds=args.seeds, sets=args.set, mean_std=summary)
 
 
 if __name__ == "__main__":

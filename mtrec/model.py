@@ -12,6 +12,7 @@ The multi-task block is looked up by ``model.multitask.type`` in the block regis
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,12 @@ from mtrec.config import ExperimentConfig
 from mtrec.data.spec import FeatureSpec
 from mtrec.embeddings.linear import LinearArch, LinearHead
 from mtrec.embeddings.numeric import NumericEmbedding, NumericNormalizer
-from mtrec.embeddings.per_feature import PerFeatureEmbedding, PerFeaturePooling
+from mtrec.embeddings.per_feature import (
+    RARE_ID,
+    UNSEEN_ID,
+    PerFeatureEmbedding,
+    PerFeaturePooling,
+)
 from mtrec.embeddings.unified import UnifiedEmbedding, UnifiedPooling
 from mtrec.interaction import AutoInt, build_interaction
 from mtrec.multitask.base import BlockInputs
@@ -388,10 +394,22 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
     """Build the model of ``cfg``; ``spec`` must carry the fitted numeric statistics and
     (for features with ``min_count``) the fitted kept ids."""
     emb_cfg = cfg.model.embedding
-    kept = [
-        torch.from_numpy(spec.kept_ids[f.name]) if f.name in spec.kept_ids else None
-        for f in spec.sparse
-    ]
+    # frequency filter and unseen-id handling, shared by the deep embedding and the linear
+    # term: own row or the rare one, trained by id dropout (per_feature.FrequencyFilter)
+    unknown: dict[str, Any] = {
+        "kept_ids": [
+            torch.from_numpy(spec.kept_ids[f.name]) if f.name in spec.kept_ids else None
+            for f in spec.sparse
+        ],
+        "seen_ids": [
+            torch.from_numpy(spec.seen_ids[f.name]) if f.name in spec.seen_ids else None
+            for f in spec.sparse
+        ],
+        "unknown_ids": [
+            UNSEEN_ID if spec.unseen_of(f.name) == "own_row" else RARE_ID for f in spec.sparse
+        ],
+        "id_dropout": [spec.id_dropout.get(f.name, 0.0) for f in spec.sparse],
+    }
     buckets = [f.buckets or emb_cfg.buckets for f in spec.sparse]
     poolings = [f.pooling for f in spec.sparse]
     normalizer = None
@@ -401,14 +419,14 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
     sparse_arch = numeric = interaction = block = towers = None
     if cfg.model.deep:
         sparse_arch, numeric, interaction, block, towers = _deep_parts(
-            cfg, spec, kept, buckets, poolings
+            cfg, spec, unknown, buckets, poolings
         )
     # built after the deep parts, so switching it on leaves their seeded init unchanged
     linear_arch = linear = None
     if cfg.model.linear.enabled:
         if spec.sparse:
             linear_arch = LinearArch(
-                spec.sparse_names, buckets, len(spec.tasks), poolings, kept_ids=kept
+                spec.sparse_names, buckets, len(spec.tasks), poolings, **unknown
             )
         linear = LinearHead(len(spec.numeric), len(spec.tasks))
     chain = [spec.task_names.index(t) for t in cfg.model.multitask.chain]
@@ -421,7 +439,7 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
 def _deep_parts(
     cfg: ExperimentConfig,
     spec: FeatureSpec,
-    kept: list[torch.Tensor | None],
+    unknown: dict[str, Any],
     buckets: list[int],
     poolings: list[str],
 ) -> tuple[SparseArch | None, NumericEmbedding | None, AutoInt | None, nn.Module, TaskTowers]:
@@ -440,10 +458,10 @@ def _deep_parts(
                 chunks=[emb_cfg.chunks.get(f.name, 1) for f in spec.sparse],
                 chunk_dim=emb_cfg.chunk_dim or d,
                 num_tables=tables,
-                kept_ids=kept,
+                **unknown,
             )
         else:
-            sparse = PerFeatureEmbedding(spec.sparse_names, buckets, d, poolings, kept_ids=kept)
+            sparse = PerFeatureEmbedding(spec.sparse_names, buckets, d, poolings, **unknown)
     numeric = NumericEmbedding(len(spec.numeric), d) if spec.numeric else None
     field_names = [f.name for f in spec.sparse] + [f.name for f in spec.numeric]
     num_fields = len(field_names)

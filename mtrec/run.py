@@ -8,7 +8,7 @@ Layout of ``RUN/``::
 
     config.yaml            the resolved experiment (run-length keys updated on --resume)
     feature_stats.json     numeric statistics fitted on the training split
-    feature_vocab.pt       kept ids of min_count features (only when there are any)
+    feature_vocab.pt       kept ids, seen ids and id dropout of filtered features (if any)
     metrics.jsonl          one line per completed epoch
     checkpoints/last.pt    everything --resume needs (model, optimizers, loop state)
     checkpoints/best.pt    the model of the best validation epoch (evaluate, export)
@@ -45,7 +45,8 @@ from mtrec.config import (
 )
 from mtrec.data.seen_ids import SEEN_IDS_FILE, fit_seen_ids, save_seen_ids
 from mtrec.data.spec import FeatureSpec
-from mtrec.data.vocab import load_kept_ids, save_kept_ids
+from mtrec.data.unknown_ids import fit_unknown_ids
+from mtrec.data.vocab import load_vocab, save_vocab
 from mtrec.errors import CheckpointError, RunError, RunLockedError
 from mtrec.io import atomic_write_text
 from mtrec.model import MultiTaskModel, build_model
@@ -154,7 +155,7 @@ def load_trained_model(run_dir: str | Path) -> tuple[ExperimentConfig, FeatureSp
     cfg = load_run_config(run_dir)
     spec = FeatureSpec.from_config(cfg)
     spec.load_stats(Path(run_dir) / STATS_FILE)
-    spec.kept_ids = load_kept_ids(Path(run_dir) / VOCAB_FILE, spec)
+    load_vocab(Path(run_dir) / VOCAB_FILE, spec)
     state = load_checkpoint(best_path(run_dir))
     if state.get("config_hash") != run_config_hash(run_dir):
         raise CheckpointError(
@@ -371,14 +372,17 @@ def write_run_files(
     stats_file = out / STATS_FILE
     if resume_state is not None:
         spec.load_stats(stats_file)
-        spec.kept_ids = load_kept_ids(out / VOCAB_FILE, spec)
+        load_vocab(out / VOCAB_FILE, spec)
         _update_run_length(cfg, out)
     else:  # fitted before the run directory was touched
         spec.save_stats(stats_file)
-        if spec.kept_ids:
-            save_kept_ids(spec.kept_ids, out / VOCAB_FILE)
         # the ids training saw, for the cold / warm slices of evaluation
-        save_seen_ids(fit_seen_ids(spec, cfg.dataset.train), out / SEEN_IDS_FILE)
+        sliced = fit_seen_ids(spec, cfg.dataset.train)
+        # id_dropout: auto and the undertrained-unknown-row warning (issue #16)
+        fit_unknown_ids(spec, cfg.dataset.valid, cfg.dataset.chunk_rows, sliced)
+        if spec.kept_ids:
+            save_vocab(spec, out / VOCAB_FILE)
+        save_seen_ids(sliced, out / SEEN_IDS_FILE)
         atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 

@@ -138,6 +138,12 @@ class FeatureConfig:
     # values seen fewer times in the training split share one "rare" embedding
     # (None: model.embedding.min_count)
     min_count: int | None = num(None, ge=0)
+    # training only: probability that each id is replaced by the id unseen values read
+    # (auto: the share of valid ids unseen in training, at most 0.5; None:
+    # model.embedding.id_dropout)
+    id_dropout: float | Literal["auto"] | None = num(None, ge=0, lt=1)
+    # where ids absent from the training split go (None: model.embedding.unseen)
+    unseen: Literal["rare", "own_row"] | None = None
     # categorical only: report metrics separately for rows whose id was seen / unseen in
     # training (None: the highest-cardinality features, unless another feature says true)
     slice: bool | None = None
@@ -217,6 +223,15 @@ class EmbeddingConfig:
     # this many times in the training split map to one shared "rare" id inside the model
     # (0: off). Stops embeddings of rare values from memorising their few labels.
     min_count: int = num(0, ge=0)
+    # id dropout (unknown-id simulation): during training each id of a sparse feature is
+    # replaced with this probability by the id that values unseen in training read at
+    # serving, so that row learns from traffic like cold traffic (0: off; auto: per
+    # feature, the share of valid ids absent from the training split, at most 0.5)
+    id_dropout: float | Literal["auto"] = num(0.0, ge=0, lt=1)
+    # ids absent from the training split: rare (share the frequency filter's "rare" row)
+    # or own_row (a row of their own, trained by id dropout). With id_dropout or own_row a
+    # feature is filtered even without min_count (unseen ids stop hashing onto other ids)
+    unseen: Literal["rare", "own_row"] = "rare"
     # unified only: M, rows of the shared table (None: the sum of the per-feature buckets,
     # rounded up to a multiple of num_tables: the per_feature parameter budget at chunk_dim=dim)
     rows: int | None = num(None, gt=0)

@@ -51,7 +51,8 @@ OUTLIER_SPREAD = 1e-3
 
 
 def fit_statistics(spec: FeatureSpec, chunks: Iterable[EncodedChunk]) -> None:
-    """Set ``spec.numeric_stats`` and ``spec.kept_ids`` from one pass over ``chunks``."""
+    """Set ``spec.numeric_stats``, ``spec.kept_ids`` (and the other id sets of
+    :mod:`mtrec.data.vocab`) from one pass over ``chunks``."""
     width = len(spec.numeric)
     log = np.array([f.transform in LOG_TRANSFORMS for f in spec.numeric], dtype=bool)
     moments = RunningMoments(width)
@@ -81,6 +82,17 @@ def fit_statistics(spec: FeatureSpec, chunks: Iterable[EncodedChunk]) -> None:
         stats[f.name] = NumericStats(transform=f.transform, mean=center, std=scale)
     spec.numeric_stats = stats
     spec.kept_ids = counter.kept()
+    spec.id_census = counter.census()
+    spec.seen_ids = {
+        name: census.seen
+        for name, census in spec.id_census.items()
+        if spec.unseen_of(name) == "own_row" and spec.min_count_of(name) > 1
+    }
+    # numeric probabilities now; ``auto`` is fitted against the valid split
+    # (mtrec.data.unknown_ids.fit_id_dropout)
+    spec.id_dropout = {
+        name: float(p) for name in spec.kept_ids if (p := spec.id_dropout_of(name)) != "auto"
+    }
 
 
 def _robust(sample: QuantileSample, j: int) -> tuple[float, float]:

@@ -17,7 +17,9 @@ re-implement it in a few lines):
 
 Two ids are reserved: :data:`MISSING_ID` = 0 for a missing value (null / None),
 and :data:`RARE_ID` = 1, which the model substitutes for values seen fewer than
-``min_count`` times in training (clients never send it).
+``min_count`` times in training (clients never send it). The model also uses
+:data:`UNSEEN_ID` = -1, which the hash never produces, for values absent from the
+training split of a feature with ``unseen: own_row``.
 
 The implementation below is vectorised NumPy over Arrow string buffers; it
 does not depend on the polars version, the process or the machine. Golden
@@ -32,10 +34,11 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
-__all__ = ["MISSING_ID", "RARE_ID", "hash_series", "hash_value", "hash_values"]
+__all__ = ["MISSING_ID", "RARE_ID", "UNSEEN_ID", "hash_series", "hash_value", "hash_values"]
 
 MISSING_ID = 0
 RARE_ID = 1
+UNSEEN_ID = -1
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)

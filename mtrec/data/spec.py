@@ -48,9 +48,17 @@ class FeatureSpec:
     nan_policy: str = "fail"
     fill_value: float = 0.0
     default_min_count: int = 0
+    default_id_dropout: float | str = 0.0
+    default_unseen: str = "rare"
     numeric_stats: dict[str, NumericStats] = field(default_factory=dict)
     # sorted ids seen >= min_count times in training, per filtered feature (mtrec.data.vocab)
     kept_ids: dict[str, Any] = field(default_factory=dict)
+    # sorted ids seen at least once in training, per feature with ``unseen: own_row``
+    seen_ids: dict[str, Any] = field(default_factory=dict)
+    # fitted id dropout probability per filtered feature (``auto`` resolved; mtrec.data.vocab)
+    id_dropout: dict[str, float] = field(default_factory=dict)
+    # training census of each filtered feature (transient: fitted, never stored)
+    id_census: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> FeatureSpec:
@@ -64,6 +72,8 @@ class FeatureSpec:
             nan_policy=cfg.dataset.nan_policy,
             fill_value=cfg.dataset.fill_value,
             default_min_count=cfg.model.embedding.min_count,
+            default_id_dropout=cfg.model.embedding.id_dropout,
+            default_unseen=cfg.model.embedding.unseen,
         )
 
     def min_count_of(self, name: str) -> int:
@@ -72,6 +82,31 @@ class FeatureSpec:
             if f.name == name:
                 return self.default_min_count if f.min_count is None else f.min_count
         raise KeyError(name)
+
+    def _feature(self, name: str) -> FeatureConfig:
+        for f in self.sparse:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def id_dropout_of(self, name: str) -> float | str:
+        """The configured id dropout of a sparse feature: a probability or ``"auto"``."""
+        value = getattr(self._feature(name), "id_dropout", None)
+        return self.default_id_dropout if value is None else value
+
+    def unseen_of(self, name: str) -> str:
+        """Where ids absent from training go: ``"rare"`` or ``"own_row"``."""
+        value = getattr(self._feature(name), "unseen", None)
+        return self.default_unseen if value is None else value
+
+    def filtered(self, name: str) -> bool:
+        """Whether the model maps this feature's ids through a fitted id set: a frequency
+        filter (min_count > 1), id dropout or a row of its own for unseen ids."""
+        return (
+            self.min_count_of(name) > 1
+            or self.id_dropout_of(name) != 0
+            or self.unseen_of(name) == "own_row"
+        )
 
     # ------------------------------------------------------------------ names
 

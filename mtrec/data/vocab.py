@@ -4,12 +4,20 @@ The kept ids of each filtered feature are fitted on the training split (like the
 numeric statistics), stored in the run directory as ``feature_vocab.pt`` and
 compiled into the model (see ``PerFeatureEmbedding``), so serving applies the
 same filter with no side files.
+
+A feature is filtered when it has ``min_count > 1``, id dropout or ``unseen: own_row``
+(:meth:`FeatureSpec.filtered`); its kept ids are those seen ``max(min_count, 1)`` times.
+With ``unseen: own_row`` and ``min_count > 1`` the file also holds every id seen at all
+(key ``seen@<name>``: seen-but-rare ids read the rare row, never-seen ids their own), and
+it records each filtered feature's fitted id dropout (key ``id_dropout@<name>``) so
+resume, evaluate and export rebuild the same model.
 """
 
 from __future__ import annotations
 
 import pickle
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +29,30 @@ from mtrec.data.hashing import MISSING_ID
 from mtrec.data.spec import FeatureSpec
 from mtrec.io import atomic_torch_save
 
-__all__ = ["IdCounter", "fit_kept_ids", "load_kept_ids", "save_kept_ids"]
+__all__ = [
+    "IdCensus",
+    "IdCounter",
+    "fit_kept_ids",
+    "load_kept_ids",
+    "load_vocab",
+    "save_kept_ids",
+    "save_vocab",
+]
+
+_SEEN = "seen@"
+_DROPOUT = "id_dropout@"
+
+
+@dataclass
+class IdCensus:
+    """What training taught one filtered feature: its ids seen at all (sorted int64), the
+    training ids (non-missing occurrences), those outside the kept set (rare ids) and
+    those whose value occurs once (singletons)."""
+
+    seen: np.ndarray
+    rows: int
+    rare_rows: int
+    singletons: int
 
 
 def _merge(
@@ -40,8 +71,10 @@ class IdCounter:
     """Counts value ids per filtered feature over encoded chunks (one chunk at a time)."""
 
     def __init__(self, spec: FeatureSpec) -> None:
-        counts = {f.name: spec.min_count_of(f.name) for f in spec.sparse}
-        self.min_counts = {k: v for k, v in counts.items() if v > 1}
+        # filtered features: keep ids seen max(min_count, 1) times
+        self.min_counts = {
+            f.name: max(spec.min_count_of(f.name), 1) for f in spec.sparse if spec.filtered(f.name)
+        }
         cats = [f for f in spec.sparse if f.kind == "categorical"]
         multis = [f for f in spec.sparse if f.kind == "multi_hot"]
         self.cat_index = {f.name: j for j, f in enumerate(cats)}
@@ -69,6 +102,25 @@ class IdCounter:
             kept[name] = ids[keep].astype(np.int64)  # np.unique output is sorted
         return kept
 
+    def census(self) -> dict[str, IdCensus]:
+        """Per filtered feature: ids seen at all, training ids and rare (not kept) ids."""
+        out: dict[str, IdCensus] = {}
+        for name, min_count in self.min_counts.items():
+            pair = self.acc[name]
+            if pair is None:
+                out[name] = IdCensus(np.zeros(0, dtype=np.int64), 0, 0, 0)
+                continue
+            ids, counts = pair
+            valid = ids != MISSING_ID
+            rare = valid & (counts < min_count)
+            out[name] = IdCensus(
+                ids[valid].astype(np.int64),
+                int(counts[valid].sum()),
+                int(counts[rare].sum()),
+                int((valid & (counts == 1)).sum()),
+            )
+        return out
+
 
 def fit_kept_ids(spec: FeatureSpec, chunks: Iterable[EncodedChunk]) -> dict[str, np.ndarray]:
     """Sorted int64 ids with count >= min_count, per filtered feature (streams the chunks)."""
@@ -84,7 +136,7 @@ def save_kept_ids(kept: dict[str, np.ndarray], path: str | Path) -> None:
 
 def load_kept_ids(path: str | Path, spec: FeatureSpec) -> dict[str, np.ndarray]:
     path = Path(path)
-    expected = [f.name for f in spec.sparse if spec.min_count_of(f.name) > 1]
+    expected = [f.name for f in spec.sparse if spec.filtered(f.name)]
     if not expected:
         return {}
     try:
@@ -95,3 +147,39 @@ def load_kept_ids(path: str | Path, spec: FeatureSpec) -> dict[str, np.ndarray]:
     if missing:
         raise DataError(f"{path}: the fitted value filter lacks features {missing}")
     return {n: raw[n].numpy() for n in expected}
+
+
+def save_vocab(spec: FeatureSpec, path: str | Path) -> None:
+    """Write the kept ids, the seen ids (``unseen: own_row``) and the fitted id dropout of
+    ``spec`` into one file."""
+    out: dict[str, torch.Tensor] = {k: torch.from_numpy(v) for k, v in spec.kept_ids.items()}
+    out |= {_SEEN + k: torch.from_numpy(v) for k, v in spec.seen_ids.items()}
+    for k, p in spec.id_dropout.items():
+        out[_DROPOUT + k] = torch.tensor(float(p), dtype=torch.float64)
+    atomic_torch_save(out, path)
+
+
+def load_vocab(path: str | Path, spec: FeatureSpec) -> None:
+    """Set ``spec.kept_ids``, ``spec.seen_ids`` and ``spec.id_dropout`` from :func:`save_vocab`'s
+    file. A run written before id dropout has no probabilities: its configured (numeric) ones
+    apply."""
+    spec.kept_ids = load_kept_ids(path, spec)
+    spec.seen_ids, spec.id_dropout = {}, {}
+    if not spec.kept_ids:
+        return
+    raw = torch.load(Path(path), weights_only=True)
+    for name in spec.kept_ids:
+        if spec.unseen_of(name) == "own_row" and spec.min_count_of(name) > 1:
+            if _SEEN + name not in raw:
+                raise DataError(f"{path}: the fitted value filter lacks the seen ids of {name!r}")
+            spec.seen_ids[name] = raw[_SEEN + name].numpy()
+        if _DROPOUT + name in raw:
+            spec.id_dropout[name] = float(raw[_DROPOUT + name])
+        else:
+            p = spec.id_dropout_of(name)
+            if p == "auto":
+                raise DataError(
+                    f"{path}: no fitted id dropout for {name!r} (id_dropout: auto); the run "
+                    "directory predates it: retrain"
+                )
+            spec.id_dropout[name] = float(p)

@@ -43,7 +43,9 @@ class LinearArch(PerFeatureEmbedding):
         buckets: rows of each feature's table (the per-feature buckets of the embedding).
         num_tasks: T, one weight per task in every row.
         poolings: "sum" or "mean" per feature (multi-hot bags).
-        kept_ids: per feature, the ids kept by the frequency filter (None: no filter).
+        kept_ids, seen_ids, unknown_ids, id_dropout: the frequency filter and unseen-id
+            handling of the deep embedding (see ``PerFeatureEmbedding``), so an unseen id
+            reads the same trained unknown row here as there.
 
     All weights start at zero (the logistic-regression start: every logit = bias).
     """
@@ -55,9 +57,19 @@ class LinearArch(PerFeatureEmbedding):
         num_tasks: int,
         poolings: list[str],
         kept_ids: list[torch.Tensor | None] | None = None,
+        seen_ids: list[torch.Tensor | None] | None = None,
+        unknown_ids: list[int] | None = None,
+        id_dropout: list[float] | None = None,
     ) -> None:
         super().__init__(
-            feature_names, buckets, linear_width(num_tasks), poolings, kept_ids=kept_ids
+            feature_names,
+            buckets,
+            linear_width(num_tasks),
+            poolings,
+            kept_ids=kept_ids,
+            seen_ids=seen_ids,
+            unknown_ids=unknown_ids,
+            id_dropout=id_dropout,
         )
         self.num_tasks = num_tasks
         with torch.no_grad():

@@ -8,52 +8,109 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-__all__ = ["FrequencyFilter", "PerFeatureEmbedding", "PerFeatureLayout", "PerFeaturePooling"]
+__all__ = [
+    "UNSEEN_ID",
+    "FrequencyFilter",
+    "PerFeatureEmbedding",
+    "PerFeatureLayout",
+    "PerFeaturePooling",
+]
 
 RARE_ID = 1  # mtrec.data.hashing.RARE_ID (kept local: serving code needs no data imports)
+UNSEEN_ID = -1  # mtrec.data.hashing.UNSEEN_ID: never produced by the hash (ids are >= 0)
+
+
+def _keys(ids: list[torch.Tensor | None], salts: list[int]) -> torch.Tensor:
+    """One sorted int64 tensor of ``id XOR salt[feature]`` over every given id set."""
+    keys = [t.to(torch.int64) ^ salts[f] for f, t in enumerate(ids) if t is not None]
+    return torch.cat(keys).sort().values if keys else torch.zeros(0, dtype=torch.int64)
 
 
 class FrequencyFilter(nn.Module):
-    """Replaces ids outside each feature's kept set by ``RARE_ID`` (missing ids pass).
+    """Maps ids outside each feature's kept set to the feature's unknown id (missing ids
+    pass), and in training replaces ids by it at random (id dropout).
+
+    The unknown id is ``RARE_ID`` (``unseen: rare``: unseen and rare ids share one row) or
+    ``UNSEEN_ID`` (``unseen: own_row``); with a seen set too, ids seen in training but not
+    kept (rare) still read ``RARE_ID`` and only never-seen ids read ``UNSEEN_ID``.
 
     All kept sets live in ONE sorted int64 tensor of keys ``id XOR salt[feature]`` so one
-    ``searchsorted`` filters a whole batch. Within a feature the key is a bijection of the
-    id (no collisions); across features a false match needs two 63-bit hash ids to differ
-    by exactly the XOR of two salts.
+    ``searchsorted`` filters a whole batch (likewise the seen sets). Within a feature the
+    key is a bijection of the id (no collisions); across features a false match needs two
+    63-bit hash ids to differ by exactly the XOR of two salts.
 
     Shapes: values [N] int64, feature_of [N] int64 → [N] int64.
+
+    Args:
+        num_features: F.
+        kept_ids: per feature, sorted ids kept, or None (not filtered).
+        seen_ids: per feature, sorted ids seen in training at all, or None (kept = seen).
+        unknown_ids: per feature, the id ids outside the kept set become (default RARE_ID).
+        drop_p: per feature, the id dropout probability in training (default 0).
     """
 
-    def __init__(self, num_features: int, kept_ids: list[torch.Tensor | None] | None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        kept_ids: list[torch.Tensor | None] | None,
+        seen_ids: list[torch.Tensor | None] | None = None,
+        unknown_ids: list[int] | None = None,
+        drop_p: list[float] | None = None,
+    ) -> None:
         super().__init__()
         mask = (1 << 62) - 1  # salts below 2**62 keep keys of non-negative ids non-negative
         salts = [((f + 1) * 0x9E3779B97F4A7C15) & mask for f in range(num_features)]
-        filtered = [False] * num_features
-        keys: list[torch.Tensor] = []
-        for f, ids in enumerate(kept_ids or []):
-            if ids is None:
-                continue
-            filtered[f] = True
-            keys.append(ids.to(torch.int64) ^ salts[f])
-        key_tensor = torch.cat(keys).sort().values if keys else torch.zeros(0, dtype=torch.int64)
+        kept = list(kept_ids or []) + [None] * (num_features - len(kept_ids or []))
+        seen = list(seen_ids or []) + [None] * (num_features - len(seen_ids or []))
+        filtered = [t is not None for t in kept]
+        has_seen = [t is not None and k is not None for t, k in zip(seen, kept)]
+        unknown = list(unknown_ids) if unknown_ids is not None else [RARE_ID] * num_features
+        p = list(drop_p) if drop_p is not None else [0.0] * num_features
+        if any(q > 0 and not f for q, f in zip(p, filtered)):
+            raise ValueError("id dropout needs the feature's kept ids (a filtered feature)")
         # rebuilt from the run's feature_vocab.pt, so not part of the state dict
-        self.register_buffer("keys", key_tensor, persistent=False)
+        self.register_buffer("keys", _keys(kept, salts), persistent=False)
+        seen_keys = _keys([t if h else None for t, h in zip(seen, has_seen)], salts)
+        self.register_buffer("seen_keys", seen_keys, persistent=False)
         self.register_buffer("salts", torch.tensor(salts, dtype=torch.int64), persistent=False)
         self.register_buffer("filtered", torch.tensor(filtered, dtype=torch.bool), persistent=False)
+        self.register_buffer("has_seen", torch.tensor(has_seen, dtype=torch.bool), persistent=False)
+        self.register_buffer("unknown", torch.tensor(unknown, dtype=torch.int64), persistent=False)
+        self.register_buffer("drop_p", torch.tensor(p, dtype=torch.float32), persistent=False)
         self.active = any(filtered)
+        self.seen_active = any(has_seen)
+        self.dropping = any(q > 0 for q in p)
         self.rare_id = RARE_ID
+
+    @staticmethod
+    def _member(keys: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        if keys.numel() == 0:
+            return torch.zeros_like(key, dtype=torch.bool)
+        pos = torch.searchsorted(keys, key).clamp(max=keys.numel() - 1)
+        return keys[pos] == key
 
     def forward(self, values: torch.Tensor, feature_of: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return values
         key = values ^ self.salts[feature_of]
-        if self.keys.numel() > 0:
-            pos = torch.searchsorted(self.keys, key).clamp(max=self.keys.numel() - 1)
-            known = self.keys[pos] == key
-        else:
-            known = torch.zeros_like(values, dtype=torch.bool)
-        rare = self.filtered[feature_of] & ~known & (values != 0)
-        return torch.where(rare, torch.full_like(values, self.rare_id), values)
+        outside = self.filtered[feature_of] & ~self._member(self.keys, key) & (values != 0)
+        out = torch.where(outside, self.unknown[feature_of], values)
+        if self.seen_active:  # seen in training but not kept: the rare row
+            rare = outside & self.has_seen[feature_of] & self._member(self.seen_keys, key)
+            out = torch.where(rare, torch.full_like(values, self.rare_id), out)
+        return out
+
+    def drop(self, values: torch.Tensor, feature_of: torch.Tensor) -> torch.Tensor:
+        """Id dropout (training only; the caller checks the mode): each non-missing id
+        becomes its feature's unknown id with probability ``drop_p[feature]``. Draws from
+        torch's global RNG, so a seeded run repeats its masks.
+
+        Shapes: values [N] int64 (filtered), feature_of [N] int64 → [N] int64."""
+        if not self.dropping or values.numel() == 0:
+            return values
+        u = torch.rand(values.shape, device=values.device)
+        hit = (u < self.drop_p[feature_of]) & (values != 0)
+        return torch.where(hit, self.unknown[feature_of], values)
 
 
 class PerFeatureLayout(nn.Module):
@@ -83,6 +140,8 @@ class PerFeatureLayout(nn.Module):
             torch.arange(self.num_features, device=lengths.device), per_key
         )
         values = self.value_filter(values, feature_of)
+        if self.training:  # id dropout: the unknown row learns from simulated cold ids
+            values = self.value_filter.drop(values, feature_of)
         return torch.remainder(values, self.buckets[feature_of]), feature_of
 
     def mean_divide(self, pooled: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -109,6 +168,8 @@ class PerFeatureEmbedding(PerFeatureLayout):
         kept_ids: per feature, the sorted ids seen at least ``min_count`` times in
             training, or None for no frequency filter. Other ids of a filtered
             feature become ``RARE_ID`` before hashing, so rare values share one row.
+        seen_ids, unknown_ids, id_dropout: unseen-id handling and id dropout per feature
+            (see :class:`FrequencyFilter`).
 
     Example::
 
@@ -125,6 +186,9 @@ class PerFeatureEmbedding(PerFeatureLayout):
         dim: int,
         poolings: list[str],
         kept_ids: list[torch.Tensor | None] | None = None,
+        seen_ids: list[torch.Tensor | None] | None = None,
+        unknown_ids: list[int] | None = None,
+        id_dropout: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.feature_names = list(feature_names)
@@ -148,7 +212,9 @@ class PerFeatureEmbedding(PerFeatureLayout):
         )
         self.has_mean = any(p == "mean" for p in poolings)
         self.register_buffer("buckets", torch.tensor(buckets, dtype=torch.int64), persistent=False)
-        self.value_filter = FrequencyFilter(len(feature_names), kept_ids)
+        self.value_filter = FrequencyFilter(
+            len(feature_names), kept_ids, seen_ids, unknown_ids, id_dropout
+        )
 
     def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """KJT of raw ids (keys = ``feature_names``) → B x F x d."""

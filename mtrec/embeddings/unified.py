@@ -242,6 +242,8 @@ class UnifiedLayout(nn.Module):
             torch.arange(self.num_features, device=device), by_feature.sum(1)
         )
         values = self.value_filter(values, feature_of)
+        if self.training:  # id dropout: the unknown row learns from simulated cold ids
+            values = self.value_filter.drop(values, feature_of)
         # each bag reads one feature's ids of one row: one gather from the feature-major
         # values into the bags, each feature's ids once per chunk
         src_start = (torch.cumsum(lengths, 0) - lengths).view(self.num_features, batch)
@@ -303,6 +305,8 @@ class UnifiedEmbedding(UnifiedLayout):
         kept_ids: per feature, the sorted ids seen at least ``min_count`` times in
             training, or None for no frequency filter. Other ids of a filtered
             feature become ``RARE_ID`` before salting (as in ``PerFeatureEmbedding``).
+        seen_ids, unknown_ids, id_dropout: unseen-id handling and id dropout per feature
+            (see :class:`~mtrec.embeddings.per_feature.FrequencyFilter`).
 
     Example::
 
@@ -323,6 +327,9 @@ class UnifiedEmbedding(UnifiedLayout):
         chunk_dim: int | None = None,
         num_tables: int = 1,
         kept_ids: list[torch.Tensor | None] | None = None,
+        seen_ids: list[torch.Tensor | None] | None = None,
+        unknown_ids: list[int] | None = None,
+        id_dropout: list[float] | None = None,
     ) -> None:
         super().__init__()
         num = len(feature_names)
@@ -386,7 +393,7 @@ class UnifiedEmbedding(UnifiedLayout):
         # every field already d wide: batch-major bags make the pooled output the answer
         self.batch_major = len(groups) == 1 and chunks[0] * chunk_dim == dim
         self.groups = nn.ModuleList(groups)
-        self.value_filter = FrequencyFilter(num, kept_ids)
+        self.value_filter = FrequencyFilter(num, kept_ids, seen_ids, unknown_ids, id_dropout)
 
     def _table(self, name: str, rows: int) -> EmbeddingBagConfig:
         # initialised like a single torchrec table of M rows, however it is split

@@ -60,8 +60,8 @@ def check_run_files(run_dir: Path) -> None:
         best_path(run_dir): "the best checkpoint",
     }
     spec = FeatureSpec.from_config(cfg)
-    if any(spec.min_count_of(f.name) > 1 for f in spec.sparse):
-        needed[run_dir / VOCAB_FILE] = "kept ids of min_count features"
+    if any(spec.filtered(f.name) for f in spec.sparse):
+        needed[run_dir / VOCAB_FILE] = "kept ids of filtered features"
     missing = [f"{p} ({why})" for p, why in needed.items() if not p.exists()]
     if missing:
         raise RunError(
