@@ -13,7 +13,7 @@ from mtrec.config import ExperimentConfig
 from mtrec.data.batch import Batch
 from mtrec.data.spec import FeatureSpec
 from mtrec.model import MultiTaskModel, build_model, remap_legacy_train_state
-from mtrec.train.losses import WeightedBCELoss
+from mtrec.train.losses import EmbeddingPenalty, WeightedBCELoss
 from mtrec.train.optim import fuse_sparse_optimizer, make_dense_optimizer, sparse_optimizers
 
 __all__ = ["TrainStep"]
@@ -35,12 +35,17 @@ class TrainStep:
         self.fused = sparse_optimizers(self.model)
         self.loss_fn = WeightedBCELoss([t.weight for t in cfg.tasks])
         self.bf16 = cfg.training.precision == "bf16"
+        decay = cfg.model.embedding.weight_decay
+        has_sparse = self.model.sparse_arch is not None
+        self.penalty = EmbeddingPenalty(self.model, decay) if decay > 0 and has_sparse else None
         self.model.train()
 
     def step(self, batch: Batch) -> torch.Tensor:
         """Forward, backward (updates looked-up embedding rows), Adam step; returns the loss."""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             logits, aux = self.model.forward_with_aux(batch.sparse, batch.dense)
+        if self.penalty is not None:
+            aux = {**aux, "embedding_l2": self.penalty.take()}
         loss = self.loss_fn(logits, batch.labels, aux)
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()
