@@ -340,6 +340,34 @@ def test_two_workers_match_one_worker_and_leave_a_local_run_layout(
         assert m["auc"] == pytest.approx(best[task]["auc"], abs=1e-5), task
 
 
+def test_workers_validate_every_steps_like_the_local_loop(
+    cfg: ExperimentConfig, ray_local: Any, tmp_path: Path
+) -> None:
+    """Mid-epoch validation points are collective: the workers write the local loop's
+    lines (epoch, step) and best.pt holds the best point's weights."""
+    training = replace(
+        cfg.training,
+        epochs=2,
+        max_steps_per_epoch=6,
+        validate_every_steps=2,
+        early_stopping_patience=0,
+    )
+    c = replace(cfg, training=training)
+    local = train(c, tmp_path / "local")
+    w2 = train_distributed(c, tmp_path / "w2", workers=2)
+    lines, local_lines = read_metrics(tmp_path / "w2"), read_metrics(tmp_path / "local")
+    steps = [(1, 2), (1, 4), (1, 6), (2, 8), (2, 10), (2, 12)]
+    assert [(r["epoch"], r["step"]) for r in lines] == steps
+    assert [(r["epoch"], r["step"]) for r in local_lines] == steps
+    best_line = max(lines, key=lambda r: r["valid_mean_auc"])
+    assert (w2["best_epoch"], w2["best_step"]) == (best_line["epoch"], best_line["step"])
+    assert local["best_step"] > 0
+    _, spec, model = load_trained_model(tmp_path / "w2")
+    valid = evaluate_split(model, spec, cfg.dataset.valid, 4096)
+    for task, m in valid.items():
+        assert m["auc"] == pytest.approx(best_line["valid"][task]["auc"], abs=1e-5), task
+
+
 def test_a_local_run_resumes_a_ray_run(
     runs: dict[str, Any], cfg: ExperimentConfig, tmp_path: Path
 ) -> None:

@@ -219,6 +219,11 @@ class EmbeddingConfig:
     learning_rate: float = num(0.05, gt=0)
     # row-wise Adagrad epsilon
     eps: float = num(1e-8, gt=0)
+    # L2 penalty on the looked-up sparse field tokens, added to the loss as
+    # weight_decay / 2 * mean over rows of sum of squares (0: off): a row's gradient gains
+    # weight_decay * row / batch per use, so frequent ids are held back more. (FBGEMM's
+    # own row-wise Adagrad weight_decay is ignored by its CPU kernel.)
+    weight_decay: float = num(0.0, ge=0)
     # default frequency filter of categorical / multi-hot features: values seen fewer than
     # this many times in the training split map to one shared "rare" id inside the model
     # (0: off). Stops embeddings of rare values from memorising their few labels.
@@ -376,8 +381,14 @@ class TrainingConfig:
     learning_rate: float = num(1e-3, gt=0)
     # Adam weight decay of the dense parameters
     weight_decay: float = num(0.0, ge=0)
-    # stop after this many epochs without a better mean validation AUC (0: never)
+    # stop after this many validations without a better mean validation AUC (0: never): epochs,
+    # or validation points when validate_every_steps is set
     early_stopping_patience: int = num(2, ge=0)
+    # also validate every this many training steps inside an epoch (null: at epoch ends only).
+    # checkpoints/best.pt may then come from any validation point (metrics.jsonl gets one line
+    # each, with its global step); last.pt, the resume point, stays at epoch ends. Id
+    # embeddings over-fit within an epoch or two, so a finer grain finds the peak
+    validate_every_steps: int | None = num(None, gt=0)
     # CPU threads for torch intra-op work; auto: the cores this process may use (its CPU
     # affinity; Ray workers on one node split them). Never picked from timings, so the
     # same seed and thread count give the same metrics

@@ -7,6 +7,16 @@ then ``checkpoints/best.pt`` (when it improved), the ``metrics.jsonl`` line, and
 epoch on resume, which drops lines past the checkpoint's epoch (no gap, no duplicate).
 Training stops after ``training.early_stopping_patience`` epochs without improvement.
 
+With ``training.validate_every_steps`` set, validation also runs inside an epoch, after
+every that many steps (a point that falls on the epoch's last step is the epoch-end one):
+each point may write ``best.pt`` and writes its own ``metrics.jsonl`` line (``epoch``:
+the epoch in progress, ``step``: training steps since the run began), and patience
+counts validation points. ``last.pt``, the resume point, is written at epoch ends only,
+so a resumed run redoes the interrupted epoch (its mid-epoch lines are dropped and
+written again, identically). When patience runs out at a mid-epoch point, the epoch ends
+there: that point's line is the epoch's line and ``last.pt`` is written, so the finished
+run resumes to nothing.
+
 :class:`LossWatch` reads the loss as training goes: a running mean two orders of
 magnitude above its lowest warns; a non-finite value, or a running mean six orders of
 magnitude above its lowest, stops training (:class:`~mtrec.errors.DivergenceError`)
@@ -38,6 +48,7 @@ __all__ = [
     "diverged_message",
     "log",
     "mean_auc",
+    "nonfinite_loss",
     "short_metrics",
 ]
 
@@ -72,7 +83,9 @@ class LoopState:
     """Where a run stands (saved in ``last.pt`` under ``"loop"``)."""
 
     epoch: int = 0  # epochs completed
-    best_epoch: int = -1
+    best_epoch: int = -1  # 1-based epoch of the best validation (in progress, if mid-epoch)
+    best_step: int = -1  # training steps done at the best validation
+    step: int = 0  # training steps done (global: every worker takes each step)
     best_auc: float = -math.inf
     best_valid: dict[str, Any] | None = None
     bad_epochs: int = 0
@@ -84,6 +97,7 @@ class LoopState:
         return {
             "run_dir": str(out),
             "best_epoch": self.best_epoch,
+            "best_step": self.best_step,
             "epochs_run": self.epoch,
             "stopped_early": stopped_early,
             "valid": self.best_valid or {},
@@ -141,6 +155,12 @@ def _where(epoch: int, step: int | None) -> str:
     return f"epoch {epoch + 1}" + (f" step {step}" if step is not None else " (epoch mean)")
 
 
+def nonfinite_loss(value: float, epoch: int, step: int) -> str | None:
+    """The divergence error when the loss read at a mid-epoch validation point is not
+    finite (nothing may be written from a diverged model), else None."""
+    return None if math.isfinite(value) else diverged_message(f"the loss is {value}", epoch, step)
+
+
 def diverged_message(what: str, epoch: int, step: int | None = None) -> str:
     """The error of a diverged training: what happened, where, the fix."""
     return (
@@ -177,13 +197,22 @@ class EpochLedger:
 
     def another_epoch(self, done_this_call: int, stop_after: int | None) -> bool:
         """Whether to train one more epoch (sets ``stopped_early`` on patience)."""
-        tr = self.cfg.training
-        if self.state.epoch >= tr.epochs:
+        if self.state.epoch >= self.cfg.training.epochs:
             return False
-        if self.state.bad_epochs >= tr.early_stopping_patience > 0:
+        if self.out_of_patience():
             self.stopped_early = True
             return False
         return stop_after is None or done_this_call < stop_after
+
+    def out_of_patience(self) -> bool:
+        """Whether ``early_stopping_patience`` validations in a row brought no improvement."""
+        return self.state.bad_epochs >= self.cfg.training.early_stopping_patience > 0
+
+    def validate_after(self, steps: int) -> bool:
+        """Whether a mid-epoch validation falls after the epoch's ``steps``-th step (it runs
+        before the next step, so a point on the epoch's last step is the epoch-end one)."""
+        every = self.cfg.training.validate_every_steps
+        return every is not None and steps % every == 0
 
     def check_loss(self, record: dict[str, Any], epoch: int, first_loss: float) -> None:
         """Raise :class:`DivergenceError` when the epoch's mean loss is not finite or has
@@ -212,20 +241,32 @@ class EpochLedger:
             if improved:
                 st.best_auc, st.best_valid = auc, short_metrics(metrics)
         if improved:
-            st.best_epoch, st.bad_epochs = st.epoch, 0
+            st.best_epoch, st.best_step, st.bad_epochs = record["epoch"], record["step"], 0
         else:
             st.bad_epochs += 1
         return improved
 
+    def note(self, record: dict[str, Any], improved: bool, model_state: dict[str, Any]) -> None:
+        """Write a mid-epoch validation point: ``best.pt`` (when improved), its metrics line."""
+        self._write(record, improved, model_state)
+
     def commit(self, record: dict[str, Any], improved: bool, train_state: dict[str, Any]) -> None:
         """Write the epoch: ``best.pt`` (when improved), the metrics line, ``last.pt``.
         ``train_state``: the whole training state (``"model"`` and the optimizers)."""
+        self._write(record, improved, train_state["model"])
+        save_checkpoint(
+            {**train_state, "loop": self.state.__dict__.copy(), "config_hash": self.chash},
+            last_path(self.out),
+        )
+
+    def _write(self, record: dict[str, Any], improved: bool, model_state: dict[str, Any]) -> None:
         st = self.state
         if improved:
             save_checkpoint(
                 {
-                    "model": train_state["model"],
-                    "epoch": st.epoch,
+                    "model": model_state,
+                    "epoch": record["epoch"],
+                    "step": record["step"],
                     "config_hash": self.chash,
                     "valid": st.best_valid,
                 },
@@ -233,13 +274,9 @@ class EpochLedger:
             )
         with open(self.metrics_file, "a") as fh:
             fh.write(to_json(record) + "\n")
-        save_checkpoint(
-            {**train_state, "loop": st.__dict__.copy(), "config_hash": self.chash},
-            last_path(self.out),
-        )
         # the console line leaves out the (long) expert diagnostics; metrics.jsonl has them
         shown = {k: v for k, v in record.items() if k != "diagnostics"}
-        log(f"epoch {st.epoch}: " + to_json(shown))
+        log(f"epoch {record['epoch']}: " + to_json(shown))
 
     def summary(self) -> dict[str, Any]:
         return self.state.summary(self.out, self.stopped_early)

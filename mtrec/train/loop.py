@@ -27,6 +27,7 @@ from mtrec.data.encode import EncodedChunk
 from mtrec.data.fitting import fit_statistics
 from mtrec.data.readers import read_schema
 from mtrec.data.spec import FeatureSpec
+from mtrec.errors import DivergenceError
 from mtrec.model import MultiTaskModel
 from mtrec.multitask.diagnostics import model_diagnostics
 from mtrec.run import (
@@ -43,7 +44,7 @@ from mtrec.run import (
 )
 from mtrec.scoring import evaluate_split
 from mtrec.threads import apply_threads
-from mtrec.train.ledger import EpochLedger, LoopState, LossWatch
+from mtrec.train.ledger import EpochLedger, LoopState, LossWatch, nonfinite_loss
 from mtrec.train.progress import Progress
 from mtrec.train.step import TrainStep
 
@@ -195,6 +196,9 @@ def _train_in(
         t0 = time.perf_counter()
         total_rows = train_source.rows if isinstance(train_source, EncodedChunk) else None
         bar = Progress(f"epoch {epoch + 1}/{tr.epochs}", total=total_rows, enabled=tr.progress)
+        # a mid-epoch validation point that ran out of patience: (record, improved)
+        stop_point: tuple[dict[str, Any], bool] | None = None
+        loss = torch.zeros(())  # the last step's loss (read at validation points)
         for batch in iter_batches(
             train_source,
             spec,
@@ -203,9 +207,17 @@ def _train_in(
             seed=cfg.seed * 1000 + epoch,
             chunk_rows=chunk_rows,
         ):
+            if steps and valid_source is not None and ledger.validate_after(steps):
+                # before this step, not after the last one: the epoch end validates that
+                stop_point = _validate_mid_epoch(
+                    trainer, spec, valid_source, ledger, loss, epoch, steps
+                )
+                if stop_point is not None:
+                    break
             loss = trainer.step(batch)
             loss_sum += loss.detach() * batch.batch_size  # read once per epoch, not per step
             steps += 1
+            st.step += 1
             seen += batch.batch_size
             loss_value = None
             if steps % tr.log_every_steps == 0 or steps == 1:
@@ -221,6 +233,7 @@ def _train_in(
         epoch_seconds = time.perf_counter() - t0
         record: dict[str, Any] = {
             "epoch": epoch + 1,
+            "step": st.step,
             "train_rows": seen,
             "train_seconds": round(epoch_seconds, 3),
             "samples_per_s": round(seen / max(epoch_seconds, 1e-9), 1),
@@ -232,10 +245,14 @@ def _train_in(
         st.epoch = epoch + 1
         epochs_this_call += 1
 
-        valid = None
-        if valid_source is not None:
-            valid = evaluate_split(model, spec, valid_source, tr.eval_batch_size)
-        improved = ledger.judge(record, valid)
+        if stop_point is not None:  # judged already: its validation is the epoch's
+            improved = stop_point[1]
+            record.update({k: v for k, v in stop_point[0].items() if k.startswith("valid")})
+        else:
+            valid = None
+            if valid_source is not None:
+                valid = evaluate_split(model, spec, valid_source, tr.eval_batch_size)
+            improved = ledger.judge(record, valid)
         if valid_source is not None:
             health = block_health(model, spec, valid_source)
             if health is not None:
@@ -245,6 +262,31 @@ def _train_in(
     if st.best_epoch < 0:
         raise CheckpointError(f"{out}: no epoch completed; nothing to summarise")
     return {**ledger.summary(), "wall_s": round(time.perf_counter() - wall_start, 2)}
+
+
+def _validate_mid_epoch(
+    trainer: TrainStep,
+    spec: FeatureSpec,
+    valid: EncodedChunk,
+    ledger: EpochLedger,
+    loss: torch.Tensor,
+    epoch: int,
+    steps: int,
+) -> tuple[dict[str, Any], bool] | None:
+    """Validate inside epoch ``epoch`` (0-based) after its ``steps``-th step: judge, write
+    ``best.pt`` when improved and the point's metrics line; returns (record, improved)
+    instead of writing when patience ran out (the epoch ends there)."""
+    # a non-finite loss must not reach best.pt (an undefined AUC counts as improved)
+    error = nonfinite_loss(float(loss.detach()), epoch, steps)
+    if error is not None:
+        raise DivergenceError(error)
+    record: dict[str, Any] = {"epoch": epoch + 1, "step": ledger.state.step, "epoch_step": steps}
+    metrics = evaluate_split(trainer.model, spec, valid, ledger.cfg.training.eval_batch_size)
+    improved = ledger.judge(record, metrics)
+    if ledger.out_of_patience():
+        return record, improved
+    ledger.note(record, improved, trainer.model.state_dict())
+    return None
 
 
 # rows of the validation split the per-epoch expert diagnostics are measured on

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["WeightedBCELoss"]
+from mtrec.model import SparseArch
+
+__all__ = ["EmbeddingPenalty", "WeightedBCELoss"]
 
 
 class WeightedBCELoss(nn.Module):
@@ -34,3 +36,35 @@ class WeightedBCELoss(nn.Module):
             for value in aux.values():
                 loss = loss + value.float()
         return loss
+
+
+class EmbeddingPenalty:
+    """L2 penalty on the looked-up sparse field tokens (``model.embedding.weight_decay``).
+
+    A forward hook on the model's :class:`~mtrec.model.SparseArch` keeps its training
+    output (B x F_s x d); :meth:`take` returns ``weight_decay / 2 * mean_b Σ_{f,j}
+    tokens²``. Its gradient reaches each looked-up row inside FBGEMM's fused backward, so
+    row-wise Adagrad sees ``g + weight_decay * row / B`` per use of the row: an L2 decay
+    on exactly the rows a batch touched, strongest on the most used. (FBGEMM's own
+    ``weight_decay`` of row-wise Adagrad is ignored by its CPU kernel.) A hook rather than a
+    second forward path keeps the local and the Ray (sharded) models unchanged.
+    """
+
+    def __init__(self, model: nn.Module, weight_decay: float) -> None:
+        self.weight_decay = weight_decay
+        self._tokens: torch.Tensor | None = None
+        arches = [m for m in model.modules() if isinstance(m, SparseArch)]
+        if len(arches) != 1:
+            raise ValueError(f"expected one SparseArch in the model, found {len(arches)}")
+        arches[0].register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._tokens = output
+
+    def take(self) -> torch.Tensor:
+        """The penalty of the last training forward (a scalar; forgets the tokens)."""
+        tokens, self._tokens = self._tokens, None
+        if tokens is None:
+            raise RuntimeError("EmbeddingPenalty.take: no training forward since the last take")
+        return 0.5 * self.weight_decay * tokens.float().square().sum(dim=(1, 2)).mean()

@@ -76,7 +76,13 @@ from mtrec.train.distributed_data import (
     train_batches,
     train_shard,
 )
-from mtrec.train.ledger import EpochLedger, LoopState, LossWatch, diverged_message
+from mtrec.train.ledger import (
+    EpochLedger,
+    LoopState,
+    LossWatch,
+    diverged_message,
+    nonfinite_loss,
+)
 from mtrec.train.ledger import log as _log
 from mtrec.train.loop import train
 
@@ -496,10 +502,22 @@ def _epochs(
         first_loss = float("nan")
         t0 = last_log = time.perf_counter()
         batches = train_batches(train_source, spec, job.rank_batch, seed, cfg.dataset.chunk_rows)
+        # a mid-epoch validation point that ran out of patience: (record, improved)
+        stop_point: tuple[dict[str, Any], bool] | None = None
+        loss = torch.zeros((), device=step.device)  # the last step's loss
         for batch in batches:
+            if steps and valid is not None and ledger.validate_after(steps):
+                # before this step, not after the last one: the epoch end validates that
+                outcome = _validate_mid_epoch(job, step, ledger, valid, rank, world, loss, steps)
+                if isinstance(outcome, str):
+                    return {"error": outcome} if rank == 0 else None
+                if outcome is not None:
+                    stop_point = outcome
+                    break
             loss = step.step(batch)
             loss_sum += loss.detach() * batch.batch_size
             steps += 1
+            st.step += 1
             seen += batch.batch_size
             _maybe_fail(job.fault, rank, epoch + 1, steps)
             if steps % tr.log_every_steps == 0 or steps == 1:
@@ -526,6 +544,7 @@ def _epochs(
         per_worker = [round(p[0] / max(p[1], 1e-9), 1) for p in parts]
         record: dict[str, Any] = {
             "epoch": epoch + 1,
+            "step": st.step,
             "train_rows": total,
             "train_seconds": round(epoch_seconds, 3),
             "samples_per_s": round(total / max(epoch_seconds, 1e-9), 1),
@@ -540,12 +559,16 @@ def _epochs(
         st.train_samples += total
         st.train_seconds += epoch_seconds
         st.epoch = epoch + 1
-        scores = _score(step, spec, valid, job.valid_rows, rank, world, tr.eval_batch_size)
         decision: list[Any] = [None]
-        if rank == 0:
-            metrics = scores.compute(spec.task_names) if scores is not None else None
-            decision[0] = (ledger.judge(record, metrics), st.__dict__.copy())
-        dist.broadcast_object_list(decision, src=0)
+        if stop_point is not None:  # judged already (every rank): its validation is the epoch's
+            record.update({k: v for k, v in stop_point[0].items() if k.startswith("valid")})
+            decision[0] = (stop_point[1], st.__dict__.copy())
+        else:
+            scores = _score(step, spec, valid, job.valid_rows, rank, world, tr.eval_batch_size)
+            if rank == 0:
+                metrics = scores.compute(spec.task_names) if scores is not None else None
+                decision[0] = (ledger.judge(record, metrics), st.__dict__.copy())
+            dist.broadcast_object_list(decision, src=0)
         improved, st_dict = decision[0]
         for key, value in st_dict.items():
             setattr(st, key, value)
@@ -569,6 +592,48 @@ def _epochs(
         "restarts": len(resumed_at),
         "resumed_after_epochs": resumed_at,
     }
+
+
+def _validate_mid_epoch(
+    job: _Job,
+    step: ShardedTrainStep,
+    ledger: EpochLedger,
+    valid: EncodedChunk,
+    rank: int,
+    world: int,
+    loss: torch.Tensor,
+    steps: int,
+) -> tuple[dict[str, Any], bool] | str | None:
+    """A validation point inside the epoch in progress, after its ``steps``-th step (every
+    rank calls it: scoring and the checkpoint are collective). Rank 0 judges; every rank
+    takes its verdict and state. Returns the divergence error (a non-finite loss on any
+    rank: nothing is written), (record, improved) when patience ran out (the epoch ends
+    there, the caller writes it), else None once ``best.pt`` (when improved) and the
+    point's metrics line are written."""
+    st, tr = ledger.state, job.cfg.training
+    epoch = st.epoch
+    error = _agree_to_stop(
+        nonfinite_loss(float(loss.detach()), epoch, steps), epoch, steps, step.device
+    )
+    if error is not None:
+        return error
+    record: dict[str, Any] = {"epoch": epoch + 1, "step": st.step, "epoch_step": steps}
+    scores = _score(step, job.spec, valid, job.valid_rows, rank, world, tr.eval_batch_size)
+    decision: list[Any] = [None]
+    if rank == 0:
+        metrics = scores.compute(job.spec.task_names) if scores is not None else None
+        improved = ledger.judge(record, metrics)
+        decision[0] = (improved, st.__dict__.copy(), record)
+    dist.broadcast_object_list(decision, src=0)
+    improved, st_dict, record = decision[0]
+    for key, value in st_dict.items():
+        setattr(st, key, value)
+    if ledger.out_of_patience():
+        return record, improved
+    full = step.full_state() if improved else None  # collective; the whole state on rank 0
+    if rank == 0:
+        ledger.note(record, improved, full["model"] if full is not None else {})
+    return None
 
 
 def _agree_to_stop(verdict: str | None, epoch: int, steps: int, device: torch.device) -> str | None:
