@@ -91,10 +91,12 @@ def set_wait_policy(policy: str) -> bool:
     loaded. A variable the user already exported wins over the config."""
     env = wait_policy_env(policy)
     before = wait_policy_in_effect()
+    # the running policy is already the one asked for: nothing to warn about
+    already = all(os.environ.get(k, "").upper() == v.upper() for k, v in env.items())
     for key, value in env.items():
         os.environ.setdefault(key, value)
     if openmp_started():
-        if env:
+        if env and not already:
             warnings.warn(
                 f"training.omp_wait_policy: {policy}: torch is already imported, so OpenMP "
                 f"keeps its wait policy ({before}); set OMP_WAIT_POLICY in "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,9 @@ def test_wait_policy_after_torch_is_reported(monkeypatch) -> None:
         assert set_wait_policy("active") is False
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # still passed on to child processes
     assert set_wait_policy("auto") is False  # nothing asked: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the policy already in effect: no warning
+        assert set_wait_policy("active") is False
 
 
 # records the environment at the moment torch is first imported, then runs the CLI
