@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-import warnings
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
