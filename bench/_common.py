@@ -34,7 +34,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 # the OpenMP wait policy of every bench, as `mtrec train` sets it (training.omp_wait_policy,
-# default active); applied here, before the bench scripts import torch
+# default auto: libgomp's own); applied here, before the bench scripts import torch
 POLICY_ENV = "MTREC_BENCH_OMP_WAIT_POLICY"
 DEFAULT_CACHE = REPO / "bench" / ".cache"
 SPLIT_FILES = ("train.parquet", "valid.parquet", "test.parquet", "config.yaml")

@@ -393,13 +393,14 @@ class TrainingConfig:
     # affinity; Ray workers on one node split them). Never picked from timings, so the
     # same seed and thread count give the same metrics
     threads: int | Literal["auto"] = num("auto", gt=0)
-    # how OpenMP's threads wait at the end of a parallel region: active spins (measured on
-    # a quiet 2-core machine, census MMoE, 2 threads: as fast as libgomp's default alone,
-    # 1.65x it beside another 2-thread process, bench/contention.py), passive sleeps at
-    # once (immune to contention but 40% slower alone), auto leaves libgomp's default.
-    # Read when torch loads: the mtrec command sets it in time, a notebook that already
-    # imported torch cannot (export OMP_WAIT_POLICY before starting Python instead)
-    omp_wait_policy: Literal["auto", "passive", "active"] = "active"
+    # how OpenMP's threads wait between parallel regions. auto: libgomp's default (spin
+    # briefly, then sleep). active: spin without end (as fast alone, 1.65x auto beside
+    # another 2-thread process, but an idle process keeps a core busy: no default for Ray
+    # workers or several processes). passive: sleep at once (never collapses under
+    # contention, 40% slower alone). bench/contention.py has the figures. Read when torch
+    # loads: the mtrec command sets it in time; a notebook that already imported torch
+    # cannot (export OMP_WAIT_POLICY before starting Python instead)
+    omp_wait_policy: Literal["auto", "passive", "active"] = "auto"
     # torch.compile the dense task arch for training (Inductor's C++ backend: a one-off
     # compile of 10-80 s; export and evaluation run the eager module). Measured slower
     # than eager on a 2-core CPU (bench/compile.py); dropout masks come from Inductor's
