@@ -48,6 +48,7 @@ def loaded_after_import(modules: list[str]) -> set[str]:
     return set(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.integration  # a fresh interpreter per layer
 @pytest.mark.parametrize("package", list(LAYERS), ids=lambda p: str(p or "shared"))
 def test_no_imports_between_train_evaluate_and_export(package: str | None) -> None:
     loaded = loaded_after_import(LAYERS[package])
@@ -58,6 +59,7 @@ def test_no_imports_between_train_evaluate_and_export(package: str | None) -> No
         assert not leaked, f"importing {package or 'the shared layer'} loads {leaked}"
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_importing_mtrec_sets_no_warning_filters() -> None:
     """Filters belong to the command that runs (the CLI scopes its own), not to an import."""
     every = [m for ms in LAYERS.values() for m in ms]

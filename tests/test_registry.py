@@ -67,6 +67,7 @@ def _mtrec(args: list[Any], cwd: Path) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.integration  # the mtrec CLI end to end, in subprocesses
 def test_user_block_next_to_the_yaml_trains_evaluates_exports_and_serves(
     tmp_path: Path,
 ) -> None:
@@ -169,6 +170,7 @@ def test_register_block_refuses_a_second_owner_of_a_name() -> None:
         register_block("not_a_dataclass_cfg", config=dict)
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_a_config_with_a_user_block_unpickles_in_a_fresh_process(tmp_path: Path) -> None:
     """Ray ships the config to worker processes by pickle: they re-import `imports`."""
     import pickle
