@@ -15,7 +15,7 @@ DEMO_DIR ?= demo_out
 help:
 	@echo "make demo   # end-to-end: synthetic data -> train -> evaluate -> export -> predict"
 	@echo "make test   # the test suite"
-	@echo "make test-fast  # unit tests only, under a minute (no Ray, Serve, Docker lint, tutorial)"
+	@echo "make test-fast  # unit tests only, ~70 s (no Ray, Serve, Docker lint, tutorial, fresh processes)"
 	@echo "make lint   # ruff"
 	@echo "make bench  # benchmarks (JSON lines)"
 	@echo "make docs   # regenerate docs/configuration.md from the config schema"
