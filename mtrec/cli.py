@@ -45,23 +45,29 @@ def _cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"data synth: {exc}") from None
 
 
-def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from mtrec.cluster import cluster_address
+def _experiment(args: argparse.Namespace) -> Any:
+    """The ExperimentConfig of ``--config`` / ``--set``, with its OpenMP wait policy put in
+    the environment before the config's blocks (and so torch) are imported: libgomp reads
+    it once, when it loads; an embedded Ray's workers inherit it. A bad value is left to
+    the config's own check."""
     from mtrec.config import TrainingConfig, parse_config
     from mtrec.config.loading import load_raw_config
     from mtrec.threads import WAIT_POLICIES, set_wait_policy
 
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers {args.workers}: must be >= 1")
     raw = load_raw_config(args.config, overrides=args.set)
-    # before the config's blocks (and so torch) are imported: libgomp reads its wait
-    # policy once, when it loads; an embedded Ray's workers inherit the variable. A bad
-    # value is left to the config's own check below
     training = raw.get("training") if isinstance(raw.get("training"), dict) else {}
     policy = training.get("omp_wait_policy", TrainingConfig.omp_wait_policy)
     if policy in WAIT_POLICIES:
         set_wait_policy(policy)
-    cfg = parse_config(raw, source=str(args.config))
+    return parse_config(raw, source=str(args.config))
+
+
+def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from mtrec.cluster import cluster_address
+
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: must be >= 1")
+    cfg = _experiment(args)
     address = cluster_address(args.address)
     if args.workers is None and address is None:
         from mtrec.train.loop import train
@@ -75,10 +81,23 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_baseline(args: argparse.Namespace) -> dict[str, Any]:
-    from mtrec.config import load_config
     from mtrec.train.baseline import train_floor
 
-    return train_floor(load_config(args.config, overrides=args.set), args.out, resume=args.resume)
+    return train_floor(_experiment(args), args.out, resume=args.resume)
+
+
+def _experiment_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    """--config, --set, --out, --resume: how every training command names its run."""
+    p.add_argument("--config", required=True)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.epochs=3 (repeatable)",
+    )
+    p.add_argument("--out", help=f"run directory (default {default_out})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,14 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_synth)
 
     t = sub.add_parser("train", help="train a model from a YAML experiment")
-    t.add_argument("--config", required=True)
-    t.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set training.epochs=3 (repeatable)",
-    )
+    _experiment_args(t, "runs/NAME-TIMESTAMP")
     t.add_argument(
         "--workers",
         type=int,
@@ -170,8 +182,6 @@ def _parser() -> argparse.ArgumentParser:
         help="Ray cluster to train on, HOST:PORT (default $RAY_ADDRESS, else an embedded "
         "local instance on 127.0.0.1 when --workers is given)",
     )
-    t.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.set_defaults(fn=_cmd_train)
 
     b = sub.add_parser(
@@ -179,16 +189,7 @@ def _parser() -> argparse.ArgumentParser:
         help="train the logistic-regression floor of a YAML experiment (same pipeline, "
         "linear term only)",
     )
-    b.add_argument("--config", required=True)
-    b.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, as for train (repeatable)",
-    )
-    b.add_argument("--out", help="run directory (default runs/NAME-floor-TIMESTAMP)")
-    b.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _experiment_args(b, "runs/NAME-floor-TIMESTAMP")
     b.set_defaults(fn=_cmd_baseline)
 
     e = sub.add_parser("evaluate", help="evaluate a run's best model on a split")
