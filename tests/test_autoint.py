@@ -413,7 +413,9 @@ def test_moh_output_matches_gated_reference() -> None:
     layer = routed_layer(seed=3)
     x = tokens(b=4, f=5, seed=4)
     b, f = 4, 5
-    q, k, v = layer._heads(x)
+    # Q, K, V of every head from the documented row layout of ``qkv``: B x H x F x d_h each
+    qkv = layer.qkv(x).view(b, f, 3, layer.num_heads, layer.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
     heads = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(layer.head_dim), -1) @ v
     gates = layer.head_gates(x)
     gated = heads * gates.transpose(1, 2).unsqueeze(-1)

@@ -100,26 +100,25 @@ class InteractingLayer(nn.Module):
             self.shared_heads, self.top_k, self.balance_weight = shared, top_k, float(beta)
             self.router = nn.Linear(in_dim, shared + routed + 2)
 
-    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """B x F x in → Q, K, V, each B x H x F x d_h (a transposed view of B x F x H x d_h)."""
-        b, f, a = x.shape[0], x.shape[1], self.attention_dim
+    def _head(self, x: torch.Tensor, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """B x F x in → head h's Q / √d_h, K and V, each a contiguous B x F x d_h."""
+        a, lo, hi = self.attention_dim, h * self.head_dim, (h + 1) * self.head_dim
         w = self.qkv.weight
-        # one GEMM per projection, each straight into B x F x A: the head view's backward is
-        # then a view too. One 3A-wide GEMM cut into heads made backward stack the three
-        # gradients and copy them back to B x F x 3A (~20% of a layer's fwd + bwd on CPU).
-        q = nn.functional.linear(x, w[:a]).view(b, f, self.num_heads, self.head_dim)
-        k = nn.functional.linear(x, w[a : 2 * a]).view(b, f, self.num_heads, self.head_dim)
-        v = nn.functional.linear(x, w[2 * a :]).view(b, f, self.num_heads, self.head_dim)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-    def _probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * self.scale, dim=-1)
+        # the scale rides on W_Q (d_h x in, a few hundred numbers) instead of the B x F x F
+        # scores; exact when √d_h is a power of two (d_h = 4, 16, 64), else one rounding
+        q = nn.functional.linear(x, w[lo:hi] * self.scale)
+        k = nn.functional.linear(x, w[a + lo : a + hi])
+        v = nn.functional.linear(x, w[2 * a + lo : 2 * a + hi])
+        return q, k, v
 
     @torch.jit.export
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """B x F x in → B x H x F x F attention probabilities α (rows sum to 1; no dropout)."""
-        q, k, _ = self._heads(x)
-        return self._probs(q, k)
+        maps: list[torch.Tensor] = []
+        for h in range(self.num_heads):
+            q, k, _ = self._head(x, h)
+            maps.append(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1))
+        return torch.stack(maps, dim=1)
 
     def _route(
         self, logits: torch.Tensor, with_balance: bool
@@ -155,23 +154,26 @@ class InteractingLayer(nn.Module):
 
     def forward_with_balance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """B x F x in → (B x F x A output, β-weighted MoH balance loss or None)."""
-        b, f = x.shape[0], x.shape[1]
-        q, k, v = self._heads(x)
-        if self.training and self.dropout.p > 0.0:
-            heads = torch.matmul(self.dropout(self._probs(q, k)), v)  # B x H x F x d_h
-        else:
-            # fused: never writes the B x H x F x F scores to memory. Those tensors, read and
-            # written ~8 times per step, made attention memory-bound (bench/peers.py).
-            heads = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        gates: torch.Tensor | None = None
         balance: torch.Tensor | None = None
         router = self.router
         if router is not None:
             gates, raw = self._route(router(x), self.training)
-            heads = heads * gates.transpose(1, 2).unsqueeze(-1)
             if raw is not None:
                 balance = raw * self.balance_weight
-        # B x H x F x d_h → B x F x H·d_h (heads concatenated per field)
-        out = heads.transpose(1, 2).reshape(b, f, self.attention_dim)
+        # head by head, each a contiguous B x F x d_h: batched GEMMs over B need no head
+        # transposes (forward or backward). Measured on CPU against one 3A-wide projection
+        # cut into B x H x F x d_h views and the fused scaled_dot_product_attention, whose
+        # per-(row, head) kernel is dominated by call overheads at F ~ 40, d_h ~ 16.
+        heads: list[torch.Tensor] = []
+        for h in range(self.num_heads):
+            q, k, v = self._head(x, h)
+            probs = self.dropout(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1))
+            head = torch.bmm(probs, v)  # B x F x d_h
+            if gates is not None:
+                head = head * gates[:, :, h : h + 1]
+            heads.append(head)
+        out = torch.cat(heads, dim=-1)  # B x F x H·d_h (heads concatenated per field)
         if self.residual is not None:
             out = out + self.residual(x)
         if self.norm is not None:
