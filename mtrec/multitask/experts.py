@@ -151,13 +151,21 @@ class ExpertBank(nn.Module):
             low = self._shared_input_matmul(x[0], self._per_slot(down))  # S x B x l
         else:
             low = torch.bmm(x, self._per_slot(down))
-        return 2.0 * torch.sigmoid(torch.bmm(low, self._per_slot(up)))
+        z = torch.bmm(low, self._per_slot(up))
+        if torch.is_grad_enabled():
+            return 2.0 * torch.sigmoid(z)
+        # inference: in place on the fresh S x B x in product, the same values without
+        # two more tensors of that size (at batch 512 each pass costs ~0.2 ms)
+        return z.sigmoid_().mul_(2.0)
 
     def pre_activation(self, xs: torch.Tensor) -> torch.Tensor:
         """N x B x in → S x B x d output-layer values before BN / the last activation."""
         x = self.slot_inputs(xs)
-        if self.gate_down is not None:
-            x = x * self.feature_gates(x)  # S x B x in: every expert its own input view
+        if self.gate_down is not None:  # S x B x in: every expert its own input view
+            if torch.is_grad_enabled():
+                x = x * self.feature_gates(x)
+            else:  # the gates are a fresh tensor: scale it in place (x * g == g * x)
+                x = self.feature_gates(x).mul_(x)
         weight, bias = self._per_slot(self.first.weight), self._per_slot(self.first.bias)
         if x.shape[0] == 1:  # one input shared by every slot (as MMoE's first layer)
             h = self._shared_input_matmul(x[0], weight) + bias
