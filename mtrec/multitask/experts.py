@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtrec.multitask.diagnostics import Diagnostics, dead_fraction, gate_summary, shared_usage
-from mtrec.nn.layers import FastDropout, GroupedLinear, activation
+from mtrec.nn.layers import FastDropout, GroupedLinear, activate_, activation
 
 __all__ = ["ExpertBank", "ExpertLevel", "GateNode", "StackedLevels", "cgc_level"]
 
@@ -118,6 +118,9 @@ class ExpertBank(nn.Module):
         self.norm = nn.BatchNorm1d(self.num_slots * hidden[-1]) if norm else None
         self.act = activation(act)
         self.out_act = nn.SiLU() if norm else activation(act)
+        # the same activations by name, for the in-place inference path
+        self.act_name = act
+        self.out_act_name = "silu" if norm else act
         self.dropout = FastDropout(dropout)
 
     def _per_slot(self, w: torch.Tensor) -> torch.Tensor:
@@ -171,8 +174,9 @@ class ExpertBank(nn.Module):
             h = self._shared_input_matmul(x[0], weight) + bias
         else:
             h = torch.baddbmm(bias, x, weight)
+        inference = not self.training and not torch.is_grad_enabled()
         for layer in self.deep:
-            h = self.dropout(self.act(h))
+            h = activate_(h, self.act_name) if inference else self.dropout(self.act(h))
             h = torch.baddbmm(self._per_slot(layer.bias), h, self._per_slot(layer.weight))
         return h
 
@@ -202,7 +206,26 @@ class ExpertBank(nn.Module):
             flat = norm(flat)
         return flat.view(b, s, d).transpose(0, 1)
 
+    def _normalize_(self, h: torch.Tensor) -> torch.Tensor:
+        """Inference BN (running statistics) as a per-(slot, unit) affine map written into
+        the fresh S x B x d ``h``: no transposed copy of h, no new tensor. Equal to the
+        BatchNorm1d of :meth:`normalized` up to float rounding."""
+        norm = self.norm
+        if norm is None:
+            return h
+        s, d = h.shape[0], h.shape[2]
+        weight, bias = norm.weight, norm.bias
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = -norm.running_mean * scale
+        if bias is not None:
+            shift = shift + bias
+        return h.mul_(scale.view(s, 1, d)).add_(shift.view(s, 1, d))
+
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        if not self.training and not torch.is_grad_enabled():  # inference: in place
+            return activate_(self._normalize_(self.pre_activation(xs)), self.out_act_name)
         return self.dropout(self.out_act(self.normalized(self.pre_activation(xs))))
 
 
@@ -257,10 +280,31 @@ class GateNode(nn.Module):
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         main, own = self.weights(x)
+        if not self.training and not torch.is_grad_enabled():
+            return self._mix_inference(main, own, h)
         out = _mix(main, h.index_select(0, self.members))
         if self.num_own > 0:
             out = out + _mix(own, h.index_select(0, self.own))
         return out
+
+    def _mix_inference(
+        self, main: torch.Tensor, own: torch.Tensor, h: torch.Tensor
+    ) -> torch.Tensor:
+        """The weighted sums of :meth:`forward` accumulated slot by slot into one fresh
+        B x d tensor (inference): no gathered e x B x d copy of the slots. Equal up to
+        float rounding."""
+        out = h[self.member_list[0]] * main[:, :1]
+        for i in range(1, self.num_members):
+            out.addcmul_(h[self.member_list[i]], main[:, i : i + 1])
+        for j in range(self.num_own):
+            out.addcmul_(h[self.own_list[j]], own[:, j : j + 1])
+        return out
+
+
+# TorchScript cannot type an empty list attribute (a gate without a self-gate) and reads
+# class annotations unevaluated (strings here): declare the types themselves
+GateNode.__annotations__["member_list"] = list[int]
+GateNode.__annotations__["own_list"] = list[int]
 
 
 class ExpertLevel(nn.Module):
