@@ -144,9 +144,8 @@ class ExpertBank(nn.Module):
         wide = w.permute(1, 0, 2).reshape(w.shape[1], s * k)
         return torch.mm(x, wide).view(x.shape[0], s, k).transpose(0, 1)
 
-    def feature_gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Slot inputs (S x B x in, or 1 x B x in shared) → S x B x in gates
-        2σ(x B_i A_i) ∈ (0, 2)."""
+    def _gate_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Slot inputs (S x B x in, or 1 x B x in shared) → S x B x in logits x B_i A_i."""
         down, up = self.gate_down, self.gate_up
         if down is None or up is None:
             raise RuntimeError("this expert bank has no feature gates (feature_gate_rank 0)")
@@ -154,26 +153,33 @@ class ExpertBank(nn.Module):
             low = self._shared_input_matmul(x[0], self._per_slot(down))  # S x B x l
         else:
             low = torch.bmm(x, self._per_slot(down))
-        z = torch.bmm(low, self._per_slot(up))
-        if torch.is_grad_enabled():
-            return 2.0 * torch.sigmoid(z)
-        # inference: in place on the fresh S x B x in product, the same values without
-        # two more tensors of that size (at batch 512 each pass costs ~0.2 ms)
-        return z.sigmoid_().mul_(2.0)
+        return torch.bmm(low, self._per_slot(up))
+
+    def feature_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Slot inputs (S x B x in, or 1 x B x in shared) → S x B x in gates
+        2σ(x B_i A_i) ∈ (0, 2)."""
+        return 2.0 * torch.sigmoid(self._gate_logits(x))
 
     def pre_activation(self, xs: torch.Tensor) -> torch.Tensor:
         """N x B x in → S x B x d output-layer values before BN / the last activation."""
         x = self.slot_inputs(xs)
+        alpha = 1.0  # factor of the first layer's matmul
         if self.gate_down is not None:  # S x B x in: every expert its own input view
             if torch.is_grad_enabled():
                 x = x * self.feature_gates(x)
-            else:  # the gates are a fresh tensor: scale it in place (x * g == g * x)
-                x = self.feature_gates(x).mul_(x)
+            else:
+                # inference: σ(z) ⊙ x written into the fresh logits (two fewer S x B x in
+                # tensors, ~0.2 ms each at batch 512), the gates' factor 2 moved into the
+                # matmul; scaling by a power of two is exact, so the values are the same
+                x = torch.sigmoid_(self._gate_logits(x)).mul_(x)
+                alpha = 2.0
         weight, bias = self._per_slot(self.first.weight), self._per_slot(self.first.bias)
         if x.shape[0] == 1:  # one input shared by every slot (as MMoE's first layer)
+            if alpha != 1.0:
+                x = x * alpha
             h = self._shared_input_matmul(x[0], weight) + bias
         else:
-            h = torch.baddbmm(bias, x, weight)
+            h = torch.baddbmm(bias, x, weight, alpha=alpha)
         inference = not self.training and not torch.is_grad_enabled()
         for layer in self.deep:
             h = activate_(h, self.act_name) if inference else self.dropout(self.act(h))
