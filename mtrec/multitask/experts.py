@@ -160,8 +160,14 @@ class ExpertBank(nn.Module):
         2σ(x B_i A_i) ∈ (0, 2)."""
         return 2.0 * torch.sigmoid(self._gate_logits(x))
 
-    def pre_activation(self, xs: torch.Tensor) -> torch.Tensor:
-        """N x B x in → S x B x d output-layer values before BN / the last activation."""
+    def pre_activation(self, xs: torch.Tensor, fold_norm: bool = False) -> torch.Tensor:
+        """N x B x in → S x B x d output-layer values before BN / the last activation.
+
+        ``fold_norm`` (inference): BN with its running statistics is a per-(slot, unit)
+        affine map; folded into the output layer's weights and bias, this returns BN(h)
+        at no cost per row (once per call on the weights; a frozen export folds it for
+        good). Equal to :meth:`normalized` of the unfolded values up to float rounding.
+        """
         x = self.slot_inputs(xs)
         alpha = 1.0  # factor of the first layer's matmul
         if self.gate_down is not None:  # S x B x in: every expert its own input view
@@ -174,6 +180,8 @@ class ExpertBank(nn.Module):
                 x = torch.sigmoid_(self._gate_logits(x)).mul_(x)
                 alpha = 2.0
         weight, bias = self._per_slot(self.first.weight), self._per_slot(self.first.bias)
+        if fold_norm and len(self.deep) == 0:
+            weight, bias = self._fold_norm(weight, bias)
         if x.shape[0] == 1:  # one input shared by every slot (as MMoE's first layer)
             if alpha != 1.0:
                 x = x * alpha
@@ -181,10 +189,33 @@ class ExpertBank(nn.Module):
         else:
             h = torch.baddbmm(bias, x, weight, alpha=alpha)
         inference = not self.training and not torch.is_grad_enabled()
-        for layer in self.deep:
+        last = len(self.deep) - 1
+        for i, layer in enumerate(self.deep):
             h = activate_(h, self.act_name) if inference else self.dropout(self.act(h))
-            h = torch.baddbmm(self._per_slot(layer.bias), h, self._per_slot(layer.weight))
+            weight, bias = self._per_slot(layer.weight), self._per_slot(layer.bias)
+            if fold_norm and i == last:
+                weight, bias = self._fold_norm(weight, bias)
+            h = torch.baddbmm(bias, h, weight)
         return h
+
+    def _fold_norm(
+        self, weight: torch.Tensor, bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-slot output-layer weight (S x k x d) and bias (S x 1 x d) with the eval BN
+        ``y · γ / √(var + ε) + (β - mean · γ / √(var + ε))`` folded in (identity without
+        ``norm``)."""
+        norm = self.norm
+        if norm is None:
+            return weight, bias
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -norm.running_mean * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias
+        scale = scale.view(self.num_slots, 1, self.out_features)
+        shift = shift.view(self.num_slots, 1, self.out_features)
+        return weight * scale, torch.addcmul(shift, bias, scale)
 
     def normalized(self, h: torch.Tensor) -> torch.Tensor:
         """S x B x d output-layer values → BN(h) (identity without ``norm``): the
@@ -212,26 +243,9 @@ class ExpertBank(nn.Module):
             flat = norm(flat)
         return flat.view(b, s, d).transpose(0, 1)
 
-    def _normalize_(self, h: torch.Tensor) -> torch.Tensor:
-        """Inference BN (running statistics) as a per-(slot, unit) affine map written into
-        the fresh S x B x d ``h``: no transposed copy of h, no new tensor. Equal to the
-        BatchNorm1d of :meth:`normalized` up to float rounding."""
-        norm = self.norm
-        if norm is None:
-            return h
-        s, d = h.shape[0], h.shape[2]
-        weight, bias = norm.weight, norm.bias
-        scale = torch.rsqrt(norm.running_var + norm.eps)
-        if weight is not None:
-            scale = scale * weight
-        shift = -norm.running_mean * scale
-        if bias is not None:
-            shift = shift + bias
-        return h.mul_(scale.view(s, 1, d)).add_(shift.view(s, 1, d))
-
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
-        if not self.training and not torch.is_grad_enabled():  # inference: in place
-            return activate_(self._normalize_(self.pre_activation(xs)), self.out_act_name)
+        if not self.training and not torch.is_grad_enabled():  # inference: BN folded, in place
+            return activate_(self.pre_activation(xs, fold_norm=True), self.out_act_name)
         return self.dropout(self.out_act(self.normalized(self.pre_activation(xs))))
 
 
