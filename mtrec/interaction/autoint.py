@@ -125,7 +125,7 @@ class InteractingLayer(nn.Module):
         in that layout and the residual adds inside its matmul. The same values as the
         fused path up to float rounding (~1e-7); no autograd (in-place accumulation).
 
-        Shapes: B x F x in → B x F x A (heads concatenated [gated] + residual; a view)."""
+        Shapes: B x F x in → A x (F·B) (heads concatenated [gated] + residual)."""
         b, f, width = x.shape[0], x.shape[1], x.shape[2]
         h, dh = self.num_heads, self.head_dim
         xt = x.permute(2, 1, 0).reshape(width, f * b)  # in x (F·B)
@@ -145,7 +145,23 @@ class InteractingLayer(nn.Module):
         flat = out.view(self.attention_dim, f * b)
         if self.residual is not None:
             flat = torch.addmm(flat, self.residual.weight, xt)
-        return flat.view(self.attention_dim, f, b).permute(2, 1, 0)
+        return flat
+
+    def _norm_columns_(self, flat: torch.Tensor) -> torch.Tensor:
+        """The LayerNorm over A of A x (F·B) columns, written into ``flat`` (inference): the
+        tokens stay in this layout, so the next layer's transpose is free. The same maths
+        as ``nn.LayerNorm`` (biased variance) up to float rounding."""
+        norm = self.norm
+        if norm is None:
+            return flat
+        centred = flat.sub_(flat.mean(0, keepdim=True))
+        var = (centred * centred).mean(0, keepdim=True)
+        centred.mul_(torch.rsqrt(var.add_(norm.eps)))
+        if norm.weight is not None:
+            centred.mul_(norm.weight.unsqueeze(1))
+        if norm.bias is not None:
+            centred.add_(norm.bias.unsqueeze(1))
+        return centred
 
     def _probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * self.scale, dim=-1)
@@ -193,25 +209,26 @@ class InteractingLayer(nn.Module):
         b, f = x.shape[0], x.shape[1]
         balance: torch.Tensor | None = None
         if self._batch_innermost(b, f):
-            out = self._forward_batch_innermost(x)
+            flat = self._norm_columns_(self._forward_batch_innermost(x)).relu_()
+            # B x F x A view of the A x F x B tokens (a following layer reads them as is)
+            return flat.view(self.attention_dim, f, b).permute(2, 1, 0), balance
+        q, k, v = self._heads(x)
+        if self.training and self.dropout.p > 0.0:
+            heads = torch.matmul(self.dropout(self._probs(q, k)), v)  # B x H x F x d_h
         else:
-            q, k, v = self._heads(x)
-            if self.training and self.dropout.p > 0.0:
-                heads = torch.matmul(self.dropout(self._probs(q, k)), v)  # B x H x F x d_h
-            else:
-                # fused: never writes the B x H x F x F scores to memory. Those tensors, read
-                # and written ~8 times per step, made attention memory-bound (bench/peers.py).
-                heads = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
-            router = self.router
-            if router is not None:
-                gates, raw = self._route(router(x), self.training)
-                heads = heads * gates.transpose(1, 2).unsqueeze(-1)
-                if raw is not None:
-                    balance = raw * self.balance_weight
-            # B x H x F x d_h → B x F x H·d_h (heads concatenated per field)
-            out = heads.transpose(1, 2).reshape(b, f, self.attention_dim)
-            if self.residual is not None:
-                out = out + self.residual(x)
+            # fused: never writes the B x H x F x F scores to memory. Those tensors, read
+            # and written ~8 times per step, made attention memory-bound (bench/peers.py).
+            heads = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        router = self.router
+        if router is not None:
+            gates, raw = self._route(router(x), self.training)
+            heads = heads * gates.transpose(1, 2).unsqueeze(-1)
+            if raw is not None:
+                balance = raw * self.balance_weight
+        # B x H x F x d_h → B x F x H·d_h (heads concatenated per field)
+        out = heads.transpose(1, 2).reshape(b, f, self.attention_dim)
+        if self.residual is not None:
+            out = out + self.residual(x)
         if self.norm is not None:
             out = self.norm(out)
         return torch.relu(out), balance
