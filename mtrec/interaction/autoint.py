@@ -294,7 +294,7 @@ class AutoInt(nn.Module):
                 raise ValueError("AutoInt+ (dnn) needs num_fields > 0 (its input is F · in_dim)")
             mlp: list[nn.Module] = []
             for a, b in pairwise([num_fields * in_dim, *dnn]):
-                mlp += [nn.Linear(a, b), nn.ReLU()]
+                mlp += [nn.Linear(a, b), nn.ReLU(inplace=True)]  # on the Linear's fresh output
             self.dnn = nn.Sequential(*mlp)
 
     def flat_features(self, num_fields: int) -> int:
