@@ -288,6 +288,7 @@ class GateNode(nn.Module):
         self.proj = nn.Linear(in_features, len(members) + len(own))
         self.register_buffer("members", torch.tensor(members), persistent=False)
         self.register_buffer("own", torch.tensor(own, dtype=torch.long), persistent=False)
+        self.register_buffer("slots", torch.tensor(members + own), persistent=False)
 
     def weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """B x in → (B x |members| softmax weights, B x |own| self-gate weights)."""
@@ -314,17 +315,23 @@ class GateNode(nn.Module):
     def mix_inference(self, logits_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` from transposed logits (inference): the softmaxes run over the
         outer dim, vectorised along B (10x faster than over a last dim of 2-4 at batch
-        512), and the weighted sums accumulate slot by slot into one fresh B x d tensor
-        (no gathered e x B x d copy). Equal up to float rounding."""
+        512); at large batches the weighted sums accumulate slot by slot into one fresh
+        B x d tensor (no gathered e x B x d copy). Equal up to float rounding."""
         main = torch.softmax(logits_t[: self.num_members], dim=0)
+        own = logits_t[self.num_members :]
+        if self.num_own == 1:
+            own = torch.sigmoid(own)
+        elif self.num_own > 1:
+            own = torch.softmax(own, dim=0)
+        if h.shape[1] < 64:  # small batches: fewest ops (one gather, one weighted sum)
+            weights = main if self.num_own == 0 else torch.cat([main, own], dim=0)
+            return (weights.unsqueeze(-1) * h.index_select(0, self.slots)).sum(0)
+        # large batches: accumulate slot by slot, no e x B x d temporaries
         out = h[self.member_list[0]] * main[0].unsqueeze(1)
         for i in range(1, self.num_members):
             out.addcmul_(h[self.member_list[i]], main[i].unsqueeze(1))
-        if self.num_own > 0:
-            own = logits_t[self.num_members :]
-            own = torch.sigmoid(own) if self.num_own == 1 else torch.softmax(own, dim=0)
-            for j in range(self.num_own):
-                out.addcmul_(h[self.own_list[j]], own[j].unsqueeze(1))
+        for j in range(self.num_own):
+            out.addcmul_(h[self.own_list[j]], own[j].unsqueeze(1))
         return out
 
 
