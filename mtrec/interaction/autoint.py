@@ -216,8 +216,8 @@ class InteractingLayer(nn.Module):
         if self.training and self.dropout.p > 0.0:
             heads = torch.matmul(self.dropout(self._probs(q, k)), v)  # B x H x F x d_h
         else:
-            # fused: never writes the B x H x F x F scores to memory. Those tensors, read
-            # and written ~8 times per step, made attention memory-bound (bench/peers.py).
+            # fused: never writes the B x H x F x F scores to memory. Those tensors, read and
+            # written ~8 times per step, made attention memory-bound (bench/peers.py).
             heads = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
         router = self.router
         if router is not None:
