@@ -97,6 +97,36 @@ def test_layer_matches_hand_written_reference(residual: bool, layer_norm: bool) 
     assert (out >= 0).all() and (out == 0).any() and (out > 0).any()
 
 
+def test_large_batch_inference_attention_matches_the_reference_and_the_per_head_path() -> None:
+    """A large eval batch without autograd takes the batch-innermost kernel (serving at
+    batch 512); it matches the float64 reference and the per-head path that autograd and
+    small batches use, eager and scripted, with and without MoH routing."""
+    torch.manual_seed(0)
+    x = tokens(b=160, f=6, d=5, seed=3)
+    for routing in (None, (1, 1, 0.01)):
+        layer = InteractingLayer(5, 8, 4, layer_norm=True, routing=routing).eval()
+        randomise_norms(layer)
+        assert not layer._batch_innermost(127, 6) and not layer._batch_innermost(160, 17)
+        with torch.no_grad():
+            assert layer._batch_innermost(160, 6)
+            fast = layer(x)
+            scripted = torch.jit.script(layer)(x)
+        with torch.enable_grad():  # autograd: the per-head path
+            assert not layer._batch_innermost(160, 6)
+            per_head = layer(x).detach()
+        torch.testing.assert_close(fast, per_head, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(scripted, fast, rtol=1e-6, atol=1e-6)
+        if routing is None:
+            expected, _ = reference_layer(layer, x[:40])
+            torch.testing.assert_close(fast[:40].double(), expected, rtol=1e-5, atol=1e-6)
+    # stacked: each layer hands the next its tokens in the batch-innermost layout
+    net = AutoInt(5, 3, 8, 2, layer_norm=True, dnn=[6], num_fields=6).eval()
+    randomise_norms(net)
+    with torch.no_grad():
+        fast = net.forward_flat(x)
+    torch.testing.assert_close(fast, net.forward_flat(x).detach(), rtol=1e-5, atol=1e-5)
+
+
 # -------------------------------------------------------------------------------- checks
 
 

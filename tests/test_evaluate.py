@@ -461,6 +461,10 @@ def test_report_slices_partition_the_rows(run: Path, evaluated: dict) -> None:
             assert got["auc"] == pytest.approx(auc(y, p))
             assert got["logloss"] == pytest.approx(logloss(y, p))
             assert got["mean_pred"] == pytest.approx(float(p.mean()))
+            # the CLI summary line carries the same slice numbers
+            short = evaluated["summary"]["slices"][feature]["seen"]
+            assert short["rows"] == parts["seen"]["rows"]
+            assert short["tasks"][task]["auc"] == pytest.approx(got["auc"], abs=1e-6)
     assert (
         "## Seen / unseen ids"
         in Path(evaluated["summary"]["report"]).with_suffix(".md").read_text()

@@ -446,7 +446,7 @@ def test_parity_check_catches_a_module_left_in_training_mode(tmp_path_factory, t
     spec = fitted_spec(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, spec).eval()
-    scripted = script_serving(model, spec)
+    scripted = script_serving(model, spec, freeze=False)  # a frozen module has its mode fixed
     batch = first_rows(cfg, spec)
     assert check_parity(scripted, model, batch) <= PARITY_TOLERANCE
     scripted.train()  # dropout on: scores are random
@@ -565,3 +565,42 @@ def test_chained_tasks_export_joint_probabilities(
     first, second = (spec.task_names.index(t) for t in chain)
     assert (probs[:, second] <= probs[:, first] + 1e-7).all()
     assert signature_of(spec, "h", model, cfg.model)["chain"] == chain
+
+
+def test_frozen_export_scores_as_the_plain_scripted_module(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """``script_serving`` freezes by default: same scores as the unfrozen module and the
+    eager model (also for ids never seen in training), the attributes callers read, and
+    the frozen file saves and loads."""
+    data = small_data_dir(tmp_path_factory)
+    cfg = small_config(data, tmp_path, model=VARIANTS["unified+autoint"])
+    spec = fitted_spec(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, spec)
+    batch = first_rows(cfg, spec)
+    settle_running_stats(model, batch)
+    plain = script_serving(model, spec, freeze=False)
+    frozen = script_serving(model, spec)
+    assert not list(frozen.parameters()), "freezing turns weights into graph constants"
+    buffer = io.BytesIO()
+    torch.jit.save(frozen, buffer)
+    loaded = torch.jit.load(io.BytesIO(buffer.getvalue()))
+    assert list(loaded.task_names) == spec.task_names
+    assert list(loaded.feature_names) == spec.sparse_names
+    kjt = batch.sparse
+    values = kjt.values().clone()
+    values[::3] = 2**62 + 12345  # an id no feature saw in training
+    for ids in (kjt.values(), values):
+        with torch.no_grad():
+            want = plain(ids, kjt.lengths(), batch.dense)
+            eager_kjt = type(kjt)(keys=kjt.keys(), values=ids, lengths=kjt.lengths())
+            torch.testing.assert_close(
+                model.predict(eager_kjt, batch.dense), want, rtol=0, atol=PARITY_TOLERANCE
+            )
+            for module in (frozen, loaded):
+                torch.testing.assert_close(
+                    module(ids, kjt.lengths(), batch.dense), want, rtol=0, atol=1e-6
+                )
+                one = module(ids[:0], kjt.lengths()[:0], batch.dense[:0])
+                assert one.shape == (0, len(spec.tasks))

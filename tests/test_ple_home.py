@@ -236,6 +236,35 @@ def test_home_matches_loop_reference(train: bool) -> None:
 @pytest.mark.parametrize(
     "flags",
     [
+        {"shared_experts": 2, "group_experts": 2, "task_experts": 1},
+        {"expert_norm": False, "act": "gelu"},
+        {"act": "silu", "self_gate": False, "group_experts": 0},
+        {"hierarchy": False, "task_experts": 2},
+    ],
+)
+def test_home_inference_path_matches_the_autograd_path(flags: dict) -> None:
+    """Eval without autograd (serving, evaluation) takes the banks' and gates' in-place
+    inference path (BN as an affine map, slot-by-slot mixing): the same outputs as the
+    autograd path up to float rounding, eager and scripted, and the loop reference."""
+    block = randomize(home(**flags)).eval()
+    scripted_block = torch.jit.script(block)
+    for rows in (33, 80):  # the gates mix small and large batches differently
+        v = torch.randn(rows, 10, generator=seeded(6)) * 2 + 0.5
+        want = [t.detach() for t in outputs(block, v)]  # autograd on: the training code path
+        with torch.no_grad():
+            got = outputs(block, v)
+            scripted = outputs(scripted_block, v)
+        for g, w, s in zip(got, want, scripted):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+            exact(s, g)
+        if flags.get("group_experts") == 2:
+            for g, ref in zip(got, home_ref(block, v, 2, 2, 1)):
+                torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
         {},
         {"expert_norm": False},
         {"feature_gate": False},

@@ -414,6 +414,19 @@ def test_cold_start_labels_and_oracle(cold_run: tuple[Path, dict[str, Any]]) -> 
         assert 0.7 < cold < summary["oracle_auc"][task]
         p_cold = test.get_column(f"p_{task}_cold").to_numpy()
         assert abs(p_cold.mean() - p.mean()) < 0.1 * p.mean()  # the same rate on average
+        # the attainable oracle hides the effects of every id absent from training: below
+        # the full oracle, and on train rows (every id seen) exactly the truth
+        best = summary["attainable_oracle_auc"][task]
+        assert 0.7 < best < summary["oracle_auc"][task]
+        assert summary["attainable_oracle_auc_unseen"][task] < summary["oracle_auc"][task]
+        p_best = test.get_column(f"p_{task}_attainable").to_numpy()
+        assert oracle_auc(test.get_column(task).to_numpy(), p_best) == best
+        train = _read(out)["train.parquet"]
+        np.testing.assert_allclose(
+            train.get_column(f"p_{task}_attainable").to_numpy(),
+            train.get_column(f"p_{task}").to_numpy(),
+            rtol=1e-6,
+        )
 
 
 def test_cold_start_config_uses_package_defaults(cold_run: tuple[Path, dict[str, Any]]) -> None:

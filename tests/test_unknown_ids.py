@@ -55,6 +55,35 @@ def test_own_row_separates_unseen_from_rare_ids() -> None:
     assert rare(values, feature_of).tolist() == [10, RARE_ID, RARE_ID, 0, 10, 11, 12, 0]
 
 
+def test_bucket_table_membership_equals_the_binary_search() -> None:
+    """The filter tests membership with one gather from a bucket table; it must answer
+    exactly as the binary search over the sorted keys, for any int64 (negative ids, the
+    padding values, ids sharing a bucket), and a set too large for a table falls back."""
+    g = torch.Generator().manual_seed(0)
+    kept = [torch.randint(0, 2**62, (n,), generator=g).unique() for n in (3000, 1)]
+    kept[0][:10] = (kept[0][:10] >> 14) << 14  # ten ids with the same low bits
+    kept = [t.unique() for t in kept]
+    table = FrequencyFilter(2, kept, seen_ids=kept)
+    assert table.key_table.shape[1] >= 10  # the ten share a row
+    crowded = torch.arange(1, 41) << 20  # 40 ids in one row: the binary search instead
+    assert FrequencyFilter(1, [crowded]).key_table.numel() == 0
+    big = FrequencyFilter(2, kept)
+    big.key_table = torch.zeros(0, 0, dtype=torch.int64)  # as for > _TABLE_MAX_KEYS keys
+    feature = torch.randint(0, 2, (6000,), generator=g)
+    values = torch.randint(-(2**62), 2**62, (6000,), generator=g)
+    pick = torch.randint(0, kept[0].numel(), (3000,), generator=g)
+    values[:3000] = kept[0][pick]  # members (of feature 0's set)
+    values[3000:3100] = torch.arange(100)  # padding values of the first rows
+    values[3100:3200] = table.key_table[:100, 0] ^ 1
+    for f in (feature, torch.zeros_like(feature)):
+        out, want = table(values, f), big(values, f)
+        assert torch.equal(out, want)
+        key = values ^ table.salts[f]
+        member = FrequencyFilter._member(table.keys, table.key_table, key)
+        assert torch.equal(member, FrequencyFilter._member(big.keys, big.key_table, key))
+    assert 2000 < int((out == values).sum()) < 6000  # both kept and filtered ids occur
+
+
 def test_dropout_replaces_ids_at_rate_p_only_in_training() -> None:
     emb = PerFeatureEmbedding(
         ["a", "b"], [50, 50], 4, ["sum", "sum"], kept_ids=KEPT, id_dropout=[0.3, 0.0]

@@ -21,9 +21,12 @@ training); ``side_part`` generalises to new ids: user attributes (``gender``, ``
 the interaction and a low-rank user-attribute x category cross. The side part carries
 :data:`SIDE_SHARE` of the logit variance, so a model leaning on ids loses on the new users
 and one that uses the side features wins. ``p_click`` / ``p_conversion`` hold the true
-probabilities (oracle AUC); ``p_click_cold`` / ``p_conversion_cold`` the best probabilities
-*without* the user's own effect (averaged over its prior): on the rows of users unseen in
-training, their AUC (``cold_user_oracle_auc``) is the most any model can reach.
+probabilities (oracle AUC); ``p_click_cold`` / ``p_conversion_cold`` the probabilities
+*without* the user's own effect (averaged over its prior); ``p_click_attainable`` /
+``p_conversion_attainable`` the best a model trained on the train split can give: the true
+probability averaged over the prior of every id (user, item) absent from the train split.
+Their AUC on the test rows (``attainable_oracle_auc``, also on the rows of unseen users) is
+the most any model can reach; the full oracle also knows the new ids' own effects.
 
 Everything is vectorised NumPy over all rows at once (1M rows: a few seconds, ~200 MB);
 the output is a deterministic function of ``(rows, seed, vocab_scale, num_tasks)``.
@@ -75,6 +78,7 @@ _REGIONS, _DEVICES, _GENDERS, _CATEGORIES = 200, 4, 3, 60
 _CROSS_RANK = 3
 _CODE = 3
 _COLD_NODES = 24
+_ITEM_EFFECT_STD = 0.7  # per-item effect std, relative to the per-user effect's 1
 
 
 @dataclass
@@ -91,6 +95,8 @@ class _Rows:
     # (the user effects are N(0, 1) per user times this scale)
     cold_latent: np.ndarray
     user_scale: np.ndarray
+    # each row's item effect in the latent logits [n, 2] (N(0, (0.7 * user_scale)^2))
+    item_part: np.ndarray
 
 
 @dataclass
@@ -163,6 +169,7 @@ def _generate(rows: int, seed: int, vocab_scale: float) -> _Rows:
     price_z = (np.log(price[i]) - 3.0) / 0.9
     latent = np.empty((rows, 2))
     cold_latent = np.empty((rows, 2))
+    item_part = np.empty((rows, 2))
     user_scale = np.zeros(2)
     for j in range(2):
         # side part: per-value effects, smooth numeric effects, a user x category cross
@@ -188,7 +195,7 @@ def _generate(rows: int, seed: int, vocab_scale: float) -> _Rows:
             + np.einsum("ij,ij->i", user_vec, cat_vec)
         )
         user_eff = rng.normal(0.0, 1.0, n_users)[u]
-        ids = user_eff + rng.normal(0.0, 0.7, n_items)[i]
+        ids = user_eff + rng.normal(0.0, _ITEM_EFFECT_STD, n_items)[i]
         sigma = _SIGMAS[j]
         id_std = float(ids.std())
         user_scale[j] = sigma * math.sqrt(1.0 - SIDE_SHARE) / id_std if id_std > 0 else 0.0
@@ -197,6 +204,7 @@ def _generate(rows: int, seed: int, vocab_scale: float) -> _Rows:
             + (ids - float(ids.mean())) * user_scale[j]
         )
         cold_latent[:, j] = latent[:, j] - user_scale[j] * user_eff
+        item_part[:, j] = user_scale[j] * (ids - user_eff)
 
     # stored ids: a fixed per-seed permutation, so id order says nothing about arrival
     user_ids = rng.permutation(n_users).astype(np.int64) + 1
@@ -213,7 +221,7 @@ def _generate(rows: int, seed: int, vocab_scale: float) -> _Rows:
         "item_price": np.round(price[i], 2),
         "hour": np.round(hour, 3),
     }
-    return _Rows(cols, latent, u, i, n_users, n_items, cold_latent, user_scale)
+    return _Rows(cols, latent, u, i, n_users, n_items, cold_latent, user_scale, item_part)
 
 
 def _labels(
@@ -237,17 +245,41 @@ def _labels(
     return labels[:, :num_tasks], probs[:, :num_tasks], bias
 
 
-def _cold_probs(rows: _Rows, bias: np.ndarray, num_tasks: int) -> np.ndarray:
-    """The best probabilities without the user id [n, num_tasks]: the true probability
-    averaged over the user-effect prior (Gauss-Hermite, 24 nodes). The click and cvr user
-    effects are independent, so ``E[p_click * p_cvr] = E[p_click] * E[p_cvr]``."""
+def _expected_probs(base: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``E[sigmoid(base + scale * x)]`` for ``x ~ N(0, 1)`` per row and logit [n, 2]
+    (Gauss-Hermite, 24 nodes); ``scale`` broadcasts against ``base``."""
     nodes, weights = np.polynomial.hermite_e.hermegauss(_COLD_NODES)
     weights = weights / weights.sum()
-    p = np.zeros_like(rows.cold_latent)
-    base = rows.cold_latent + bias
+    p = np.zeros_like(base)
     for x, w in zip(nodes, weights, strict=True):
-        p += w * _syn._sigmoid(base + rows.user_scale * x)
+        p += w * _syn._sigmoid(base + scale * x)
+    return p
+
+
+def _task_probs(p: np.ndarray, num_tasks: int) -> np.ndarray:
+    # the click and cvr effects are independent, so E[p_click * p_cvr] = E[p_click] E[p_cvr]
     return np.stack([p[:, 0], p[:, 0] * p[:, 1]], axis=1)[:, :num_tasks]
+
+
+def _cold_probs(rows: _Rows, bias: np.ndarray, num_tasks: int) -> np.ndarray:
+    """The best probabilities without the user id [n, num_tasks]: the true probability
+    averaged over the user-effect prior."""
+    return _task_probs(_expected_probs(rows.cold_latent + bias, rows.user_scale), num_tasks)
+
+
+def _attainable_probs(rows: _Rows, bias: np.ndarray, num_tasks: int, train_rows: int) -> np.ndarray:
+    """The best probabilities a model trained on the first ``train_rows`` rows can give
+    [n, num_tasks]: the true probability averaged over the prior of the effect of every id
+    (user, item) absent from those rows. The user and item effects are independent normals,
+    so their sum is one normal of variance ``user_scale^2 (new_user + 0.7^2 new_item)``."""
+    new_user = ~np.isin(rows.users, rows.users[:train_rows])
+    new_item = ~np.isin(rows.items, rows.items[:train_rows])
+    base = rows.latent + bias
+    base = base - new_user[:, None] * (rows.latent - rows.cold_latent)
+    base = base - new_item[:, None] * rows.item_part
+    var = new_user + _ITEM_EFFECT_STD**2 * new_item
+    scale = rows.user_scale[None, :] * np.sqrt(var)[:, None]
+    return _task_probs(_expected_probs(base, scale), num_tasks)
 
 
 def unseen_fraction(train_ids: np.ndarray, test_ids: np.ndarray) -> float:
@@ -284,6 +316,7 @@ def write_cold_start(
     cold = _cold_probs(data, bias, num_tasks)
     tasks = list(COLD_START_TASKS[:num_tasks])
     sizes = _syn._split_sizes(rows)
+    attainable = _attainable_probs(data, bias, num_tasks, sizes["train"])
     bounds = {"train": (0, sizes["train"])}
     bounds["valid"] = (sizes["train"], sizes["train"] + sizes["valid"])
     bounds["test"] = (bounds["valid"][1], rows)
@@ -295,6 +328,8 @@ def write_cold_start(
             cols[f"p_{name}"] = pa.array(probs[s:e, t], type=pa.float64())
         for t, name in enumerate(tasks):
             cols[f"p_{name}_cold"] = pa.array(cold[s:e, t], type=pa.float64())
+        for t, name in enumerate(tasks):
+            cols[f"p_{name}_attainable"] = pa.array(attainable[s:e, t], type=pa.float64())
         pq.write_table(
             pa.table(cols),
             tmp / f"{split}.parquet",
@@ -313,6 +348,14 @@ def write_cold_start(
         # the best AUC on test rows of users unseen in training: without the user's effect
         "cold_user_oracle_auc": {
             t: _syn.oracle_auc(labels[new, j], cold[new, j]) for j, t in enumerate(tasks)
+        },
+        # the best AUC on all test rows of a model trained on the train split: ids unseen
+        # in training contribute only their prior (p_<task>_attainable)
+        "attainable_oracle_auc": {
+            t: _syn.oracle_auc(labels[s:e, j], attainable[s:e, j]) for j, t in enumerate(tasks)
+        },
+        "attainable_oracle_auc_unseen": {
+            t: _syn.oracle_auc(labels[new, j], attainable[new, j]) for j, t in enumerate(tasks)
         },
         "unseen_test_fraction": {
             "user_id": unseen_fraction(data.users[:tr], data.users[s:e]),

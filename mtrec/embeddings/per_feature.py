@@ -26,6 +26,38 @@ def _keys(ids: list[torch.Tensor | None], salts: list[int]) -> torch.Tensor:
     return torch.cat(keys).sort().values if keys else torch.zeros(0, dtype=torch.int64)
 
 
+# a bucket table (see _bucket_table) for key sets up to this size: ~80 bytes a key
+_TABLE_MAX_KEYS = 1 << 17
+_TABLE_MAX_WIDTH = 16
+
+
+def _bucket_table(keys: torch.Tensor) -> torch.Tensor:
+    """Keys laid out for a membership test by one gather: row ``b`` of an M x W table
+    (M a power of two ≥ 2·len(keys)) holds the keys whose low bits are ``b``, padded with
+    ``b ^ 1``, a value that no key of row b can equal. ``key`` is a member iff
+    ``(table[key & (M - 1)] == key).any()``: exact for any int64, and at batch 512 (6k
+    ids) ~3x faster than ``searchsorted``'s binary search. Empty [0, 0] (use the binary
+    search) for a large or badly spread set."""
+    n = keys.numel()
+    empty = torch.zeros(0, 0, dtype=torch.int64)
+    if n == 0 or n > _TABLE_MAX_KEYS:
+        return empty
+    rows = 2
+    while rows < 2 * n:
+        rows *= 2
+    bucket = keys & (rows - 1)
+    counts = torch.bincount(bucket, minlength=rows)
+    width = int(counts.max())
+    if width > _TABLE_MAX_WIDTH:
+        return empty
+    order = torch.argsort(bucket, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    column = torch.arange(n) - first[bucket[order]]
+    table = (torch.arange(rows, dtype=torch.int64) ^ 1)[:, None].repeat(1, width)
+    table[bucket[order], column] = keys[order]
+    return table
+
+
 class FrequencyFilter(nn.Module):
     """Maps ids outside each feature's kept set to the feature's unknown id (missing ids
     pass), and in training replaces ids by it at random (id dropout).
@@ -72,6 +104,8 @@ class FrequencyFilter(nn.Module):
         self.register_buffer("keys", _keys(kept, salts), persistent=False)
         seen_keys = _keys([t if h else None for t, h in zip(seen, has_seen)], salts)
         self.register_buffer("seen_keys", seen_keys, persistent=False)
+        self.register_buffer("key_table", _bucket_table(self.keys), persistent=False)
+        self.register_buffer("seen_table", _bucket_table(seen_keys), persistent=False)
         self.register_buffer("salts", torch.tensor(salts, dtype=torch.int64), persistent=False)
         self.register_buffer("filtered", torch.tensor(filtered, dtype=torch.bool), persistent=False)
         self.register_buffer("has_seen", torch.tensor(has_seen, dtype=torch.bool), persistent=False)
@@ -83,9 +117,12 @@ class FrequencyFilter(nn.Module):
         self.rare_id = RARE_ID
 
     @staticmethod
-    def _member(keys: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def _member(keys: torch.Tensor, table: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Whether each ``key`` is in the sorted ``keys`` (``table``: their bucket table)."""
         if keys.numel() == 0:
             return torch.zeros_like(key, dtype=torch.bool)
+        if table.numel() > 0:
+            return (table[key & (table.shape[0] - 1)] == key.unsqueeze(1)).any(1)
         pos = torch.searchsorted(keys, key).clamp(max=keys.numel() - 1)
         return keys[pos] == key
 
@@ -93,10 +130,12 @@ class FrequencyFilter(nn.Module):
         if not self.active:
             return values
         key = values ^ self.salts[feature_of]
-        outside = self.filtered[feature_of] & ~self._member(self.keys, key) & (values != 0)
+        kept = self._member(self.keys, self.key_table, key)
+        outside = self.filtered[feature_of] & ~kept & (values != 0)
         out = torch.where(outside, self.unknown[feature_of], values)
         if self.seen_active:  # seen in training but not kept: the rare row
-            rare = outside & self.has_seen[feature_of] & self._member(self.seen_keys, key)
+            seen = self._member(self.seen_keys, self.seen_table, key)
+            rare = outside & self.has_seen[feature_of] & seen
             out = torch.where(rare, torch.full_like(values, self.rare_id), out)
         return out
 

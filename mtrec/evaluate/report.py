@@ -342,7 +342,8 @@ def evaluate_run(
 
     Returns the CLI summary: ``{"run_dir", "split", "rows", "tasks": {task: {"auc",
     "auc_ci", "logloss", "logloss_ci", ["oracle_auc"], ["gauc"]}}, "report", "wall_s"}``
-    (plus ``"below_floor": [tasks]`` with ``floor``).
+    (plus ``"below_floor": [tasks]`` with ``floor``, and ``"slices": {feature: {"seen" |
+    "unseen": {"rows", "tasks": {task: {"auc", "logloss"}}}}}`` for the sliced features).
     ``workers > 1`` scores disjoint row ranges as Ray tasks (same metrics as 1 worker).
     ``floor``: a ``mtrec baseline`` run shown beside the model (:mod:`mtrec.evaluate.floor`);
     evaluated first on the same data (same bootstrap, no plots) if it has no report yet.
@@ -466,6 +467,24 @@ def evaluate_run(
         "report": str(report_path),
         "wall_s": round(time.perf_counter() - t0, 2),
         **({"below_floor": report["floor"]["below_floor"]} if "floor" in report else {}),
+        **({"slices": _slice_summary(report["slices"])} if report["slices"] else {}),
+    }
+
+
+def _slice_summary(slices: dict[str, Any]) -> dict[str, Any]:
+    """``{feature: {seen|unseen: {"rows", "tasks": {task: {"auc", "logloss"}}}}}``."""
+    return {
+        feature: {
+            part: {
+                "rows": m["rows"],
+                "tasks": {
+                    t: {k: round(float(v[k]), 6) for k in ("auc", "logloss")}
+                    for t, v in m["tasks"].items()
+                },
+            }
+            for part, m in parts.items()
+        }
+        for feature, parts in slices.items()
     }
 
 

@@ -111,6 +111,63 @@ class InteractingLayer(nn.Module):
         v = nn.functional.linear(x, w[2 * a + lo : 2 * a + hi])
         return q, k, v
 
+    def _batch_innermost(self, b: int, f: int) -> bool:
+        """Use :meth:`_forward_batch_innermost` (inference only): a large batch of few
+        fields and narrow heads, where the per-head path spends its time on B·H tiny
+        problems. Measured (inference, one thread, whole layer) at B = 512, F = 14, H = 2,
+        d_h = 8: per-head path 5.9 ms, this path 2.9 ms; at B = 1024, F = 42, d_h = 8 the
+        per-head path wins (27 vs 49 ms). (It was chosen the same way against the fused
+        kernel the layer used before: 2.3 vs 1.2 ms for the attention alone.)"""
+        if self.training or torch.is_grad_enabled() or not isinstance(b, int):
+            return False  # (a torch.fx trace's sizes are proxies: it records the per-head path)
+        return b >= 128 and f <= 16 and self.head_dim <= 8
+
+    def _forward_batch_innermost(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer up to the norm with the batch as the innermost (vectorised) dimension,
+        for inference: softmax(Q Kᵀ / √d_h) V as d_h + F multiply-adds over whole
+        H x F x F x B / H x d_h x F x B slabs instead of B·H tiny matrix products, the
+        projections as plain matmuls on x transposed to in x (F·B), so Q, K, V come out
+        in that layout and the residual adds inside its matmul. The same values as the
+        per-head path up to float rounding (~1e-7); no autograd (in-place accumulation).
+
+        Shapes: B x F x in → A x (F·B) (heads concatenated [gated] + residual)."""
+        b, f, width = x.shape[0], x.shape[1], x.shape[2]
+        h, dh = self.num_heads, self.head_dim
+        xt = x.permute(2, 1, 0).reshape(width, f * b)  # in x (F·B)
+        qkv = torch.mm(self.qkv.weight, xt).view(3, h, dh, f, b)
+        q, k, v = qkv.unbind(0)  # H x d_h x F x B each
+        q = q * self.scale
+        scores = q[:, 0].unsqueeze(2) * k[:, 0].unsqueeze(1)  # H x F (query) x F (key) x B
+        for d in range(1, dh):
+            scores.addcmul_(q[:, d].unsqueeze(2), k[:, d].unsqueeze(1))
+        probs = torch.softmax(scores, dim=2)
+        out = probs[:, :, 0].unsqueeze(1) * v[:, :, 0].unsqueeze(2)  # H x d_h x F x B
+        for j in range(1, f):
+            out.addcmul_(probs[:, :, j].unsqueeze(1), v[:, :, j].unsqueeze(2))
+        router = self.router
+        if router is not None:  # B x F x H gates → H x 1 x F x B
+            out.mul_(self._route(router(x), False)[0].permute(2, 1, 0).unsqueeze(1))
+        flat = out.view(self.attention_dim, f * b)
+        if self.residual is not None:
+            flat = torch.addmm(flat, self.residual.weight, xt)
+        return flat
+
+    def _norm_columns_(self, flat: torch.Tensor) -> torch.Tensor:
+        """The LayerNorm over A of A x (F·B) columns, written into ``flat`` (inference): the
+        tokens stay in this layout, so the next layer's transpose is free. The same maths
+        as ``nn.LayerNorm`` (biased variance) up to float rounding."""
+        norm = self.norm
+        if norm is None:
+            return flat
+        centred = flat.sub_(flat.mean(0, keepdim=True))
+        var = (centred * centred).mean(0, keepdim=True)
+        centred.mul_(torch.rsqrt(var.add_(norm.eps)))
+        if norm.weight is not None:
+            centred.mul_(norm.weight.unsqueeze(1))
+        if norm.bias is not None:
+            centred.add_(norm.bias.unsqueeze(1))
+        return centred
+
     @torch.jit.export
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """B x F x in → B x H x F x F attention probabilities α (rows sum to 1; no dropout)."""
@@ -154,8 +211,13 @@ class InteractingLayer(nn.Module):
 
     def forward_with_balance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """B x F x in → (B x F x A output, β-weighted MoH balance loss or None)."""
+        b, f = x.shape[0], x.shape[1]
         gates: torch.Tensor | None = None
         balance: torch.Tensor | None = None
+        if self._batch_innermost(b, f):
+            flat = self._norm_columns_(self._forward_batch_innermost(x)).relu_()
+            # B x F x A view of the A x F x B tokens (a following layer reads them as is)
+            return flat.view(self.attention_dim, f, b).permute(2, 1, 0), balance
         router = self.router
         if router is not None:
             gates, raw = self._route(router(x), self.training)
@@ -243,7 +305,7 @@ class AutoInt(nn.Module):
                 raise ValueError("AutoInt+ (dnn) needs num_fields > 0 (its input is F · in_dim)")
             mlp: list[nn.Module] = []
             for a, b in pairwise([num_fields * in_dim, *dnn]):
-                mlp += [nn.Linear(a, b), nn.ReLU()]
+                mlp += [nn.Linear(a, b), nn.ReLU(inplace=True)]  # on the Linear's fresh output
             self.dnn = nn.Sequential(*mlp)
 
     def flat_features(self, num_fields: int) -> int:

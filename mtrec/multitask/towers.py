@@ -7,7 +7,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from mtrec.nn.layers import FastDropout, GroupedLinear, activation
+from mtrec.nn.layers import FastDropout, GroupedLinear, activate_, activation
 
 __all__ = ["TaskTowers"]
 
@@ -36,10 +36,15 @@ class TaskTowers(nn.Module):
         self.hidden = nn.ModuleList([GroupedLinear(num_tasks, a, b) for a, b in pairwise(widths)])
         self.out = GroupedLinear(num_tasks, widths[-1], 1)
         self.act = activation(act)
+        self.act_name = act
         self.dropout = FastDropout(dropout)
 
     def forward(self, reprs: list[torch.Tensor]) -> torch.Tensor:
         h = torch.stack(reprs, dim=0)  # T x B x in
+        inference = not self.training and not torch.is_grad_enabled()
         for layer in self.hidden:
-            h = self.dropout(self.act(layer(h)))
+            if inference:  # in place on the layer's fresh output
+                h = activate_(layer(h), self.act_name)
+            else:
+                h = self.dropout(self.act(layer(h)))
         return self.out(h).squeeze(-1).t()  # B x T

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["FastDropout", "GroupedLinear", "activation"]
+__all__ = ["FastDropout", "GroupedLinear", "activate_", "activation"]
 
 
 def activation(name: str) -> nn.Module:
@@ -18,6 +18,17 @@ def activation(name: str) -> nn.Module:
     if name == "gelu":
         return nn.GELU()
     raise ValueError(f"unknown activation {name!r}; expected relu, silu or gelu")
+
+
+def activate_(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``activation(name)(x)`` written into ``x`` where torch has an in-place kernel (same
+    values): for inference on a fresh tensor, saving a tensor of its size. Not for
+    autograd."""
+    if name == "relu":
+        return x.relu_()
+    if name == "silu":
+        return nn.functional.silu(x, inplace=True)
+    return nn.functional.gelu(x)
 
 
 class FastDropout(nn.Module):
