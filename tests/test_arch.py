@@ -83,6 +83,10 @@ def seeded_model(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, **model: object
 ) -> tuple[MultiTaskModel, object, object]:
     data = small_data_dir(tmp_path_factory)
+    # the deep part alone unless a test asks for more: the references predate the linear
+    # term (tests/test_linear.py) and the id dropout default (tests/test_unknown_ids.py)
+    model = {"linear": {"enabled": False}, **model}
+    model["embedding"] = {"id_dropout": 0.0, **dict(model.get("embedding") or {})}  # type: ignore[arg-type]
     cfg = small_config(data, tmp_path, model=model)
     spec = fitted_spec(cfg)
     torch.manual_seed(0)

@@ -164,7 +164,7 @@ def _randomise_linear(model: torch.nn.Module) -> None:
 
 def test_linear_on_adds_the_first_order_logits_before_the_chain(data: Path, tmp_path) -> None:
     chain = {"multitask": {"chain": ["click", "like"]}}
-    off_cfg = small_config(data, tmp_path, model=chain)
+    off_cfg = small_config(data, tmp_path, ["model.linear.enabled=false"], model=chain)
     on_cfg = small_config(data, tmp_path, ["model.linear.enabled=true"], model=chain)
     spec = fitted_spec(off_cfg)
     torch.manual_seed(0)
@@ -220,7 +220,7 @@ def test_linear_term_exports_with_parity(data: Path, tmp_path) -> None:
 
 
 def test_checkpoint_without_linear_loads_with_linear_off(data: Path, tmp_path) -> None:
-    cfg = small_config(data, tmp_path)
+    cfg = small_config(data, tmp_path, ["model.linear.enabled=false"])
     spec = fitted_spec(cfg)
     torch.manual_seed(0)
     old = build_model(cfg, spec).eval()
@@ -261,7 +261,7 @@ def test_linear_table_trains_with_its_own_adagrad_settings(data: Path, tmp_path)
 
 def test_deep_off_needs_the_linear_term(data: Path, tmp_path) -> None:
     with pytest.raises(ConfigError, match="model.deep"):
-        small_config(data, tmp_path, ["model.deep=false"])
+        small_config(data, tmp_path, ["model.deep=false", "model.linear.enabled=false"])
 
 
 # ------------------------------------------------------------------ the CLI end to end

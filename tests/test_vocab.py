@@ -34,7 +34,8 @@ def spec_for(path: Path, min_count: int = 3) -> FeatureSpec:
             FeatureConfig(name="b", kind="categorical", min_count=0),  # opted out
         ],
         tasks=[TaskConfig(name="y")],
-        model=ModelConfig(embedding=EmbeddingConfig(min_count=min_count)),
+        # id dropout off: with it every feature is filtered (unseen ids leave the table)
+        model=ModelConfig(embedding=EmbeddingConfig(min_count=min_count, id_dropout=0.0)),
     )
     return FeatureSpec.from_config(cfg)
 

@@ -232,7 +232,7 @@ class EmbeddingConfig:
     # replaced with this probability by the id that values unseen in training read at
     # serving, so that row learns from traffic like cold traffic (0: off; auto: per
     # feature, the share of valid ids absent from the training split, at most 0.5)
-    id_dropout: float | Literal["auto"] = num(0.0, ge=0, lt=1)
+    id_dropout: float | Literal["auto"] = num("auto", ge=0, lt=1)
     # ids absent from the training split: rare (share the frequency filter's "rare" row)
     # or own_row (a row of their own, trained by id dropout). With id_dropout or own_row a
     # feature is filtered even without min_count (unseen ids stop hashing onto other ids)
@@ -348,7 +348,7 @@ class LinearConfig:
     """
 
     # add the linear term to every task's logit
-    enabled: bool = False
+    enabled: bool = True
     # row-wise Adagrad (FBGEMM fused) on the per-id weights
     learning_rate: float = num(0.05, gt=0)
     # row-wise Adagrad epsilon of the per-id weights
