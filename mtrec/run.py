@@ -52,6 +52,7 @@ from mtrec.io import atomic_write_text
 from mtrec.model import MultiTaskModel, build_model
 
 __all__ = [
+    "CHANGED_DEFAULTS",
     "CONFIG_FILE",
     "LOCK_FILE",
     "METRICS_FILE",
@@ -62,11 +63,13 @@ __all__ = [
     "RunLock",
     "check_run_dir",
     "config_hash",
+    "config_hashes",
     "diff_configs",
     "load_run_config",
     "load_trained_model",
     "remove_unfinished_run",
     "run_config_hash",
+    "run_config_hashes",
     "trim_metrics",
     "write_run_files",
 ]
@@ -118,6 +121,53 @@ def run_config_hash(run_dir: str | Path) -> str:
     return config_hash(yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()))
 
 
+#: schema defaults that changed after runs had been written, each with its value before
+#: the change. ``config_hash`` leaves keys at their default out, so a run hashed before a
+#: change left the key out at the OLD default (and kept it at the new one): without
+#: these, every older run would read as "modified" after an upgrade. Add a line whenever
+#: a schema default changes.
+CHANGED_DEFAULTS: dict[str, Any] = {
+    "model.linear.enabled": False,  # -> True (issue #16)
+    "model.embedding.id_dropout": 0.0,  # -> "auto" (issue #16)
+}
+
+
+def _set_path(d: dict[str, Any], path: list[str], value: Any, present: bool) -> None:
+    """Set (``present``) or remove ``d[path]``, creating / pruning empty sections."""
+    head, *rest = path
+    if not rest:
+        if present:
+            d[head] = value
+        else:
+            d.pop(head, None)
+        return
+    child = d.setdefault(head, {})
+    _set_path(child, rest, value, present)
+    if not child:
+        del d[head]
+
+
+def config_hashes(cfg: ExperimentConfig | dict[str, Any]) -> set[str]:
+    """Every hash a run of ``cfg`` may carry: :func:`config_hash`, and the hash an mtrec
+    from before the changes of :data:`CHANGED_DEFAULTS` wrote for the same config."""
+    if not isinstance(cfg, ExperimentConfig):
+        cfg = parse_config(dict(cfg), source=CONFIG_FILE)
+    raw = _hashed_dict(cfg, drop_defaults=True)
+    for key, old in CHANGED_DEFAULTS.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        # before the change a key was left out exactly when it held the old default
+        _set_path(raw, key.split("."), value, present=value != old)
+    legacy = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+    return {config_hash(cfg), legacy}
+
+
+def run_config_hashes(run_dir: str | Path) -> set[str]:
+    """:func:`config_hashes` of ``run_dir/config.yaml``."""
+    return config_hashes(yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()))
+
+
 def _changed_keys(stored_file: Path, cfg: ExperimentConfig) -> list[str] | None:
     """Keys (dotted) that differ between a run's stored config and ``cfg``, run-length
     keys aside; None when the stored config cannot be read."""
@@ -157,7 +207,7 @@ def load_trained_model(run_dir: str | Path) -> tuple[ExperimentConfig, FeatureSp
     spec.load_stats(Path(run_dir) / STATS_FILE)
     load_vocab(Path(run_dir) / VOCAB_FILE, spec)
     state = load_checkpoint(best_path(run_dir))
-    if state.get("config_hash") != run_config_hash(run_dir):
+    if state.get("config_hash") not in run_config_hashes(run_dir):
         raise CheckpointError(
             f"{best_path(run_dir)}: checkpoint does not match {run_dir}/{CONFIG_FILE} "
             "(config hash differs); the run directory was modified"
@@ -310,7 +360,7 @@ def check_run_dir(cfg: ExperimentConfig, out: Path, resume: bool) -> dict[str, A
                 "(nothing was changed)"
             )
         state = load_checkpoint(last)
-        if state.get("config_hash") != config_hash(cfg):
+        if state.get("config_hash") not in config_hashes(cfg):
             raise _config_mismatch(out, cfg, state.get("config_hash"))
         done = int(state.get("loop", {}).get("epoch", 0))
         if done > cfg.training.epochs:

@@ -18,7 +18,7 @@ from helpers import copy_run, small_config, small_data_dir, snapshot, trained_ru
 from mtrec.checkpoint import best_path, last_path, load_checkpoint
 from mtrec.cli import main
 from mtrec.data.batch import Batch
-from mtrec.errors import DivergenceError, RunError, RunLockedError
+from mtrec.errors import CheckpointError, DivergenceError, RunError, RunLockedError
 from mtrec.run import LOCK_FILE, RunLock, diff_configs, load_run_config, load_trained_model
 from mtrec.train.ledger import LossWatch
 from mtrec.train.loop import train
@@ -191,6 +191,54 @@ def test_resume_with_changed_config_names_the_keys(run: Path, tmp_path: Path) ->
     changed = str(info.value).split("changed: ", 1)[1].split(". ")[0]
     assert changed == f"model.embedding.dim, tasks[{cfg.tasks[1].name}].weight"
     assert snapshot(copy) == before
+
+
+def _hash_before_the_default_changes(cfg: object, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The hash an mtrec from before CHANGED_DEFAULTS wrote: the schema's old defaults."""
+    import dataclasses
+
+    from mtrec.config.schema import EmbeddingConfig, LinearConfig
+    from mtrec.run import CHANGED_DEFAULTS, config_hash
+
+    fields = {
+        "model.linear.enabled": dataclasses.fields(LinearConfig),
+        "model.embedding.id_dropout": dataclasses.fields(EmbeddingConfig),
+    }
+    assert fields.keys() == CHANGED_DEFAULTS.keys()
+    with monkeypatch.context() as m:
+        for key, old in CHANGED_DEFAULTS.items():
+            (f,) = [f for f in fields[key] if f.name == key.rsplit(".", 1)[1]]
+            m.setattr(f, "default", old)
+        return config_hash(cfg)  # type: ignore[arg-type]
+
+
+def test_a_run_from_before_a_default_change_still_loads_and_resumes(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A default that changes (CHANGED_DEFAULTS) must not turn every older run into a
+    "modified" one: a run written before the change carries the hash of the old defaults."""
+    from mtrec.run import config_hash
+
+    # what an older mtrec trained by default: no linear term, no id dropout
+    old_defaults = ["model.linear.enabled=false", "model.embedding.id_dropout=0"]
+    cfg = small_config(data, tmp_path, old_defaults, training={"epochs": 1})
+    out = tmp_path / "run"
+    train(cfg, out)
+    old_hash = _hash_before_the_default_changes(cfg, monkeypatch)
+    assert old_hash != config_hash(cfg)  # the case the fallback exists for
+    for ckpt in (best_path(out), last_path(out)):
+        state = load_checkpoint(ckpt)
+        state["config_hash"] = old_hash  # as the older mtrec stamped it
+        torch.save(state, ckpt)
+    load_trained_model(out)  # no "config hash differs"
+    cfg.training.epochs = 2
+    train(cfg, out, resume=True)  # no "trained with a different config"
+    # a config.yaml edited after training is still caught
+    stored = (out / "config.yaml").read_text()
+    assert "dim: 8" in stored
+    (out / "config.yaml").write_text(stored.replace("dim: 8", "dim: 9"))
+    with pytest.raises(CheckpointError, match="config hash differs"):
+        load_trained_model(out)
 
 
 def test_diff_configs() -> None:
