@@ -118,7 +118,7 @@ def config_hash(cfg: ExperimentConfig | dict[str, Any]) -> str:
 
 def run_config_hash(run_dir: str | Path) -> str:
     """Hash of the config stored in ``run_dir/config.yaml``, as written at training time."""
-    return config_hash(yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()))
+    return config_hash(_stored_config(run_dir))
 
 
 #: schema defaults that changed after runs had been written, each with its value before
@@ -126,6 +126,7 @@ def run_config_hash(run_dir: str | Path) -> str:
 #: change left the key out at the OLD default (and kept it at the new one): without
 #: these, every older run would read as "modified" after an upgrade. Add a line whenever
 #: a schema default changes.
+_MISSING = object()
 CHANGED_DEFAULTS: dict[str, Any] = {
     "model.linear.enabled": False,  # -> True (issue #16)
     "model.embedding.id_dropout": 0.0,  # -> "auto" (issue #16)
@@ -165,14 +166,14 @@ def config_hashes(cfg: ExperimentConfig | dict[str, Any]) -> set[str]:
 
 def run_config_hashes(run_dir: str | Path) -> set[str]:
     """:func:`config_hashes` of ``run_dir/config.yaml``."""
-    return config_hashes(yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()))
+    return config_hashes(_stored_config(run_dir))
 
 
 def _changed_keys(stored_file: Path, cfg: ExperimentConfig) -> list[str] | None:
     """Keys (dotted) that differ between a run's stored config and ``cfg``, run-length
     keys aside; None when the stored config cannot be read."""
     try:
-        stored = parse_config(yaml.safe_load(stored_file.read_text()), source=str(stored_file))
+        stored = load_run_config(stored_file.parent)
     except Exception:  # any unreadable config: report the hashes only
         return None
     return sorted(diff_configs(_hashed_dict(stored, False), _hashed_dict(cfg, False)))
@@ -197,7 +198,34 @@ def load_run_config(run_dir: str | Path) -> ExperimentConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         raise RunError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    return load_config(path)
+    return load_config(path, _keys_the_run_predates(yaml.safe_load(path.read_text())))
+
+
+def _keys_the_run_predates(stored: Any) -> list[str]:
+    """``key=old default`` overrides for the :data:`CHANGED_DEFAULTS` keys a stored
+    ``config.yaml`` lacks: it holds every key of the mtrec that wrote it, so a missing
+    key did not exist then and the run was trained with what is now its old default."""
+    out = []
+    for key, old in CHANGED_DEFAULTS.items():
+        node = stored
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is _MISSING:
+            out.append(f"{key}={json.dumps(old)}")
+    return out
+
+
+def _stored_config(run_dir: str | Path) -> dict[str, Any]:
+    """A run's ``config.yaml`` as a dict, the keys it predates at their old default."""
+    stored = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text())
+    for item in _keys_the_run_predates(stored):
+        key, value = item.split("=", 1)
+        node = stored
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = json.loads(value)
+    return stored
 
 
 def load_trained_model(run_dir: str | Path) -> tuple[ExperimentConfig, FeatureSpec, MultiTaskModel]:

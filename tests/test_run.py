@@ -212,11 +212,15 @@ def _hash_before_the_default_changes(cfg: object, monkeypatch: pytest.MonkeyPatc
         return config_hash(cfg)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("stored", ["with_the_keys", "before_the_keys_existed"])
 def test_a_run_from_before_a_default_change_still_loads_and_resumes(
-    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stored: str
 ) -> None:
     """A default that changes (CHANGED_DEFAULTS) must not turn every older run into a
-    "modified" one: a run written before the change carries the hash of the old defaults."""
+    "modified" one: a run written before the change carries the hash of the old defaults,
+    and a config.yaml from before the keys existed is read with their old defaults."""
+    import yaml
+
     from mtrec.run import config_hash
 
     # what an older mtrec trained by default: no linear term, no id dropout
@@ -230,7 +234,15 @@ def test_a_run_from_before_a_default_change_still_loads_and_resumes(
         state = load_checkpoint(ckpt)
         state["config_hash"] = old_hash  # as the older mtrec stamped it
         torch.save(state, ckpt)
-    load_trained_model(out)  # no "config hash differs"
+    if stored == "before_the_keys_existed":
+        raw = yaml.safe_load((out / "config.yaml").read_text())
+        del raw["model"]["linear"], raw["model"]["embedding"]["id_dropout"]
+        for feature in raw["features"]:
+            feature.pop("id_dropout", None)
+        (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _, _, model = load_trained_model(out)  # no "config hash differs", no missing weights
+    assert model.linear_arch is None
+    assert load_run_config(out).model.embedding.id_dropout == 0.0
     cfg.training.epochs = 2
     train(cfg, out, resume=True)  # no "trained with a different config"
     # a config.yaml edited after training is still caught
