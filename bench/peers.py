@@ -48,20 +48,25 @@ CENSUS = C.REPO / "configs" / "census_kdd"
 PEER_VERSION = "deepctr-torch==0.3.0"
 PEER_SCRIPT = C.REPO / "bench" / "peer_deepctr.py"
 
+# the peer's models have no first-order term: mtrec's (on by default) is left out of the
+# timed model too, so both sides train the same architecture
+SAME_ARCHITECTURE = ["model.linear.enabled=false"]
+
 # mtrec side: (config file, --set overrides); peer side: DeepCTR model and its shapes
 PAIRS: dict[str, dict[str, Any]] = {
     "mmoe": {
-        "config": ("mmoe.yaml", []),
+        "config": ("mmoe.yaml", SAME_ARCHITECTURE),
         "peer": "mmoe",
     },
     "autoint_plus": {
-        "config": ("autoint_plus.yaml", []),
+        "config": ("autoint_plus.yaml", SAME_ARCHITECTURE),
         "peer": "autoint_plus",
     },
     "autoint_plus_deepctr_shape": {
         "config": (
             "autoint_plus.yaml",
             [
+                *SAME_ARCHITECTURE,
                 "model.interaction.attention_dim=16",
                 "model.interaction.layer_norm=false",
                 "model.interaction.dnn=[128, 64]",
