@@ -46,8 +46,8 @@ SETTINGS = ("t1-auto", "t2-auto", "t2-passive", "t2-active")
 def parse_setting(name: str) -> tuple[int, str]:
     """``t2-passive`` -> (2, "passive")."""
     head, _, policy = name.partition("-")
-    if not head.startswith("t") or policy not in ("auto", "passive", "active"):
-        raise SystemExit(f"--settings {name}: expected t<threads>-<auto|passive|active>")
+    if not head.startswith("t") or policy not in ("auto", "passive", "active", "short"):
+        raise SystemExit(f"--settings {name}: expected t<threads>-<auto|passive|active|short>")
     return int(head[1:]), policy
 
 

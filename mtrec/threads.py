@@ -33,8 +33,10 @@ __all__ = [
     "wait_policy_in_effect",
 ]
 
-WaitPolicy = Literal["auto", "passive", "active"]
-WAIT_POLICIES: tuple[str, ...] = ("auto", "passive", "active")
+WaitPolicy = Literal["auto", "passive", "active", "short"]
+WAIT_POLICIES: tuple[str, ...] = ("auto", "passive", "active", "short")
+#: spins of the ``short`` policy before a waiting thread sleeps (libgomp's default: 300k)
+SHORT_SPINCOUNT = 10_000
 _ENV_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
@@ -65,14 +67,21 @@ def wait_policy_env(policy: str) -> dict[str, str]:
       gives its core to whoever is runnable, e.g. the thread it waits for.
     * ``active`` — it spins until the others arrive (``OMP_WAIT_POLICY=ACTIVE``).
     * ``auto`` — libgomp's default (spin ~300k iterations, then sleep): nothing is set.
+    * ``short`` — spin :data:`SHORT_SPINCOUNT` iterations, then sleep
+      (``GOMP_SPINCOUNT``): a barrier of the same process is still met spinning, a
+      descheduled thread no longer has its core taken by the waiters for long.
     """
     if policy == "passive":
         return {"OMP_WAIT_POLICY": "PASSIVE"}
     if policy == "active":
         return {"OMP_WAIT_POLICY": "ACTIVE"}
+    if policy == "short":
+        return {"GOMP_SPINCOUNT": str(SHORT_SPINCOUNT)}
     if policy == "auto":
         return {}
-    raise ValueError(f"training.omp_wait_policy: {policy!r}: expected auto, passive or active")
+    raise ValueError(
+        f"training.omp_wait_policy: {policy!r}: expected auto, passive, active or short"
+    )
 
 
 def openmp_started() -> bool:

@@ -73,6 +73,7 @@ def test_wait_policy_env() -> None:
     assert wait_policy_env("passive") == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert wait_policy_env("active") == {"OMP_WAIT_POLICY": "ACTIVE"}
     assert wait_policy_env("auto") == {}
+    assert wait_policy_env("short") == {"GOMP_SPINCOUNT": "10000"}
     with pytest.raises(ValueError, match="omp_wait_policy"):
         wait_policy_env("spin")
 

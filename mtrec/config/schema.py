@@ -403,7 +403,8 @@ class TrainingConfig:
     # contention, 40% slower alone). bench/contention.py has the figures. Read when torch
     # loads: the mtrec command sets it in time; a notebook that already imported torch
     # cannot (export OMP_WAIT_POLICY before starting Python instead)
-    omp_wait_policy: Literal["auto", "passive", "active"] = "auto"
+    # short: spin 10k iterations, then sleep (GOMP_SPINCOUNT)
+    omp_wait_policy: Literal["auto", "passive", "active", "short"] = "auto"
     # torch.compile the dense task arch for training (Inductor's C++ backend: a one-off
     # compile of 10-80 s; export and evaluation run the eager module). Measured slower
     # than eager on a 2-core CPU (bench/compile.py); dropout masks come from Inductor's
