@@ -172,13 +172,21 @@ class TaskArch(nn.Module):
             "chain", torch.tensor(self.chain_tasks, dtype=torch.long), persistent=False
         )
 
+    def normalized(self, dense: torch.Tensor) -> torch.Tensor | None:
+        """B x F_n raw values → normalised float32 values (None without a normaliser)."""
+        return None if self.normalizer is None else self.normalizer(dense)
+
     def field_tokens(self, sparse: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
         """B x F x d tokens: sparse fields, then numeric fields."""
+        return self.tokens_of(sparse, self.normalized(dense))
+
+    def tokens_of(self, sparse: torch.Tensor | None, normed: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`field_tokens` from already normalised numerics (``normed``, B x F_n)."""
         tokens: list[torch.Tensor] = []
         if sparse is not None:
             tokens.append(sparse)
-        if self.numeric_embedding is not None and self.normalizer is not None:
-            tokens.append(self.numeric_embedding(self.normalizer(dense)))
+        if self.numeric_embedding is not None and normed is not None:
+            tokens.append(self.numeric_embedding(normed))
         return torch.cat(tokens, dim=1)
 
     def block_inputs(
@@ -192,11 +200,13 @@ class TaskArch(nn.Module):
             return v, [x0] + layers  # noqa: RUF005 (TorchScript has no list unpacking)
         return x0.flatten(1), [x0]
 
-    def first_order(self, linear_ids: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
-        """B x T logits of the linear term (which must be on)."""
+    def first_order(
+        self, linear_ids: torch.Tensor | None, dense: torch.Tensor, normed: torch.Tensor | None
+    ) -> torch.Tensor:
+        """B x T logits of the linear term (which must be on); ``normed``: the normalised
+        numerics (None without a normaliser: ``dense`` is read as is)."""
         assert self.linear is not None
-        normed = dense.float() if self.normalizer is None else self.normalizer(dense)
-        return self.linear(linear_ids, normed)
+        return self.linear(linear_ids, dense.float() if normed is None else normed)
 
     @torch.jit.export
     def forward_with_aux(
@@ -207,13 +217,15 @@ class TaskArch(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """B x T logits and the auxiliary losses (already weighted) that blocks declared."""
         aux: dict[str, torch.Tensor] = {}
+        # normalised once for the tokens and the linear term (a dozen float64 ops)
+        normed = self.normalized(dense)
         if self.block is not None and self.towers is not None:
-            v, tokens = self.block_inputs(self.field_tokens(sparse, dense), aux)
+            v, tokens = self.block_inputs(self.tokens_of(sparse, normed), aux)
             logits = self.towers(self.block(v, tokens, aux))
             if self.linear is not None:
-                logits = logits + self.first_order(linear_ids, dense)
+                logits = logits + self.first_order(linear_ids, dense, normed)
         else:
-            logits = self.first_order(linear_ids, dense)
+            logits = self.first_order(linear_ids, dense, normed)
         return _chain_steps(logits, self.chain_tasks, self.num_tasks), aux
 
     def forward(

@@ -352,3 +352,37 @@ def test_sharded_training_matches_the_local_step_with_the_linear_term(
         for sharded, local in r["losses"]:
             assert sharded == pytest.approx(local, rel=1e-6)
         assert r["gap"] <= 1e-5
+
+
+def test_serving_filters_ids_once_for_the_embedding_and_the_linear_term(
+    data: Path, tmp_path
+) -> None:
+    """The linear term's frequency filter is the embedding's (same kept sets): serving
+    filters once and pools both from that, with the scores of filtering twice."""
+    cfg = small_config(data, tmp_path, ["model.linear.enabled=true", "model.embedding.min_count=3"])
+    spec = fitted_spec(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, spec).eval()
+    _randomise_linear(model)
+    batch = first_batch(cfg, spec, rows=128)
+    serving = ServingModule(model, spec.sparse_names, len(spec.numeric)).eval()
+    assert serving.shared_filter and serving.sparse.value_filter.active
+    inputs = (batch.sparse.values(), batch.sparse.lengths(), batch.dense)
+    with torch.no_grad():
+        shared = serving(*inputs)
+        serving.shared_filter = False
+        separate = serving(*inputs)
+        eager = model.predict(batch.sparse, batch.dense)
+    assert torch.equal(shared, separate)
+    assert float((shared - eager).abs().max()) <= 1e-5
+
+
+def test_frequency_filters_compare_by_their_sets() -> None:
+    from mtrec.embeddings.per_feature import FrequencyFilter
+
+    kept = [torch.tensor([3, 5]), None]
+    same = FrequencyFilter(2, kept)
+    assert same.same_as(FrequencyFilter(2, [torch.tensor([3, 5]), None]))
+    assert not same.same_as(FrequencyFilter(2, [torch.tensor([3, 6]), None]))
+    assert not same.same_as(FrequencyFilter(2, kept, unknown_ids=[-1, 1]))
+    assert not same.same_as(FrequencyFilter(2, None))

@@ -116,6 +116,14 @@ class FrequencyFilter(nn.Module):
         self.dropping = any(q > 0 for q in p)
         self.rare_id = RARE_ID
 
+    def same_as(self, other: FrequencyFilter) -> bool:
+        """Whether ``other`` maps every id as this filter does (in eval mode): the same
+        kept and seen sets, salts and unknown ids."""
+        if (self.active, self.seen_active) != (other.active, other.seen_active):
+            return False
+        names = ("keys", "seen_keys", "salts", "filtered", "has_seen", "unknown")
+        return all(torch.equal(getattr(self, n), getattr(other, n)) for n in names)
+
     @staticmethod
     def _member(keys: torch.Tensor, table: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """Whether each ``key`` is in the sorted ``keys`` (``table``: their bucket table)."""
@@ -174,14 +182,18 @@ class PerFeatureLayout(nn.Module):
 
         Shapes: values [N] int64 raw ids, lengths [F·B] (feature-major) → [N], [N] int64.
         """
-        per_key = lengths.view(self.num_features, -1).sum(1)
-        feature_of = torch.repeat_interleave(
-            torch.arange(self.num_features, device=lengths.device), per_key
-        )
+        feature_of = self.feature_of(lengths)
         values = self.value_filter(values, feature_of)
         if self.training:  # id dropout: the unknown row learns from simulated cold ids
             values = self.value_filter.drop(values, feature_of)
         return torch.remainder(values, self.buckets[feature_of]), feature_of
+
+    def feature_of(self, lengths: torch.Tensor) -> torch.Tensor:
+        """[N] feature of each id of feature-major ``lengths`` [F·B]."""
+        return torch.repeat_interleave(
+            torch.arange(self.num_features, device=lengths.device),
+            lengths.view(self.num_features, -1).sum(1),
+        )
 
     def mean_divide(self, pooled: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """B x F x d SUM-pooled → mean-pooled features divided by their bag size (≥ 1)."""
@@ -296,6 +308,20 @@ class PerFeaturePooling(PerFeatureLayout):
 
     def forward(self, values: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Tensor:
         rows, feature_of = self.local_rows(values, lengths)
+        return self._pool(rows, feature_of, lengths, batch)
+
+    @torch.jit.export
+    def forward_filtered(
+        self, values: torch.Tensor, feature_of: torch.Tensor, lengths: torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        """:meth:`forward` of ids already through ``value_filter``, ``feature_of`` their
+        features: serving filters once for the embedding and the linear term."""
+        rows = torch.remainder(values, self.buckets[feature_of])
+        return self._pool(rows, feature_of, lengths, batch)
+
+    def _pool(
+        self, rows: torch.Tensor, feature_of: torch.Tensor, lengths: torch.Tensor, batch: int
+    ) -> torch.Tensor:
         offsets = torch.cumsum(lengths, 0) - lengths
         pooled = nn.functional.embedding_bag(
             rows + self.base[feature_of], self.weight, offsets, mode="sum"

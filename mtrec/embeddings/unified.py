@@ -236,14 +236,21 @@ class UnifiedLayout(nn.Module):
         Shapes: values [N] int64 raw ids, lengths [F·B] (feature-major) →
         rows [K'·N'] int64 (each feature's ids once per chunk), bag lengths [K·B].
         """
-        device = lengths.device
-        by_feature = lengths.view(self.num_features, batch)
         feature_of = torch.repeat_interleave(
-            torch.arange(self.num_features, device=device), by_feature.sum(1)
+            torch.arange(self.num_features, device=lengths.device),
+            lengths.view(self.num_features, batch).sum(1),
         )
         values = self.value_filter(values, feature_of)
         if self.training:  # id dropout: the unknown row learns from simulated cold ids
             values = self.value_filter.drop(values, feature_of)
+        return self.filtered_bag_rows(values, lengths, batch)
+
+    def filtered_bag_rows(
+        self, values: torch.Tensor, lengths: torch.Tensor, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`bag_rows` of ids already through ``value_filter`` (and id dropout)."""
+        device = lengths.device
+        by_feature = lengths.view(self.num_features, batch)
         # each bag reads one feature's ids of one row: one gather from the feature-major
         # values into the bags, each feature's ids once per chunk
         src_start = (torch.cumsum(lengths, 0) - lengths).view(self.num_features, batch)
@@ -531,6 +538,20 @@ class UnifiedPooling(UnifiedLayout):
 
     def forward(self, values: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Tensor:
         rows, bag_lengths = self.bag_rows(values, lengths, batch)
+        return self._pool(rows, bag_lengths, lengths, batch)
+
+    @torch.jit.export
+    def forward_filtered(
+        self, values: torch.Tensor, feature_of: torch.Tensor, lengths: torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        """:meth:`forward` of ids already through ``value_filter`` (``feature_of``: each
+        id's feature, unused here): serving filters once for this and the linear term."""
+        rows, bag_lengths = self.filtered_bag_rows(values, lengths, batch)
+        return self._pool(rows, bag_lengths, lengths, batch)
+
+    def _pool(
+        self, rows: torch.Tensor, bag_lengths: torch.Tensor, lengths: torch.Tensor, batch: int
+    ) -> torch.Tensor:
         offsets = torch.cumsum(bag_lengths, 0) - bag_lengths
         pooled = nn.functional.embedding_bag(rows, self.weight, offsets, mode="sum")
         return self.tokens(self.mean_divide(pooled, lengths, batch), batch)

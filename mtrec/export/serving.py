@@ -57,6 +57,13 @@ class ServingModule(nn.Module):
         self.linear: nn.Module | None = (
             None if model.linear_arch is None else model.linear_arch.torch_pooling()
         )
+        # the linear term filters ids as the embedding does (same kept / seen sets): in
+        # eval mode the filter is deterministic, so filter once and pool both from that
+        self.shared_filter = (
+            self.sparse is not None
+            and self.linear is not None
+            and self.sparse.value_filter.same_as(self.linear.value_filter)
+        )
         self.task_arch: TaskArch = model.task_arch  # the trained object, not a copy
         self.feature_names = list(sparse_names)
         self.task_names = list(model.task_names)
@@ -126,9 +133,15 @@ class ServingModule(nn.Module):
     ) -> torch.Tensor:
         """B x T logits of checked inputs: torch-only pooling, then the task arch."""
         tokens: torch.Tensor | None = None
-        if self.sparse is not None:
-            tokens = self.sparse(values, lengths, batch)
         linear_ids: torch.Tensor | None = None
-        if self.linear is not None:
-            linear_ids = self.linear(values, lengths, batch)
+        if self.shared_filter and self.sparse is not None and self.linear is not None:
+            feature_of = self.linear.feature_of(lengths)
+            ids = self.linear.value_filter(values, feature_of)
+            tokens = self.sparse.forward_filtered(ids, feature_of, lengths, batch)
+            linear_ids = self.linear.forward_filtered(ids, feature_of, lengths, batch)
+        else:
+            if self.sparse is not None:
+                tokens = self.sparse(values, lengths, batch)
+            if self.linear is not None:
+                linear_ids = self.linear(values, lengths, batch)
         return self.task_arch(tokens, dense.to(torch.float64), linear_ids)

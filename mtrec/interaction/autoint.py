@@ -140,10 +140,15 @@ class InteractingLayer(nn.Module):
         scores = q[:, 0].unsqueeze(2) * k[:, 0].unsqueeze(1)  # H x F (query) x F (key) x B
         for d in range(1, dh):
             scores.addcmul_(q[:, d].unsqueeze(2), k[:, d].unsqueeze(1))
-        probs = torch.softmax(scores, dim=2)
-        out = probs[:, :, 0].unsqueeze(1) * v[:, :, 0].unsqueeze(2)  # H x d_h x F x B
+        # the softmax over keys, normalised after the weighted sum: exp(s - max) weights
+        # V, then the H x d_h x F x B sum is divided by Σ exp (a smaller slab than the
+        # H x F x F x B weights; torch's softmax over a middle dim is slow here)
+        weights = scores.sub_(scores.amax(2, keepdim=True)).exp_()
+        total = weights.sum(2)  # H x F (query) x B
+        out = weights[:, :, 0].unsqueeze(1) * v[:, :, 0].unsqueeze(2)  # H x d_h x F x B
         for j in range(1, f):
-            out.addcmul_(probs[:, :, j].unsqueeze(1), v[:, :, j].unsqueeze(2))
+            out.addcmul_(weights[:, :, j].unsqueeze(1), v[:, :, j].unsqueeze(2))
+        out.mul_(total.reciprocal_().unsqueeze(1))
         router = self.router
         if router is not None:  # B x F x H gates → H x 1 x F x B
             out.mul_(self._route(router(x), False)[0].permute(2, 1, 0).unsqueeze(1))
