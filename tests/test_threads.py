@@ -73,7 +73,7 @@ def test_wait_policy_env() -> None:
     assert wait_policy_env("passive") == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert wait_policy_env("active") == {"OMP_WAIT_POLICY": "ACTIVE"}
     assert wait_policy_env("auto") == {}
-    assert wait_policy_env("short") == {"GOMP_SPINCOUNT": "10000"}
+    assert wait_policy_env("short") == {"GOMP_SPINCOUNT": "3000"}
     with pytest.raises(ValueError, match="omp_wait_policy"):
         wait_policy_env("spin")
 
@@ -85,6 +85,12 @@ def test_wait_policy_after_torch_is_reported(monkeypatch) -> None:
         assert set_wait_policy("active") is False
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # still passed on to child processes
     assert set_wait_policy("auto") is False  # nothing asked: no warning
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")  # registers the variable for restoring
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default is best effort: no warning either
+        assert set_wait_policy("short") is False
+    assert os.environ["GOMP_SPINCOUNT"] == "3000"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the policy already in effect: no warning
         assert set_wait_policy("active") is False
@@ -108,7 +114,9 @@ print(json.dumps({"seen": seen, "code": code}))
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("policy", "expected"), [("passive", "PASSIVE"), ("auto", None)])
+@pytest.mark.parametrize(
+    ("policy", "expected"), [("passive", "PASSIVE"), ("auto", None), ("short", None)]
+)
 def test_cli_sets_wait_policy_before_torch_loads(
     tmp_path_factory, policy: str, expected: str | None
 ) -> None:
