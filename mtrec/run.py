@@ -126,11 +126,13 @@ def run_config_hash(run_dir: str | Path) -> str:
 #: change left the key out at the OLD default (and kept it at the new one): without
 #: these, every older run would read as "modified" after an upgrade. Add a line whenever
 #: a schema default changes.
-_MISSING = object()
 CHANGED_DEFAULTS: dict[str, Any] = {
     "model.linear.enabled": False,  # -> True (issue #16)
     "model.embedding.id_dropout": 0.0,  # -> "auto" (issue #16)
 }
+
+
+_MISSING = object()  # a key absent from a stored config
 
 
 def _set_path(d: dict[str, Any], path: list[str], value: Any, present: bool) -> None:
