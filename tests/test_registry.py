@@ -111,7 +111,13 @@ def test_user_block_next_to_the_yaml_trains_evaluates_exports_and_serves(
     import torch
 
     scripted = torch.jit.load(str(model))
-    assert scripted.task_arch.block.shared.weight.shape[0] == 48
+    # a frozen export: the weights are constants of the graph
+    shapes = [
+        tuple(node.t("value").shape)
+        for node in scripted.graph.findAllNodes("prim::Constant")
+        if node.hasAttribute("value") and node.kindOf("value") == "t"
+    ]
+    assert any(len(s) == 2 and s[0] == 48 for s in shapes), shapes
 
 
 def _base(tmp: Path) -> str:
