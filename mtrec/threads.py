@@ -96,10 +96,8 @@ def openmp_started() -> bool:
 def set_wait_policy(policy: str) -> bool:
     """Put ``policy``'s variables into ``os.environ`` for libgomp (and for child
     processes, e.g. an embedded Ray's workers). Returns whether it takes effect in this
-    process: False once libgomp is loaded, with a warning for ``passive`` / ``active``
-    (chosen for their effect; ``short``, the default, is best effort: a notebook that
-    imported torch first is not warned on every run). A variable the user already
-    exported wins over the config."""
+    process: False once libgomp is loaded, with a warning when the policy is not
+    ``auto``. A variable the user already exported wins over the config."""
     env = wait_policy_env(policy)
     before = wait_policy_in_effect()
     # the running policy is already the one asked for: nothing to warn about
@@ -107,7 +105,7 @@ def set_wait_policy(policy: str) -> bool:
     for key, value in env.items():
         os.environ.setdefault(key, value)
     if openmp_started():
-        if env and not already and policy in ("passive", "active"):
+        if env and not already:
             warnings.warn(
                 f"training.omp_wait_policy: {policy}: torch is already imported, so OpenMP "
                 f"keeps its wait policy ({before}); set OMP_WAIT_POLICY in "

@@ -396,15 +396,16 @@ class TrainingConfig:
     # affinity; Ray workers on one node split them). Never picked from timings, so the
     # same seed and thread count give the same metrics
     threads: int | Literal["auto"] = num("auto", gt=0)
-    # how OpenMP's threads wait between parallel regions. short (default): spin 3000
-    # iterations, then sleep (GOMP_SPINCOUNT): 0.85x libgomp's default alone, 3.5x it
-    # beside another 2-thread process, where the default collapses to 0.10x of its solo
-    # speed (0.43x for short). auto: libgomp's default (spin ~300k iterations, then sleep).
-    # active: spin without end (no default: an idle process keeps a core busy). passive:
-    # sleep at once (never collapses, 0.5x alone). bench/contention.py has the figures.
-    # Read when torch loads: the mtrec command sets it in time; a notebook that already
-    # imported torch cannot (export GOMP_SPINCOUNT / OMP_WAIT_POLICY before Python starts)
-    omp_wait_policy: Literal["auto", "passive", "active", "short"] = "short"
+    # how OpenMP's threads wait between parallel regions. auto (default): libgomp's own
+    # (spin ~300k iterations, then sleep): fastest alone, but beside another 2-thread
+    # process it falls to 0.10x of its solo speed. short: spin 3000 iterations, then
+    # sleep (GOMP_SPINCOUNT): 0.43x of solo beside that process, 0.75-0.85x alone (the
+    # choice for shared machines). active: spin without end (an idle process keeps a core
+    # busy). passive: sleep at once (never collapses, 0.5x alone). bench/contention.py
+    # has the figures. Read when torch loads: the mtrec command sets it in time; a
+    # notebook that already imported torch cannot (export GOMP_SPINCOUNT /
+    # OMP_WAIT_POLICY before Python starts)
+    omp_wait_policy: Literal["auto", "passive", "active", "short"] = "auto"
     # torch.compile the dense task arch for training (Inductor's C++ backend: a one-off
     # compile of 10-80 s; export and evaluation run the eager module). Measured slower
     # than eager on a 2-core CPU (bench/compile.py); dropout masks come from Inductor's
