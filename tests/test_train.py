@@ -10,7 +10,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from helpers import copy_run, small_config, small_data_dir, snapshot, trained_run
+from helpers import (
+    assert_same_weights,
+    copy_run,
+    small_config,
+    small_data_dir,
+    snapshot,
+    trained_run,
+)
 
 from mtrec.config import load_config
 from mtrec.data.batcher import load_encoded
@@ -37,12 +44,6 @@ def read_metrics(run: Path) -> list[dict]:
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
 @pytest.fixture(scope="module")
