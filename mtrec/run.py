@@ -43,6 +43,7 @@ from mtrec.config import (
     load_config,
     parse_config,
 )
+from mtrec.config.schema import CHANGED_DEFAULTS
 from mtrec.data.seen_ids import SEEN_IDS_FILE, fit_seen_ids, save_seen_ids
 from mtrec.data.spec import FeatureSpec
 from mtrec.data.unknown_ids import fit_unknown_ids
@@ -121,17 +122,6 @@ def run_config_hash(run_dir: str | Path) -> str:
     return config_hash(_stored_config(run_dir))
 
 
-#: schema defaults that changed after runs had been written, each with its value before
-#: the change. ``config_hash`` leaves keys at their default out, so a run hashed before a
-#: change left the key out at the OLD default (and kept it at the new one): without
-#: these, every older run would read as "modified" after an upgrade. Add a line whenever
-#: a schema default changes.
-CHANGED_DEFAULTS: dict[str, Any] = {
-    "model.linear.enabled": False,  # -> True (issue #16)
-    "model.embedding.id_dropout": 0.0,  # -> "auto" (issue #16)
-}
-
-
 _MISSING = object()  # a key absent from a stored config
 
 
@@ -200,33 +190,29 @@ def load_run_config(run_dir: str | Path) -> ExperimentConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         raise RunError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    return load_config(path, _keys_the_run_predates(yaml.safe_load(path.read_text())))
+    predates = _keys_the_run_predates(yaml.safe_load(path.read_text()))
+    return load_config(path, [f"{k}={json.dumps(v)}" for k, v in predates.items()])
 
 
-def _keys_the_run_predates(stored: Any) -> list[str]:
-    """``key=old default`` overrides for the :data:`CHANGED_DEFAULTS` keys a stored
-    ``config.yaml`` lacks: it holds every key of the mtrec that wrote it, so a missing
-    key did not exist then and the run was trained with what is now its old default."""
-    out = []
+def _keys_the_run_predates(stored: Any) -> dict[str, Any]:
+    """The :data:`CHANGED_DEFAULTS` keys a stored ``config.yaml`` lacks, at their old
+    default: the file holds every key of the mtrec that wrote it, so a missing key did
+    not exist then and the run was trained with what is now its old default."""
+    out = {}
     for key, old in CHANGED_DEFAULTS.items():
         node = stored
         for part in key.split("."):
             node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
         if node is _MISSING:
-            out.append(f"{key}={json.dumps(old)}")
+            out[key] = old
     return out
 
 
 def _stored_config(run_dir: str | Path) -> dict[str, Any]:
     """A run's ``config.yaml`` as a dict, the keys it predates at their old default."""
     stored = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text())
-    for item in _keys_the_run_predates(stored):
-        key, value = item.split("=", 1)
-        node = stored
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = json.loads(value)
+    for key, old in _keys_the_run_predates(stored).items():
+        _set_path(stored, key.split("."), old, present=True)
     return stored
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "CHANGED_DEFAULTS",
     "DEFAULT_CHUNK_ROWS",
     "Bounds",
     "DatasetConfig",
@@ -71,6 +72,17 @@ def bounds(
     """Field metadata declaring a valid range, for list / mapping fields of numbers (each
     item is checked): ``field(default_factory=list, metadata=bounds(gt=0))``."""
     return {"bounds": Bounds(gt=gt, ge=ge, lt=lt, le=le)}
+
+
+#: schema defaults that changed after runs had been written, each with its value before
+#: the change (dotted keys). A run's config hash leaves keys at their default out, so a
+#: run hashed before a change left the key out at the OLD default: ``mtrec.run`` accepts
+#: that hash too, and reads a run's config.yaml that predates a key with the old value.
+#: Add a line here whenever a default below changes.
+CHANGED_DEFAULTS: dict[str, Any] = {
+    "model.linear.enabled": False,  # -> True (issue #16)
+    "model.embedding.id_dropout": 0.0,  # -> "auto" (issue #16)
+}
 
 
 def num(
