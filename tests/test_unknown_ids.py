@@ -119,6 +119,35 @@ def test_unknown_row_receives_gradient_from_dropped_ids() -> None:
     assert torch.count_nonzero(grads[0.5]) > 0
 
 
+def test_unknown_row_gradient_grows_in_proportion_to_p() -> None:
+    """METHODS.md: the unknown row receives gradient in proportion to p_f (each dropped id
+    adds one use of the row to a sum loss)."""
+    n = 4000
+    ids = [[10, 20, 30, 10] * (n // 4), [10, 20, 30, 20] * (n // 4)]
+    unknown = salted_row(UNSEEN_ID, "a", 0, 64)
+    uses = {}
+    for p in (0.2, 0.4):
+        emb = unified(kept_ids=KEPT, unknown_ids=[UNSEEN_ID, UNSEEN_ID], id_dropout=[p, p]).train()
+        torch.manual_seed(5)
+        emb(one_hot(["a", "b"], ids)).sum().backward()
+        grad = emb.ebc.embedding_bags["unified"].weight.grad[unknown]
+        assert torch.all(grad == grad[0])  # one use adds 1 to every column
+        uses[p] = float(grad[0])
+        assert abs(uses[p] / n - p) < 0.03
+    assert uses[0.4] / uses[0.2] == pytest.approx(2.0, rel=0.1)
+
+
+def test_dropout_of_one_is_the_model_without_the_feature() -> None:
+    """METHODS.md: with p_f = 1 every id of f reads the unknown row, so f's token is one
+    constant vector whatever the id: the model no longer sees feature f."""
+    emb = PerFeatureEmbedding(
+        ["a", "b"], [50, 50], 4, ["sum", "sum"], kept_ids=KEPT, id_dropout=[1.0, 0.0]
+    ).train()
+    tokens = emb(one_hot(["a", "b"], [[10, 20, 30, 10], [10, 20, 30, 20]])).detach()
+    assert torch.equal(tokens[:, 0], tokens[:1, 0].expand(4, -1))  # a: the same row
+    assert not torch.equal(tokens[0, 1], tokens[1, 1])  # b still reads its ids
+
+
 @pytest.mark.parametrize("kind", ["unified", "per_feature"])
 def test_zero_dropout_is_todays_module_exactly(kind: str) -> None:
     """p = 0 builds the filter of before: same outputs, same gradients, no RNG drawn."""
