@@ -29,6 +29,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
+from mtrec.nn import short_softmax
 from mtrec.nn.layers import FastDropout
 
 __all__ = ["AutoInt", "InteractingLayer"]
@@ -179,7 +180,7 @@ class InteractingLayer(nn.Module):
         maps: list[torch.Tensor] = []
         for h in range(self.num_heads):
             q, k, _ = self._head(x, h)
-            maps.append(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1))
+            maps.append(short_softmax.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1))
         return torch.stack(maps, dim=1)
 
     def _route(
@@ -188,13 +189,13 @@ class InteractingLayer(nn.Module):
         """B x F x (h_s + R + 2) router logits → (B x F x H head gates, scalar unweighted
         balance loss Σ f_i P_i, or None when ``with_balance`` is off)."""
         hs = self.shared_heads
-        routed_probs = torch.softmax(logits[..., hs:-2], dim=-1)  # B x F x R
+        routed_probs = short_softmax.softmax(logits[..., hs:-2], dim=-1)  # B x F x R
         top_vals, top_idx = routed_probs.topk(self.top_k, dim=-1)
         top_vals = top_vals / top_vals.sum(-1, keepdim=True)
         routed = torch.zeros_like(routed_probs).scatter(-1, top_idx, top_vals)
         if hs > 0:
-            mix = torch.softmax(logits[..., -2:], dim=-1)  # α₁, α₂
-            shared = torch.softmax(logits[..., :hs], dim=-1) * mix[..., :1]
+            mix = short_softmax.softmax(logits[..., -2:], dim=-1)  # α₁, α₂
+            shared = short_softmax.softmax(logits[..., :hs], dim=-1) * mix[..., :1]
             gates = torch.cat([shared, routed * mix[..., 1:]], dim=-1)
         else:
             gates = routed
@@ -235,7 +236,7 @@ class InteractingLayer(nn.Module):
         heads: list[torch.Tensor] = []
         for h in range(self.num_heads):
             q, k, v = self._head(x, h)
-            probs = self.dropout(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1))
+            probs = self.dropout(short_softmax.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1))
             head = torch.bmm(probs, v)  # B x F x d_h
             if gates is not None:
                 head = head * gates[:, :, h : h + 1]

@@ -47,6 +47,7 @@ from mtrec.config.schema import MultiTaskConfig, num
 from mtrec.multitask.base import BlockInputs
 from mtrec.multitask.diagnostics import Diagnostics, dead_fraction, gate_summary, shared_usage
 from mtrec.multitask.registry import register_block
+from mtrec.nn import short_softmax
 from mtrec.nn.layers import FastDropout, GroupedLinear, activation
 
 if TYPE_CHECKING:
@@ -304,7 +305,7 @@ class APEM(nn.Module):
         b = xp.shape[0]
         u = self.indicators + self.adapt(xp.mean(1)).view(b, self.num_tasks, self.dim)
         scores = torch.matmul(u, self.key(xp).transpose(1, 2)) * self.scale
-        return torch.softmax(scores, dim=-1)
+        return short_softmax.softmax(scores, dim=-1)
 
     def forward(
         self, v: torch.Tensor, tokens: list[torch.Tensor], aux: dict[str, torch.Tensor]

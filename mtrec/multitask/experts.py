@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtrec.multitask.diagnostics import Diagnostics, dead_fraction, gate_summary, shared_usage
+from mtrec.nn import short_softmax
 from mtrec.nn.layers import FastDropout, GroupedLinear, activate_, activation
 
 __all__ = ["ExpertBank", "ExpertLevel", "GateNode", "StackedLevels", "cgc_level"]
@@ -296,8 +297,8 @@ class GateNode(nn.Module):
         if self.num_own == 1:
             own = torch.sigmoid(own)
         elif self.num_own > 1:
-            own = torch.softmax(own, dim=1)
-        return torch.softmax(main, dim=1), own
+            own = short_softmax.softmax(own, dim=1)
+        return short_softmax.softmax(main, dim=1), own
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if not self.training and not torch.is_grad_enabled():

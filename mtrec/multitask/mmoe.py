@@ -11,6 +11,7 @@ from mtrec.config.schema import MultiTaskConfig
 from mtrec.multitask.base import BlockInputs
 from mtrec.multitask.diagnostics import Diagnostics, dead_fraction, gate_summary, shared_usage
 from mtrec.multitask.registry import register_block
+from mtrec.nn import short_softmax
 from mtrec.nn.layers import FastDropout, GroupedLinear, activation
 
 __all__ = ["MMoE", "SharedBottom", "build_mmoe", "build_shared_bottom"]
@@ -69,7 +70,7 @@ class MMoE(nn.Module):
         """B x |v| → B x T x E gate weights (rows sum to 1)."""
         split = self.num_experts * self.first_width
         logits = self.input_layer(x)[:, split:]
-        return torch.softmax(logits.reshape(-1, self.num_tasks, self.num_experts), dim=-1)
+        return short_softmax.softmax(logits.reshape(-1, self.num_tasks, self.num_experts), dim=-1)
 
     def forward(
         self, x: torch.Tensor, tokens: list[torch.Tensor], aux: dict[str, torch.Tensor]
@@ -84,7 +85,9 @@ class MMoE(nn.Module):
         h = self.dropout(self.act(h))  # E x B x h1
         for layer in self.deep_layers:
             h = self.dropout(self.act(layer(h)))
-        gate = torch.softmax(gate_logits.reshape(b, self.num_tasks, self.num_experts), dim=-1)
+        gate = short_softmax.softmax(
+            gate_logits.reshape(b, self.num_tasks, self.num_experts), dim=-1
+        )
         # f_t = Σ_i g_t,i E_i: a weighted sum over E experts per task (T and E are small;
         # cheaper than B tiny T x E @ E x h matmuls)
         return [(gate[:, t].t().unsqueeze(-1) * h).sum(0) for t in range(self.num_tasks)]
