@@ -213,7 +213,7 @@ class ShardedTrainStep:
             dense_param_groups(dense, cfg),
             lr=tr.learning_rate,
             weight_decay=tr.weight_decay,
-            foreach=True,
+            fused=True,
         )
         self.loss_fn = WeightedBCELoss([t.weight for t in cfg.tasks])
         self.bf16 = tr.precision == "bf16"

@@ -97,5 +97,5 @@ def make_dense_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim
         dense_param_groups(named, cfg),
         lr=tr.learning_rate,
         weight_decay=tr.weight_decay,
-        foreach=True,
+        fused=True,
     )
