@@ -243,7 +243,7 @@ class InteractingLayer(nn.Module):
             heads.append(head)
         out = torch.cat(heads, dim=-1)  # B x F x H·d_h (heads concatenated per field)
         if self.residual is not None:
-            out = out + self.residual(x)
+            out = out.add_(self.residual(x))  # cat's fresh buffer: no third B x F x A tensor
         if self.norm is not None:
             out = self.norm(out)
         # in place: neither the sum's nor LayerNorm's backward reads its output (saves a
