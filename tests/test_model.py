@@ -408,3 +408,43 @@ def test_fused_and_plain_keep_field_order_with_mixed_pooling() -> None:
     emb_cfg = SimpleNamespace(learning_rate=0.1, eps=1e-8)  # all fuse_sparse_optimizer reads
     fuse_sparse_optimizer(holder, SimpleNamespace(model=SimpleNamespace(embedding=emb_cfg)))  # type: ignore[arg-type]
     torch.testing.assert_close(holder.emb(batch), plain, rtol=0, atol=1e-6)
+
+
+def test_fused_dense_adam_resumes_a_foreach_checkpoint(setup) -> None:
+    """Runs written before the fused dense Adam saved a foreach Adam's state: it loads into
+    the fused optimizer and continues the same trajectory (to float rounding)."""
+    cfg, spec, batch = setup
+    loss_fn = WeightedBCELoss([1.0] * len(cfg.tasks))
+
+    def steps(model: MultiTaskModel, opt: torch.optim.Optimizer, n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad()
+            loss_fn(model(batch.sparse, batch.dense), batch.labels).backward()
+            opt.step()
+
+    def foreach_adam(model: MultiTaskModel) -> torch.optim.Optimizer:
+        # the package's parameter groups, stepped as before: foreach Adam
+        groups = make_dense_optimizer(model, cfg).param_groups
+        groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
+        return torch.optim.Adam(groups, weight_decay=cfg.training.weight_decay, foreach=True)
+
+    # two identical models in lockstep (their id-dropout generators advance alike)
+    straight, resumed = build(cfg, spec).train(), build(cfg, spec).train()
+    straight_opt, old_opt = foreach_adam(straight), foreach_adam(resumed)
+    torch.manual_seed(1)
+    steps(straight, straight_opt, 3)
+    torch.manual_seed(1)
+    steps(resumed, old_opt, 3)
+    new_opt = make_dense_optimizer(resumed, cfg)
+    assert new_opt.defaults["fused"]
+    new_opt.load_state_dict(old_opt.state_dict())
+    torch.manual_seed(2)
+    steps(straight, straight_opt, 3)
+    torch.manual_seed(2)
+    steps(resumed, new_opt, 3)
+    initial, moved = build(cfg, spec).state_dict(), False
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        if not name.startswith("sparse_arch."):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            moved |= not torch.equal(a, initial[name])
+    assert moved
