@@ -68,7 +68,9 @@ def kernel_sweep(sizes: list[int], batch: int, reps: int) -> None:
 def training(args: argparse.Namespace) -> None:
     from mtrec.nn import short_softmax
 
-    default_below = short_softmax.SHORT_SOFTMAX_BELOW
+    defaults = short_softmax.softmax.__defaults__
+    assert defaults is not None
+    default_below, min_numel = defaults
     for name in args.configs:
         path = CONFIGS[name]
         if path is None:
@@ -79,7 +81,7 @@ def training(args: argparse.Namespace) -> None:
         rates: dict[str, list[float]] = {"short": [], "aten": []}
         for r in range(args.rounds + 1):  # round 0 warms up
             for variant, below in (("short", default_below), ("aten", 0)):
-                short_softmax.softmax.__defaults__ = (below,)
+                short_softmax.softmax.__defaults__ = (below, min_numel)
                 t0, samples = time.perf_counter(), 0
                 for b in itertools.islice(itertools.cycle(batches), args.steps):
                     loss = trainer.step(b)
@@ -87,7 +89,7 @@ def training(args: argparse.Namespace) -> None:
                 float(loss.detach())
                 if r:
                     rates[variant].append(samples / (time.perf_counter() - t0))
-        short_softmax.softmax.__defaults__ = (default_below,)
+        short_softmax.softmax.__defaults__ = defaults
         median = {k: round(statistics.median(v), 1) for k, v in rates.items()}
         C.emit(
             "softmax_training",

@@ -12,14 +12,15 @@ from mtrec.nn.short_softmax import SHORT_SOFTMAX_BELOW, softmax
 
 
 class _Attention(nn.Module):
-    """A tiny caller, as the blocks call it: scores → softmax over ``dim``."""
+    """A tiny caller, as the blocks call it: scores → softmax over ``dim`` (``min_numel``
+    0: the short path even on a tiny input)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return short_softmax.softmax(torch.tanh(x) * 3.0, self.dim)
+        return short_softmax.softmax(torch.tanh(x) * 3.0, self.dim, min_numel=0)
 
 
 @pytest.mark.parametrize(
@@ -48,12 +49,14 @@ def test_short_path_is_taken_below_the_width_and_its_gradient_is_exact() -> None
         lambda a: short_softmax._ShortSoftmax.apply(a, 1), (x,), eps=1e-6, atol=1e-8
     )
     # below the width the result comes from the short path: it saves only its output
-    short = torch.randn(16, 3, requires_grad=True)
+    short = torch.randn(256, 3, requires_grad=True)
     assert type(softmax(short, 1).grad_fn).__name__ == "_ShortSoftmaxBackward"
-    wide = torch.randn(16, SHORT_SOFTMAX_BELOW, requires_grad=True)
+    wide = torch.randn(256, SHORT_SOFTMAX_BELOW, requires_grad=True)
     assert type(softmax(wide, 1).grad_fn).__name__ == "SoftmaxBackward0"
     # other dtypes keep torch's own kernel (autocast, float64 checks)
     assert type(softmax(short.double(), 1).grad_fn).__name__ == "SoftmaxBackward0"
+    # so do small tensors (a batch of one at serving: one call beats five)
+    assert type(softmax(short[:8], 1).grad_fn).__name__ == "SoftmaxBackward0"
 
 
 def test_large_logits_stay_finite() -> None:

@@ -4,7 +4,8 @@ ATen's CPU softmax vectorises along the reduced dimension; when that dimension h
 fewer floats than one SIMD vector it falls back to a scalar loop measured at ~20 ns per
 element against ~1.5 ns just above the width (torch 2.13, AVX-512, ``bench/softmax.py``).
 Every softmax of this package is that short: AutoInt's attention over F ≈ 14 fields, the
-MoH router, and every expert gate (2-8 experts). Below the width :func:`softmax` runs
+MoH router, and every expert gate (2-8 experts). Below the width (and from
+a few hundred elements on; a serving batch of one keeps the single ATen call) it runs
 ``exp(x - max) / sum`` as whole-tensor ops with a hand-written backward
 (``dx = y ⊙ (dy - Σ y ⊙ dy)``); at or above it, and off CPU, it is ``torch.softmax``.
 
@@ -55,10 +56,19 @@ class _ShortSoftmax(torch.autograd.Function):
         return weighted.sub_(y * weighted.sum(ctx.dim, keepdim=True)), None
 
 
-def softmax(x: torch.Tensor, dim: int, short_below: int = SHORT_SOFTMAX_BELOW) -> torch.Tensor:
+def softmax(
+    x: torch.Tensor, dim: int, short_below: int = SHORT_SOFTMAX_BELOW, min_numel: int = 512
+) -> torch.Tensor:
     """``torch.softmax(x, dim)``, fast when ``x.size(dim) < short_below`` (float32 on CPU;
-    the default is this CPU's SIMD width, a Python default so TorchScript sees a constant)."""
-    short = x.device.type == "cpu" and x.dtype == torch.float32 and x.size(dim) < short_below
+    the default is this CPU's SIMD width, a Python default so TorchScript sees a constant)
+    and ``x`` holds at least ``min_numel`` elements: below that (a batch of one at serving)
+    one ATen call beats five whole-tensor ops (measured crossover 400-800 elements)."""
+    short = (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.size(dim) < short_below
+        and x.numel() >= min_numel
+    )
     if not short:
         return torch.softmax(x, dim=dim)
     if not torch.jit.is_scripting():
