@@ -355,3 +355,25 @@ def test_model_with_bins_trains_and_exports_with_parity(
         torch.testing.assert_close(
             probs, model.predict(kjt, batch.dense), rtol=0, atol=PARITY_TOLERANCE
         )
+
+
+def test_a_run_with_bins_stores_its_edges_and_exports(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    from mtrec.export.exporter import export_run
+    from mtrec.run import STATS_FILE
+    from mtrec.train.loop import load_trained_model, train
+
+    data = small_data_dir(tmp_path_factory)
+    cfg = small_config(
+        data, tmp_path, training={"epochs": 1}, model={"embedding": {"numeric_bins": 4}}
+    )
+    train(cfg, tmp_path / "run")
+    stats = json.loads((tmp_path / "run" / STATS_FILE).read_text())
+    assert stats and all(len(s["edges"]) == 5 for s in stats.values())
+    _, spec, model = load_trained_model(tmp_path / "run")
+    edges = model.task_arch.piecewise.edges
+    want = torch.tensor([stats[name]["edges"] for name in spec.numeric_names])
+    torch.testing.assert_close(edges, want, rtol=0, atol=0)
+    summary = export_run(tmp_path / "run")
+    assert (tmp_path / "run" / "export" / "model.pt").is_file(), summary
