@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mtrec.config import ExperimentConfig
+from mtrec.config import ConfigError, ExperimentConfig
 from mtrec.data.spec import FeatureSpec
 from mtrec.embeddings.linear import LinearArch, LinearHead
 from mtrec.embeddings.numeric import NumericEmbedding, NumericNormalizer
@@ -28,6 +28,7 @@ from mtrec.embeddings.per_feature import (
     PerFeatureEmbedding,
     PerFeaturePooling,
 )
+from mtrec.embeddings.piecewise import PiecewiseLinearEncoding
 from mtrec.embeddings.unified import UnifiedEmbedding, UnifiedPooling
 from mtrec.interaction import AutoInt, build_interaction
 from mtrec.multitask.base import BlockInputs
@@ -134,6 +135,9 @@ class TaskArch(nn.Module):
         chain: task indices of the ESMM chain, funnel order (empty: no chaining).
         linear: the first-order term (per-id weights of :class:`LinearArch`, normalised
             numerics, bias → B x T), added to the logits before the chain; None: off.
+        piecewise: normalised numerics B x F_n → ramps B x F_n x K
+            (``model.embedding.numeric_bins``), computed once and read by the numeric
+            embedding and the linear term; None: off.
 
     ``block`` and ``towers`` are None for a linear-only model (``model.deep: false``, the
     logistic-regression floor): then the logits are the linear term alone.
@@ -154,6 +158,7 @@ class TaskArch(nn.Module):
         interaction: AutoInt | None = None,
         chain: list[int] | None = None,
         linear: LinearHead | None = None,
+        piecewise: PiecewiseLinearEncoding | None = None,
     ) -> None:
         super().__init__()
         self.normalizer = normalizer
@@ -162,6 +167,7 @@ class TaskArch(nn.Module):
         self.block = block
         self.towers = towers
         self.linear = linear
+        self.piecewise = piecewise
         if (block is None or towers is None) and linear is None:
             raise ValueError("TaskArch needs a block and towers, or a linear term")
         self.task_names = list(task_names)
@@ -176,17 +182,30 @@ class TaskArch(nn.Module):
         """B x F_n raw values → normalised float32 values (None without a normaliser)."""
         return None if self.normalizer is None else self.normalizer(dense)
 
+    def ramps_of(self, normed: torch.Tensor | None) -> torch.Tensor | None:
+        """B x F_n x K piecewise-linear ramps of the normalised numerics (None when off)."""
+        if self.piecewise is None or normed is None:
+            return None
+        return self.piecewise(normed)
+
     def field_tokens(self, sparse: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
         """B x F x d tokens: sparse fields, then numeric fields."""
-        return self.tokens_of(sparse, self.normalized(dense))
+        normed = self.normalized(dense)
+        return self.tokens_of(sparse, normed, self.ramps_of(normed))
 
-    def tokens_of(self, sparse: torch.Tensor | None, normed: torch.Tensor | None) -> torch.Tensor:
-        """:meth:`field_tokens` from already normalised numerics (``normed``, B x F_n)."""
+    def tokens_of(
+        self,
+        sparse: torch.Tensor | None,
+        normed: torch.Tensor | None,
+        ramps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`field_tokens` from already normalised numerics (``normed``, B x F_n) and
+        their ramps (B x F_n x K, or None)."""
         tokens: list[torch.Tensor] = []
         if sparse is not None:
             tokens.append(sparse)
         if self.numeric_embedding is not None and normed is not None:
-            tokens.append(self.numeric_embedding(normed))
+            tokens.append(self.numeric_embedding(normed, ramps))
         return torch.cat(tokens, dim=1)
 
     def block_inputs(
@@ -201,12 +220,17 @@ class TaskArch(nn.Module):
         return x0.flatten(1), [x0]
 
     def first_order(
-        self, linear_ids: torch.Tensor | None, dense: torch.Tensor, normed: torch.Tensor | None
+        self,
+        linear_ids: torch.Tensor | None,
+        dense: torch.Tensor,
+        normed: torch.Tensor | None,
+        ramps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """B x T logits of the linear term (which must be on); ``normed``: the normalised
-        numerics (None without a normaliser: ``dense`` is read as is)."""
+        numerics (None without a normaliser: ``dense`` is read as is); ``ramps``: their
+        B x F_n x K piecewise-linear ramps (None: off)."""
         assert self.linear is not None
-        return self.linear(linear_ids, dense.float() if normed is None else normed)
+        return self.linear(linear_ids, dense.float() if normed is None else normed, ramps)
 
     @torch.jit.export
     def forward_with_aux(
@@ -217,15 +241,16 @@ class TaskArch(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """B x T logits and the auxiliary losses (already weighted) that blocks declared."""
         aux: dict[str, torch.Tensor] = {}
-        # normalised once for the tokens and the linear term (a dozen float64 ops)
+        # normalised (and encoded) once for the tokens and the linear term
         normed = self.normalized(dense)
+        ramps = self.ramps_of(normed)
         if self.block is not None and self.towers is not None:
-            v, tokens = self.block_inputs(self.tokens_of(sparse, normed), aux)
+            v, tokens = self.block_inputs(self.tokens_of(sparse, normed, ramps), aux)
             logits = self.towers(self.block(v, tokens, aux))
             if self.linear is not None:
-                logits = logits + self.first_order(linear_ids, dense, normed)
+                logits = logits + self.first_order(linear_ids, dense, normed, ramps)
         else:
-            logits = self.first_order(linear_ids, dense, normed)
+            logits = self.first_order(linear_ids, dense, normed, ramps)
         return _chain_steps(logits, self.chain_tasks, self.num_tasks), aux
 
     def forward(
@@ -424,14 +449,16 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
     }
     buckets = [f.buckets or emb_cfg.buckets for f in spec.sparse]
     poolings = [f.pooling for f in spec.sparse]
-    normalizer = None
+    normalizer = piecewise = None
     if spec.numeric:
         stats = [spec.numeric_stats[f.name] for f in spec.numeric]
         normalizer = NumericNormalizer.from_stats(stats, spec.fill_value)
+        piecewise = _piecewise(spec, emb_cfg.numeric_bins)
+    bins = 0 if piecewise is None else piecewise.num_bins
     sparse_arch = numeric = interaction = block = towers = None
     if cfg.model.deep:
         sparse_arch, numeric, interaction, block, towers = _deep_parts(
-            cfg, spec, unknown, buckets, poolings
+            cfg, spec, unknown, buckets, poolings, bins
         )
     # built after the deep parts, so switching it on leaves their seeded init unchanged
     linear_arch = linear = None
@@ -440,12 +467,30 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
             linear_arch = LinearArch(
                 spec.sparse_names, buckets, len(spec.tasks), poolings, **unknown
             )
-        linear = LinearHead(len(spec.numeric), len(spec.tasks))
+        linear = LinearHead(len(spec.numeric), len(spec.tasks), bins)
     chain = [spec.task_names.index(t) for t in cfg.model.multitask.chain]
     task_arch = TaskArch(
-        normalizer, numeric, block, towers, spec.task_names, interaction, chain, linear
+        normalizer, numeric, block, towers, spec.task_names, interaction, chain, linear, piecewise
     )
     return MultiTaskModel(sparse_arch, task_arch, linear_arch)
+
+
+def _piecewise(spec: FeatureSpec, bins: int) -> PiecewiseLinearEncoding | None:
+    """The piecewise-linear encoding of the fitted bin edges (None when ``bins`` is 0)."""
+    if bins <= 0:
+        return None
+    edges = []
+    for f in spec.numeric:
+        e = spec.numeric_stats[f.name].edges
+        if e is None or len(e) != bins + 1:
+            have = "no bin edges" if e is None else f"{len(e) - 1} bins"
+            raise ConfigError(
+                f"numeric feature '{f.name}': model.embedding.numeric_bins is {bins} but its "
+                f"fitted statistics (feature_stats.json) hold {have}; train a new run with "
+                "this setting (the edges are fitted on the training split)"
+            )
+        edges.append(e)
+    return PiecewiseLinearEncoding(edges)
 
 
 def _deep_parts(
@@ -454,8 +499,10 @@ def _deep_parts(
     unknown: dict[str, Any],
     buckets: list[int],
     poolings: list[str],
+    bins: int = 0,
 ) -> tuple[SparseArch | None, NumericEmbedding | None, AutoInt | None, nn.Module, TaskTowers]:
-    """The deep model's parts: sparse arch, numeric embedding, interaction, block, towers."""
+    """The deep model's parts: sparse arch, numeric embedding (with ``bins`` ramps per
+    feature), interaction, block, towers."""
     emb_cfg, mt_cfg = cfg.model.embedding, cfg.model.multitask
     d = emb_cfg.dim
     sparse: PerFeatureEmbedding | UnifiedEmbedding | None = None
@@ -474,7 +521,7 @@ def _deep_parts(
             )
         else:
             sparse = PerFeatureEmbedding(spec.sparse_names, buckets, d, poolings, **unknown)
-    numeric = NumericEmbedding(len(spec.numeric), d) if spec.numeric else None
+    numeric = NumericEmbedding(len(spec.numeric), d, bins) if spec.numeric else None
     field_names = [f.name for f in spec.sparse] + [f.name for f in spec.numeric]
     num_fields = len(field_names)
     interaction = build_interaction(cfg.model.interaction, num_fields, d)

@@ -345,6 +345,8 @@ def test_sharded_training_matches_the_local_step_with_the_linear_term(
     cfgs = [
         small_config(data, tmp_path, on),
         small_config(data, tmp_path, [*on, "model.deep=false"]),
+        # the piecewise-linear ramps (model.embedding.numeric_bins) read by both parts
+        small_config(data, tmp_path, [*on, "model.embedding.numeric_bins=4"]),
     ]
     out = tmp_path / "result.pt"
     mp.spawn(_sharded_worker, args=(cfgs, str(tmp_path / "store"), str(out)), nprocs=1, join=True)

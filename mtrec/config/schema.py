@@ -251,6 +251,11 @@ class EmbeddingConfig:
     # or own_row (a row of their own, trained by id dropout). With id_dropout or own_row a
     # feature is filtered even without min_count (unseen ids stop hashing onto other ids)
     unseen: Literal["rare", "own_row"] = "rare"
+    # piecewise-linear encoding of numeric features (0: off): K quantile bins per feature,
+    # fitted on the training split; each numeric token and the linear term gain a learned
+    # weight per bin ramp, so a numeric's effect can bend at the bin edges instead of
+    # being one slope (Gorishniy et al. 2022; mtrec.embeddings.piecewise)
+    numeric_bins: int = num(0, ge=0)
     # unified only: M, rows of the shared table (None: the sum of the per-feature buckets,
     # rounded up to a multiple of num_tables: the per_feature parameter budget at chunk_dim=dim)
     rows: int | None = num(None, gt=0)

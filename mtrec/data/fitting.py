@@ -10,6 +10,10 @@
     sample of at most 65536 values per feature (exact below that); the model clips
     the result (``mtrec.embeddings.numeric.ROBUST_CLIP``);
 
+* with ``model.embedding.numeric_bins`` K > 0, the bin edges of the piecewise-linear
+  encoding: quantiles 0, 1/K, ..., 1 of the same sample, normalised (and clipped, for
+  ``robust``) exactly as the model's normaliser will;
+
 * the frequency filter: the ids each ``min_count`` feature keeps (``mtrec.data.vocab``).
 
 Encoding validates every value, so fitting before a run directory is created is also
@@ -38,6 +42,7 @@ from mtrec.data.numeric import (
 )
 from mtrec.data.spec import FeatureSpec, NumericStats
 from mtrec.data.vocab import IdCounter
+from mtrec.embeddings.numeric import ROBUST_CLIP
 
 __all__ = ["OUTLIER_SPREAD", "fit_statistics", "fit_statistics_on_file"]
 
@@ -79,7 +84,8 @@ def fit_statistics(spec: FeatureSpec, chunks: Iterable[EncodedChunk]) -> None:
             _warn_if_swamped(f.name, f.source, sample, j, center, scale, low[j], high[j])
         elif moments.count[j] > 0 and f.transform == "robust":
             center, scale = _robust(sample, j)
-        stats[f.name] = NumericStats(transform=f.transform, mean=center, std=scale)
+        edges = _edges(sample, j, spec.numeric_bins, center, scale, f.transform)
+        stats[f.name] = NumericStats(transform=f.transform, mean=center, std=scale, edges=edges)
     spec.numeric_stats = stats
     spec.kept_ids = counter.kept()
     spec.id_census = counter.census()
@@ -93,6 +99,26 @@ def fit_statistics(spec: FeatureSpec, chunks: Iterable[EncodedChunk]) -> None:
     spec.id_dropout = {
         name: float(p) for name in spec.kept_ids if (p := spec.id_dropout_of(name)) != "auto"
     }
+
+
+def _edges(
+    sample: QuantileSample, j: int, bins: int, center: float, scale: float, transform: str
+) -> list[float] | None:
+    """K+1 bin edges of column ``j`` in normalised units (None when ``bins`` is 0): its
+    quantiles at 0, 1/K, ..., 1, through the normaliser's ``(t - center) / scale`` and
+    robust clip. A column with no finite value gets zeros (every bin a step at 0)."""
+    if bins <= 0:
+        return None
+    q = sample.quantiles(j, np.linspace(0.0, 1.0, bins + 1).tolist())
+    if q is None:
+        return [0.0] * (bins + 1)
+    edges = (np.asarray(q, dtype=np.float64) - center) / scale
+    if transform == "robust":
+        edges = np.clip(edges, -ROBUST_CLIP, ROBUST_CLIP)
+    # interpolated quantiles can step back by an ulp: keep the edges non-decreasing, in the
+    # float32 the model compares them in
+    edges = np.maximum.accumulate(edges.astype(np.float32))
+    return [float(e) for e in edges]
 
 
 def _robust(sample: QuantileSample, j: int) -> tuple[float, float]:

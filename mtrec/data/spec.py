@@ -30,11 +30,17 @@ class NumericStats:
 
     For ``robust``, ``mean`` is the median and ``std`` is ``IQR / 1.349``; the model clips
     the result to ``±ROBUST_CLIP`` (``mtrec.embeddings.numeric``).
+
+    ``edges``: with ``model.embedding.numeric_bins`` K > 0, the K+1 bin edges of the
+    piecewise-linear encoding (``mtrec.embeddings.piecewise``): the training split's
+    quantiles at 0, 1/K, ..., 1, normalised as above; None when off (and in files written
+    before the encoding existed).
     """
 
     transform: str
     mean: float = 0.0
     std: float = 1.0
+    edges: list[float] | None = None
 
 
 @dataclass
@@ -50,6 +56,8 @@ class FeatureSpec:
     default_min_count: int = 0
     default_id_dropout: float | str = 0.0
     default_unseen: str = "rare"
+    # K quantile bins per numeric feature for the piecewise-linear encoding (0: off)
+    numeric_bins: int = 0
     numeric_stats: dict[str, NumericStats] = field(default_factory=dict)
     # sorted ids seen >= min_count times in training, per filtered feature (mtrec.data.vocab)
     kept_ids: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +82,7 @@ class FeatureSpec:
             default_min_count=cfg.model.embedding.min_count,
             default_id_dropout=cfg.model.embedding.id_dropout,
             default_unseen=cfg.model.embedding.unseen,
+            numeric_bins=cfg.model.embedding.numeric_bins,
         )
 
     def min_count_of(self, name: str) -> int:
@@ -214,7 +223,11 @@ class FeatureSpec:
     # ------------------------------------------------------ numeric statistics
 
     def stats_dict(self) -> dict[str, Any]:
-        return {name: asdict(s) for name, s in self.numeric_stats.items()}
+        # no ``edges`` key when off: the file stays as it was before the encoding existed
+        return {
+            name: {k: v for k, v in asdict(s).items() if k != "edges" or v is not None}
+            for name, s in self.numeric_stats.items()
+        }
 
     def save_stats(self, path: str | Path) -> None:
         from mtrec.io import atomic_write_text

@@ -12,8 +12,9 @@ Split like the deep model, so serving reuses the trained objects:
   one weight per task for each normalised numeric feature and a per-task bias → B x T.
 
 Together: ``logit_t = b_t + Σ_f Σ_{id ∈ bag_f} w_{f,t}[row(id)] (÷|bag_f| for mean
-pooling) + Σ_j u_{j,t} · x̃_j``: a logistic regression per task over the one-hot hashed ids
-and the normalised numerics.
+pooling) + Σ_j u_{j,t} · x̃_j`` (+ ``Σ_j Σ_k r_jk · U_{j,k,t}`` over the numerics' ramps with
+``model.embedding.numeric_bins``): a logistic regression per task over the one-hot hashed
+ids and the normalised numerics.
 """
 
 from __future__ import annotations
@@ -80,26 +81,46 @@ class LinearArch(PerFeatureEmbedding):
 class LinearHead(nn.Module):
     """Per-id weights and normalised numerics → B x T first-order logits.
 
+    With ``num_bins`` K > 0 each numeric feature also gets one weight per ramp and task
+    (``Σ_j Σ_k r_jk · U_jkt``, the ramps of
+    :class:`~mtrec.embeddings.piecewise.PiecewiseLinearEncoding`): the first-order term
+    becomes a piecewise-linear function of each numeric. Zero start, like every weight here.
+
     Args:
         num_numeric: F_n, normalised numeric features.
         num_tasks: T.
+        num_bins: K ramps per numeric feature (0: off; the module is then exactly the
+            plain one, same parameters).
 
     Shapes: ids B x F_s x W (W ≥ T, :class:`LinearArch`; None without sparse features),
-    dense B x F_n → B x T.
+    dense B x F_n, ramps B x F_n x K (or None) → B x T.
     """
 
-    def __init__(self, num_numeric: int, num_tasks: int) -> None:
+    def __init__(self, num_numeric: int, num_tasks: int, num_bins: int = 0) -> None:
         super().__init__()
         self.num_numeric = num_numeric
         self.num_tasks = num_tasks
+        self.num_bins = num_bins
         # T x F_n and T, zero start; trained by the dense optimizer
         self.weight = nn.Parameter(torch.zeros(num_tasks, num_numeric))
         self.bias = nn.Parameter(torch.zeros(num_tasks))
+        # F_n x K x T; registered only when on, so K = 0 keeps today's state-dict keys
+        self.bin_weight: nn.Parameter | None = (
+            nn.Parameter(torch.zeros(num_numeric, num_bins, num_tasks))
+            if num_bins > 0 and num_numeric > 0
+            else None
+        )
 
-    def forward(self, ids: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor | None, dense: torch.Tensor, ramps: torch.Tensor | None = None
+    ) -> torch.Tensor:
         out = self.bias.expand(dense.size(0), -1)
         if self.num_numeric > 0:
             out = out + dense @ self.weight.t()
+        bin_weight = self.bin_weight
+        if bin_weight is not None and ramps is not None:
+            # (B x F_n·K) @ (F_n·K x T)
+            out = out + ramps.flatten(1) @ bin_weight.flatten(0, 1)
         if ids is not None:
             out = out + ids.sum(1)[:, : self.num_tasks]
         return out

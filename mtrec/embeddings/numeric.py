@@ -87,22 +87,38 @@ class NumericNormalizer(nn.Module):
 
 
 class NumericEmbedding(nn.Module):
-    """AutoInt's numeric field embedding: ``e_m = v_m · x_m``.
+    """AutoInt's numeric field embedding: ``e_m = v_m · x_m``, plus, with ``num_bins`` K > 0,
+    a piecewise-linear part ``Σ_k r_mk · W_mk`` over the ramps ``r_m`` of
+    :class:`~mtrec.embeddings.piecewise.PiecewiseLinearEncoding`.
+
+    ``W`` starts at zero, so at init the tokens are those of the plain embedding; with K = 0
+    the module (parameters, init, output) is exactly the plain one.
 
     Args:
         num_features: N numeric fields.
         dim: embedding dim d.
+        num_bins: K ramps per feature (0: off).
 
     Example::
 
         NumericEmbedding(3, 8)(torch.randn(4, 3)).shape  # torch.Size([4, 3, 8])
     """
 
-    def __init__(self, num_features: int, dim: int) -> None:
+    def __init__(self, num_features: int, dim: int, num_bins: int = 0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_features, dim))
         nn.init.normal_(self.weight, std=0.1)
+        self.num_bins = num_bins
+        # N x K x d; registered only when on, so K = 0 keeps today's state-dict keys
+        self.bin_weight: nn.Parameter | None = (
+            nn.Parameter(torch.zeros(num_features, num_bins, dim)) if num_bins > 0 else None
+        )
 
-    def forward(self, values: torch.Tensor) -> torch.Tensor:
-        """B x N normalised values → B x N x d."""
-        return values.unsqueeze(-1) * self.weight
+    def forward(self, values: torch.Tensor, ramps: torch.Tensor | None = None) -> torch.Tensor:
+        """B x N normalised values (and B x N x K ramps when K > 0) → B x N x d."""
+        out = values.unsqueeze(-1) * self.weight
+        bin_weight = self.bin_weight
+        if bin_weight is not None and ramps is not None:
+            # Σ_k r_bnk · W_nkd: a batched (B x K) @ (K x d) per feature
+            out = out + torch.einsum("bnk,nkd->bnd", ramps, bin_weight)
+        return out

@@ -92,8 +92,15 @@ def signature_of(
             )
             for f in spec.sparse
         ],
+        # the normalisation a caller may reproduce; the piecewise-linear bin edges
+        # (model.embedding.numeric_bins) are the module's own state, not part of the contract
         numeric_features=[
-            NumericFeature(name=f.name, column=f.source, **stats[f.name]) for f in spec.numeric
+            NumericFeature(
+                name=f.name,
+                column=f.source,
+                **{k: v for k, v in stats[f.name].items() if k in ("transform", "mean", "std")},
+            )
+            for f in spec.numeric
         ],
         normalisation="x' = (g(x) - mean) / std with g(x) = sign(x)·log1p(|x|) for "
         "log1p_* transforms, else g(x) = x; a non-finite x' becomes fill_value",
