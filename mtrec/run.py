@@ -43,7 +43,7 @@ from mtrec.config import (
     load_config,
     parse_config,
 )
-from mtrec.config.schema import CHANGED_DEFAULTS
+from mtrec.config.schema import CHANGED_DEFAULTS, DEFAULT_CHANGES
 from mtrec.data.seen_ids import SEEN_IDS_FILE, fit_seen_ids, save_seen_ids
 from mtrec.data.spec import FeatureSpec
 from mtrec.data.unknown_ids import fit_unknown_ids
@@ -141,19 +141,23 @@ def _set_path(d: dict[str, Any], path: list[str], value: Any, present: bool) -> 
 
 
 def config_hashes(cfg: ExperimentConfig | dict[str, Any]) -> set[str]:
-    """Every hash a run of ``cfg`` may carry: :func:`config_hash`, and the hash an mtrec
-    from before the changes of :data:`CHANGED_DEFAULTS` wrote for the same config."""
+    """Every hash a run of ``cfg`` may carry: :func:`config_hash`, and for each change set
+    of :data:`DEFAULT_CHANGES` the hash an mtrec from just before it wrote for the same
+    config (that change set and every later one at their old defaults)."""
     if not isinstance(cfg, ExperimentConfig):
         cfg = parse_config(dict(cfg), source=CONFIG_FILE)
-    raw = _hashed_dict(cfg, drop_defaults=True)
-    for key, old in CHANGED_DEFAULTS.items():
-        value: Any = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        # before the change a key was left out exactly when it held the old default
-        _set_path(raw, key.split("."), value, present=value != old)
-    legacy = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
-    return {config_hash(cfg), legacy}
+    hashes = {config_hash(cfg)}
+    for first in range(len(DEFAULT_CHANGES)):
+        raw = _hashed_dict(cfg, drop_defaults=True)
+        for changes in DEFAULT_CHANGES[first:]:
+            for key, old in changes.items():
+                value: Any = cfg
+                for part in key.split("."):
+                    value = getattr(value, part)
+                # before the change a key was left out exactly when it held the old default
+                _set_path(raw, key.split("."), value, present=value != old)
+        hashes.add(hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16])
+    return hashes
 
 
 def run_config_hashes(run_dir: str | Path) -> set[str]:

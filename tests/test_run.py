@@ -193,23 +193,42 @@ def test_resume_with_changed_config_names_the_keys(run: Path, tmp_path: Path) ->
     assert snapshot(copy) == before
 
 
-def _hash_before_the_default_changes(cfg: object, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The hash an mtrec from before CHANGED_DEFAULTS wrote: the schema's old defaults."""
+def _hash_before_the_default_changes(
+    cfg: object, monkeypatch: pytest.MonkeyPatch, first: int = 0
+) -> str:
+    """The hash an mtrec from before change set ``first`` of DEFAULT_CHANGES wrote: that
+    set and every later one at the schema's old defaults."""
     import dataclasses
 
-    from mtrec.config.schema import EmbeddingConfig, LinearConfig
-    from mtrec.run import CHANGED_DEFAULTS, config_hash
+    from mtrec.config import schema
+    from mtrec.run import config_hash
 
-    fields = {
-        "model.linear.enabled": dataclasses.fields(LinearConfig),
-        "model.embedding.id_dropout": dataclasses.fields(EmbeddingConfig),
-    }
-    assert fields.keys() == CHANGED_DEFAULTS.keys()
+    sections = {"model.linear": schema.LinearConfig, "model.embedding": schema.EmbeddingConfig}
     with monkeypatch.context() as m:
-        for key, old in CHANGED_DEFAULTS.items():
-            (f,) = [f for f in fields[key] if f.name == key.rsplit(".", 1)[1]]
-            m.setattr(f, "default", old)
+        for changes in schema.DEFAULT_CHANGES[first:]:
+            for key, old in changes.items():
+                section, name = key.rsplit(".", 1)
+                (f,) = [f for f in dataclasses.fields(sections[section]) if f.name == name]
+                m.setattr(f, "default", old)
         return config_hash(cfg)  # type: ignore[arg-type]
+
+
+def test_every_generation_of_default_changes_is_accepted(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run hashed between two change sets (the later one's keys at their old defaults,
+    the earlier one's at their new) is as valid as one from before all of them."""
+    from mtrec.config import schema
+    from mtrec.run import config_hashes
+
+    # every changed key at its old value: then no whole section equals its (new) default,
+    # and patching the field defaults reproduces each older schema faithfully
+    olds = [f"{k}={json.dumps(v)}" for k, v in schema.CHANGED_DEFAULTS.items()]
+    cfg = small_config(data, tmp_path, olds)
+    accepted = config_hashes(cfg)
+    for first in range(len(schema.DEFAULT_CHANGES)):
+        assert _hash_before_the_default_changes(cfg, monkeypatch, first) in accepted
+    assert len(accepted) == 1 + len(schema.DEFAULT_CHANGES)  # each generation its own hash
 
 
 @pytest.mark.parametrize("stored", ["with_the_keys", "before_the_keys_existed"])

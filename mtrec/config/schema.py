@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 __all__ = [
     "CHANGED_DEFAULTS",
+    "DEFAULT_CHANGES",
     "DEFAULT_CHUNK_ROWS",
     "Bounds",
     "DatasetConfig",
@@ -74,14 +75,22 @@ def bounds(
     return {"bounds": Bounds(gt=gt, ge=ge, lt=lt, le=le)}
 
 
-#: schema defaults that changed after runs had been written, each with its value before
-#: the change (dotted keys). A run's config hash leaves keys at their default out, so a
-#: run hashed before a change left the key out at the OLD default: ``mtrec.run`` accepts
-#: that hash too, and reads a run's config.yaml that predates a key with the old value.
-#: Add a line here whenever a default below changes.
+#: schema defaults that changed after runs had been written, one change set per release
+#: that changed them, oldest first, each key (dotted) with its value before the change. A
+#: run's config hash leaves keys at their default out, so a run hashed between two change
+#: sets left out the keys of later sets at their OLD defaults: ``mtrec.run`` accepts the
+#: hash of every generation, and reads a run's config.yaml that predates a key with the
+#: old value. Append a change set whenever defaults below change.
+DEFAULT_CHANGES: list[dict[str, Any]] = [
+    {
+        "model.linear.enabled": False,  # -> True (issue #16)
+        "model.embedding.id_dropout": 0.0,  # -> "auto" (issue #16)
+    },
+]
+
+#: every changed key with its value before its (first) change
 CHANGED_DEFAULTS: dict[str, Any] = {
-    "model.linear.enabled": False,  # -> True (issue #16)
-    "model.embedding.id_dropout": 0.0,  # -> "auto" (issue #16)
+    key: old for changes in reversed(DEFAULT_CHANGES) for key, old in changes.items()
 }
 
 
