@@ -84,9 +84,14 @@ def seeded_model(
 ) -> tuple[MultiTaskModel, object, object]:
     data = small_data_dir(tmp_path_factory)
     # the deep part alone unless a test asks for more: the references predate the linear
-    # term (tests/test_linear.py) and the id dropout default (tests/test_unknown_ids.py)
+    # term (tests/test_linear.py), the id dropout default (tests/test_unknown_ids.py) and
+    # the piecewise numerics (tests/test_piecewise.py)
     model = {"linear": {"enabled": False}, **model}
-    model["embedding"] = {"id_dropout": 0.0, **dict(model.get("embedding") or {})}  # type: ignore[arg-type]
+    model["embedding"] = {
+        "id_dropout": 0.0,
+        "numeric_bins": 0,
+        **dict(model.get("embedding") or {}),  # type: ignore[dict-item]
+    }
     cfg = small_config(data, tmp_path, model=model)
     spec = fitted_spec(cfg)
     torch.manual_seed(0)

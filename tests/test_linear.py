@@ -163,7 +163,8 @@ def _randomise_linear(model: torch.nn.Module) -> None:
 
 
 def test_linear_on_adds_the_first_order_logits_before_the_chain(data: Path, tmp_path) -> None:
-    chain = {"multitask": {"chain": ["click", "like"]}}
+    # the hand-written first-order term below reads the numerics as one slope each
+    chain = {"multitask": {"chain": ["click", "like"]}, "embedding": {"numeric_bins": 0}}
     off_cfg = small_config(data, tmp_path, ["model.linear.enabled=false"], model=chain)
     on_cfg = small_config(data, tmp_path, ["model.linear.enabled=true"], model=chain)
     spec = fitted_spec(off_cfg)

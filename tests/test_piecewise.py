@@ -238,7 +238,11 @@ def test_bins_off_is_todays_model_and_on_starts_as_it(
     plain_cfg = small_config(
         data,
         tmp_path / "plain",
-        model={"deep": deep, "linear": {"enabled": True}, "embedding": {"id_dropout": 0.0}},
+        model={
+            "deep": deep,
+            "linear": {"enabled": True},
+            "embedding": {"id_dropout": 0.0, "numeric_bins": 0},  # today's model: bins off
+        },
     )
     plain_spec = fitted_spec(plain_cfg)
     torch.manual_seed(0)

@@ -24,10 +24,13 @@ FLOOR_SUFFIX = "-floor"
 
 def floor_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with the deep part off and the linear term on (a copy; the ESMM chain,
-    task weights, data and training settings stay as they are)."""
+    task weights, data and training settings stay as they are). The numerics enter as
+    the normalised values alone (``numeric_bins: 0``): the floor is the one-hot logistic
+    regression, not one with piecewise-linear numeric shapes."""
     out = copy.deepcopy(cfg)
     out.model.deep = False
     out.model.linear.enabled = True
+    out.model.embedding.numeric_bins = 0
     if not out.name.endswith(FLOOR_SUFFIX):
         out.name = out.name + FLOOR_SUFFIX
     return out
