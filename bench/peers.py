@@ -48,9 +48,10 @@ CENSUS = C.REPO / "configs" / "census_kdd"
 PEER_VERSION = "deepctr-torch==0.3.0"
 PEER_SCRIPT = C.REPO / "bench" / "peer_deepctr.py"
 
-# the peer's models have no first-order term: mtrec's (on by default) is left out of the
-# timed model too, so both sides train the same architecture
-SAME_ARCHITECTURE = ["model.linear.enabled=false"]
+# the peer's models have no first-order term and feed each numeric as one scaled vector:
+# mtrec's linear term and piecewise-linear numerics (both on by default) are left out of
+# the timed model too, so both sides train the same architecture
+SAME_ARCHITECTURE = ["model.linear.enabled=false", "model.embedding.numeric_bins=0"]
 
 # mtrec side: (config file, --set overrides); peer side: DeepCTR model and its shapes
 PAIRS: dict[str, dict[str, Any]] = {
