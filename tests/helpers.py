@@ -171,3 +171,41 @@ def kjt(keys: list[str], per_key: list[list[list[int]]]) -> KeyedJaggedTensor:
         lengths=torch.tensor(lengths, dtype=torch.int32),
         stride=len(per_key[0]),
     )
+
+
+def eval_loss(model: torch.nn.Module, batch: Batch, weights: list[float]) -> float:
+    """The weighted task loss of ``model`` on ``batch`` in eval mode, without autograd;
+    the model is put back in training mode (a probe of a training run)."""
+    from mtrec.train.losses import WeightedBCELoss
+
+    model.eval()
+    with torch.no_grad():
+        value = float(WeightedBCELoss(weights)(model(batch.sparse, batch.dense), batch.labels))
+    model.train()
+    return value
+
+
+def one_numeric_config(
+    path: Path,
+    transform: str = "standardize",
+    nan_policy: str = "fail",
+    numeric_bins: int | None = None,
+) -> ExperimentConfig:
+    """One categorical ``a``, one numeric ``x`` (``transform``), one task ``y`` on ``path``
+    (``numeric_bins``: None leaves the package default)."""
+    from mtrec.config import parse_config
+
+    embedding = dict(SMALL_MODEL["embedding"])
+    if numeric_bins is not None:
+        embedding["numeric_bins"] = numeric_bins
+    return parse_config(
+        {
+            "dataset": {"train": str(path), "nan_policy": nan_policy},
+            "features": [
+                {"name": "a", "kind": "categorical", "buckets": 16},
+                {"name": "x", "kind": "numeric", "transform": transform},
+            ],
+            "tasks": [{"name": "y"}],
+            "model": {**SMALL_MODEL, "embedding": embedding},
+        }
+    )

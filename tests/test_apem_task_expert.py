@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import first_batch, fitted_spec, seeded, small_config, small_data_dir
+from helpers import eval_loss, first_batch, fitted_spec, seeded, small_config, small_data_dir
 from torch import nn
 
 from mtrec.config import ConfigError, ExperimentConfig, InteractionConfig
@@ -17,7 +17,6 @@ from mtrec.data.spec import FeatureSpec
 from mtrec.model import build_model
 from mtrec.multitask.apem import APEM, group_indices
 from mtrec.multitask.task_expert import TaskExpert
-from mtrec.train.losses import WeightedBCELoss
 from mtrec.train.step import TrainStep
 
 FIELDS = ["f0", "f1", "f2", "f3", "f4"]
@@ -521,19 +520,11 @@ def test_short_training_lowers_the_loss(setup, block: str, interaction: bool) ->
     cfg, spec, batch = setup
     cfg = variant(cfg, block, interaction)
     step = TrainStep(cfg, spec)
-    loss_fn = WeightedBCELoss([t.weight for t in cfg.tasks])
-
-    def loss() -> float:
-        step.model.eval()
-        with torch.no_grad():
-            value = float(loss_fn(step.model(batch.sparse, batch.dense), batch.labels))
-        step.model.train()
-        return value
-
-    before = loss()
+    weights = [t.weight for t in cfg.tasks]
+    before = eval_loss(step.model, batch, weights)
     for _ in range(25):
         assert torch.isfinite(step.step(batch))
-    after = loss()
+    after = eval_loss(step.model, batch, weights)
     assert after < 0.9 * before, (before, after)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import SMALL_MODEL, SMALL_TRAINING
+from helpers import SMALL_MODEL, SMALL_TRAINING, one_numeric_config
 
 from mtrec.config import ExperimentConfig, parse_config
 from mtrec.data.batcher import load_encoded
@@ -28,17 +28,7 @@ from mtrec.serving import encode
 def config(
     path: Path, transform: str = "standardize", nan_policy: str = "fail"
 ) -> ExperimentConfig:
-    return parse_config(
-        {
-            "dataset": {"train": str(path), "nan_policy": nan_policy},
-            "features": [
-                {"name": "a", "kind": "categorical", "buckets": 16},
-                {"name": "x", "kind": "numeric", "transform": transform},
-            ],
-            "tasks": [{"name": "y"}],
-            "model": SMALL_MODEL,
-        }
-    )
+    return one_numeric_config(path, transform, nan_policy)
 
 
 def write(tmp_path: Path, x: np.ndarray | list[float]) -> Path:

@@ -15,9 +15,16 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import SMALL_MODEL, fitted_spec, seeded, small_config, small_data_dir
+from helpers import (
+    eval_loss,
+    fitted_spec,
+    one_numeric_config,
+    seeded,
+    small_config,
+    small_data_dir,
+)
 
-from mtrec.config import ConfigError, parse_config
+from mtrec.config import ConfigError
 from mtrec.data.batcher import iter_batches, load_encoded
 from mtrec.data.fitting import fit_statistics_on_file
 from mtrec.data.spec import FeatureSpec
@@ -25,7 +32,6 @@ from mtrec.embeddings.numeric import ROBUST_CLIP, NumericNormalizer
 from mtrec.embeddings.piecewise import PiecewiseLinearEncoding
 from mtrec.export.exporter import PARITY_TOLERANCE, check_parity, script_serving
 from mtrec.model import build_model
-from mtrec.train.losses import WeightedBCELoss
 from mtrec.train.step import TrainStep
 
 # sum of the seeded encoding's ramps (edges and values from seeded(0), see
@@ -120,20 +126,7 @@ def test_encoding_eager_fx_script_match_a_numpy_reference() -> None:
 
 
 def _config(path: Path, transform: str, bins: int, nan_policy: str = "fail"):
-    return parse_config(
-        {
-            "dataset": {"train": str(path), "nan_policy": nan_policy},
-            "features": [
-                {"name": "a", "kind": "categorical", "buckets": 16},
-                {"name": "x", "kind": "numeric", "transform": transform},
-            ],
-            "tasks": [{"name": "y"}],
-            "model": {
-                **SMALL_MODEL,
-                "embedding": {**SMALL_MODEL["embedding"], "numeric_bins": bins},
-            },
-        }
-    )
+    return one_numeric_config(path, transform, nan_policy, numeric_bins=bins)
 
 
 def _fitted(tmp_path: Path, x: list, transform: str = "standardize", bins: int = 4, **kw):
@@ -327,20 +320,12 @@ def test_model_with_bins_trains_and_exports_with_parity(
     probe = next(iter_batches(chunk, spec, 1024))
     torch.manual_seed(0)
     step = TrainStep(cfg, spec)
-    loss_fn = WeightedBCELoss([1.0] * len(spec.tasks))
-
-    def probe_loss() -> float:
-        step.model.eval()
-        with torch.no_grad():
-            loss = float(loss_fn(step.model(probe.sparse, probe.dense), probe.labels))
-        step.model.train()
-        return loss
-
-    before = probe_loss()
+    weights = [1.0] * len(spec.tasks)
+    before = eval_loss(step.model, probe, weights)
     for epoch in range(2):
         for batch in iter_batches(chunk, spec, 256, shuffle=True, seed=epoch):
             assert torch.isfinite(step.step(batch))
-    after = probe_loss()
+    after = eval_loss(step.model, probe, weights)
     assert after < 0.95 * before, (before, after)
     arch = step.model.task_arch
     assert arch.numeric_embedding.bin_weight.abs().max() > 0

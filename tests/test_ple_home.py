@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import first_batch, fitted_spec, make_small_data, seeded, small_config
+from helpers import eval_loss, first_batch, fitted_spec, make_small_data, seeded, small_config
 from torch import nn
 
 from mtrec.config import ConfigError, ExperimentConfig
@@ -22,7 +22,6 @@ from mtrec.multitask.experts import ExpertBank, StackedLevels
 from mtrec.multitask.home import HoME, resolve_groups
 from mtrec.multitask.mmoe import MMoE, SharedBottom
 from mtrec.multitask.ple import PLE
-from mtrec.train.losses import WeightedBCELoss
 from mtrec.train.step import TrainStep
 
 TASKS = ["click", "like", "share", "follow"]
@@ -618,19 +617,10 @@ def test_short_training_lowers_the_loss(data4: Path, tmp_path: Path, block: str)
     chunk = load_encoded(spec, cfg.dataset.train, cfg.dataset.chunk_rows)
     probe = next(iter_batches(chunk, spec, 512))
     step = TrainStep(cfg, spec)
-    loss_fn = WeightedBCELoss([1.0] * 4)
-
-    def probe_loss() -> float:
-        step.model.eval()
-        with torch.no_grad():
-            loss = float(loss_fn(step.model(probe.sparse, probe.dense), probe.labels))
-        step.model.train()
-        return loss
-
-    before = probe_loss()
+    before = eval_loss(step.model, probe, [1.0] * 4)
     for epoch in range(3):
         for batch in iter_batches(chunk, spec, 128, shuffle=True, seed=epoch):
             assert torch.isfinite(step.step(batch))
-    after = probe_loss()
+    after = eval_loss(step.model, probe, [1.0] * 4)
     print(f"{block}: probe loss {before:.4f} -> {after:.4f}")
     assert after < 0.9 * before, (before, after)
