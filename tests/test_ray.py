@@ -211,7 +211,8 @@ def _pre_split_names(state: dict[str, Any]) -> dict[str, Any]:
     def rename(key: str) -> str:
         if key.startswith("sparse_arch.embedding."):
             return "sparse_embedding." + key[len("sparse_arch.embedding.") :]
-        if key.startswith("task_arch.linear."):  # the linear term came after the split
+        # the linear term and the piecewise numerics came after the split
+        if key.startswith(("task_arch.linear.", "task_arch.piecewise.")):
             return key
         return key[len("task_arch.") :] if key.startswith("task_arch.") else key
 
