@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_weights, small_config, small_data_dir, snapshot
+from helpers import assert_same_weights, fitted_spec, small_config, small_data_dir, snapshot
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
@@ -228,3 +228,45 @@ def test_penalty_needs_a_training_forward() -> None:
     penalty = EmbeddingPenalty(arch, 0.5)
     with pytest.raises(RuntimeError, match="no training forward"):
         penalty.take()
+
+
+def test_linear_weight_decay_trains_to_smaller_per_id_weights(data: Path, tmp_path: Path) -> None:
+    norms = {}
+    for wd in (0.0, 1.0):
+        cfg = small_config(
+            data,
+            tmp_path / str(wd),
+            overrides=["model.linear.enabled=true", f"model.linear.weight_decay={wd}"],
+            training={"epochs": 1, "max_steps_per_epoch": STEPS},
+        )
+        train(cfg, tmp_path / str(wd) / "run")
+        model = load(tmp_path / str(wd) / "run" / "checkpoints" / "last.pt")["model"]
+        norms[wd] = sum(
+            float(v.norm())
+            for k, v in model.items()
+            if k.startswith("linear_arch.") and "weight" in k
+        )
+    assert norms[0.0] > 0
+    assert norms[1.0] < norms[0.0]
+
+
+def test_sparse_penalties_follow_the_config(data: Path, tmp_path: Path) -> None:
+    from mtrec.model import build_model
+    from mtrec.train.losses import sparse_penalties
+
+    both = [
+        "model.linear.enabled=true",
+        "model.embedding.weight_decay=0.1",
+        "model.linear.weight_decay=0.2",
+    ]
+    cfg = small_config(data, tmp_path / "both", overrides=both)
+    penalties = sparse_penalties(build_model(cfg, fitted_spec(cfg)), cfg)
+    assert {k: p.weight_decay for k, p in penalties.items()} == {
+        "embedding_l2": 0.1,
+        "linear_l2": 0.2,
+    }
+    # a linear-only model has no sparse tokens to penalise: only the linear term's weights
+    floor = small_config(data, tmp_path / "floor", overrides=[*both, "model.deep=false"])
+    assert list(sparse_penalties(build_model(floor, fitted_spec(floor)), floor)) == ["linear_l2"]
+    off = small_config(data, tmp_path / "off")
+    assert sparse_penalties(build_model(off, fitted_spec(off)), off) == {}

@@ -390,6 +390,9 @@ class LinearConfig:
     # Adam learning rate of the numeric weights and the per-task bias (the bias must reach
     # the base-rate logit, e.g. -3.5 for a 3% label, within a few hundred steps)
     dense_learning_rate: float = num(0.05, gt=0)
+    # L2 penalty on the looked-up per-id weights, as model.embedding.weight_decay does for
+    # the embedding rows (0: off): weight_decay / 2 * mean over rows of their sum of squares
+    weight_decay: float = num(0.0, ge=0)
 
 
 @dataclass

@@ -55,7 +55,7 @@ from mtrec.config import ExperimentConfig
 from mtrec.data.batch import Batch
 from mtrec.data.spec import FeatureSpec
 from mtrec.model import MultiTaskModel, build_model, remap_legacy_train_state
-from mtrec.train.losses import EmbeddingPenalty, WeightedBCELoss
+from mtrec.train.losses import WeightedBCELoss, sparse_penalties
 from mtrec.train.optim import dense_param_groups, sparse_settings
 
 __all__ = [
@@ -217,9 +217,9 @@ class ShardedTrainStep:
         )
         self.loss_fn = WeightedBCELoss([t.weight for t in cfg.tasks])
         self.bf16 = tr.precision == "bf16"
-        decay = cfg.model.embedding.weight_decay
-        # the sparse arch stays one module inside DMP / DDP: the same hook as TrainStep's
-        self.penalty = EmbeddingPenalty(self.model, decay) if decay > 0 and spec.sparse else None
+        # the sparse and linear arches stay one module each inside DMP / DDP: the same hooks
+        # as TrainStep's
+        self.penalties = sparse_penalties(self.model, cfg)
         self.model.train()
 
     # ------------------------------------------------------------------ compute
@@ -238,8 +238,8 @@ class ShardedTrainStep:
         sparse, dense, labels = self._inputs(batch)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits, aux = self.model(sparse, dense)
-        if self.penalty is not None:
-            aux = {**aux, "embedding_l2": self.penalty.take()}
+        if self.penalties:
+            aux = {**aux, **{name: p.take() for name, p in self.penalties.items()}}
         loss = self.loss_fn(logits, labels, aux)
         self.dense_opt.zero_grad(set_to_none=True)
         # DDP averages dense gradients over ranks; each embedding row sums the gradients

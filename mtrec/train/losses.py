@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtrec.config import ExperimentConfig
 from mtrec.model import SparseArch
 
-__all__ = ["EmbeddingPenalty", "WeightedBCELoss"]
+__all__ = ["EmbeddingPenalty", "WeightedBCELoss", "sparse_penalties"]
 
 
 class WeightedBCELoss(nn.Module):
@@ -39,7 +40,10 @@ class WeightedBCELoss(nn.Module):
 
 
 class EmbeddingPenalty:
-    """L2 penalty on the looked-up sparse field tokens (``model.embedding.weight_decay``).
+    """L2 penalty on the looked-up sparse field tokens (``model.embedding.weight_decay``),
+    or on the output of another looked-up module given as ``arch`` (the linear term's
+    per-id weights, :class:`~mtrec.embeddings.linear.LinearArch`:
+    ``model.linear.weight_decay``).
 
     A forward hook on the model's :class:`~mtrec.model.SparseArch` keeps its training
     output (B x F_s x d); :meth:`take` returns ``weight_decay / 2 * mean_b Σ_{f,j}
@@ -50,12 +54,14 @@ class EmbeddingPenalty:
     second forward path keeps the local and the Ray (sharded) models unchanged.
     """
 
-    def __init__(self, model: nn.Module, weight_decay: float) -> None:
+    def __init__(
+        self, model: nn.Module, weight_decay: float, arch: type[nn.Module] = SparseArch
+    ) -> None:
         self.weight_decay = weight_decay
         self._tokens: torch.Tensor | None = None
-        arches = [m for m in model.modules() if isinstance(m, SparseArch)]
+        arches = [m for m in model.modules() if isinstance(m, arch)]
         if len(arches) != 1:
-            raise ValueError(f"expected one SparseArch in the model, found {len(arches)}")
+            raise ValueError(f"expected one {arch.__name__} in the model, found {len(arches)}")
         arches[0].register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, inputs: object, output: torch.Tensor) -> None:
@@ -68,3 +74,19 @@ class EmbeddingPenalty:
         if tokens is None:
             raise RuntimeError("EmbeddingPenalty.take: no training forward since the last take")
         return 0.5 * self.weight_decay * tokens.float().square().sum(dim=(1, 2)).mean()
+
+
+def sparse_penalties(model: nn.Module, cfg: ExperimentConfig) -> dict[str, EmbeddingPenalty]:
+    """The L2 penalties the config asks for, by aux-loss name: ``embedding_l2`` on the deep
+    model's sparse tokens, ``linear_l2`` on the linear term's per-id weights (each only
+    when its weight decay is > 0 and the model has the module)."""
+    from mtrec.embeddings.linear import LinearArch
+
+    out: dict[str, EmbeddingPenalty] = {}
+    decay = cfg.model.embedding.weight_decay
+    if decay > 0 and any(isinstance(m, SparseArch) for m in model.modules()):
+        out["embedding_l2"] = EmbeddingPenalty(model, decay)
+    decay = cfg.model.linear.weight_decay
+    if decay > 0 and any(isinstance(m, LinearArch) for m in model.modules()):
+        out["linear_l2"] = EmbeddingPenalty(model, decay, LinearArch)
+    return out

@@ -13,7 +13,7 @@ from mtrec.config import ExperimentConfig
 from mtrec.data.batch import Batch
 from mtrec.data.spec import FeatureSpec
 from mtrec.model import MultiTaskModel, build_model, remap_legacy_train_state
-from mtrec.train.losses import EmbeddingPenalty, WeightedBCELoss
+from mtrec.train.losses import WeightedBCELoss, sparse_penalties
 from mtrec.train.optim import fuse_sparse_optimizer, make_dense_optimizer, sparse_optimizers
 
 __all__ = ["TrainStep"]
@@ -41,9 +41,7 @@ class TrainStep:
         self.fused = sparse_optimizers(self.model)
         self.loss_fn = WeightedBCELoss([t.weight for t in cfg.tasks])
         self.bf16 = cfg.training.precision == "bf16"
-        decay = cfg.model.embedding.weight_decay
-        has_sparse = self.model.sparse_arch is not None
-        self.penalty = EmbeddingPenalty(self.model, decay) if decay > 0 and has_sparse else None
+        self.penalties = sparse_penalties(self.model, cfg)
         self.model.train()
         # B x F_s x d tokens, B x F_n float64 -> (B x T logits, aux losses); the compiled
         # graph is built on the first step (tens of seconds) and reused; a new batch size
@@ -61,8 +59,8 @@ class TrainStep:
                 tokens = self.model.sparse_tokens(batch.sparse)
                 linear_ids = self.model.linear_ids(batch.sparse)
                 logits, aux = self._task_forward(tokens, batch.dense, linear_ids)
-        if self.penalty is not None:
-            aux = {**aux, "embedding_l2": self.penalty.take()}
+        if self.penalties:
+            aux = {**aux, **{name: p.take() for name, p in self.penalties.items()}}
         loss = self.loss_fn(logits, batch.labels, aux)
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()
