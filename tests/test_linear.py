@@ -21,7 +21,7 @@ from mtrec.embeddings.linear import LinearArch, linear_width
 from mtrec.export.exporter import PARITY_TOLERANCE, check_parity, script_serving
 from mtrec.export.serving import ServingModule
 from mtrec.model import build_model, chain_logits
-from mtrec.train.baseline import floor_config
+from mtrec.train.baseline import FLOOR_MIN_EPOCHS, floor_config
 from mtrec.train.step import TrainStep
 
 BUCKETS = 64
@@ -281,7 +281,8 @@ def test_baseline_cli_then_evaluate_export_and_floor_report(
     floor, model = tmp_path / "floor", tmp_path / "model"
     assert cli_main(["baseline", "--config", str(config), "--out", str(floor)]) == 0
     summary = _last_json(capsys)
-    assert summary["run_dir"] == str(floor) and summary["epochs_run"] == 1
+    # the floor trains past the experiment's 1 epoch, until valid stops improving
+    assert summary["run_dir"] == str(floor) and 1 < summary["epochs_run"] <= FLOOR_MIN_EPOCHS
     stored = yaml.safe_load((floor / "config.yaml").read_text())
     assert stored["model"]["deep"] is False and stored["model"]["linear"]["enabled"] is True
     assert stored["name"].endswith("-floor")
@@ -389,3 +390,21 @@ def test_frequency_filters_compare_by_their_sets() -> None:
     assert not same.same_as(FrequencyFilter(2, [torch.tensor([3, 6]), None]))
     assert not same.same_as(FrequencyFilter(2, kept, unknown_ids=[-1, 1]))
     assert not same.same_as(FrequencyFilter(2, None))
+
+
+def test_floor_trains_to_convergence_not_the_deep_models_budget(tmp_path: Path) -> None:
+    cfg = load_config(_tiny_set(tmp_path))
+    cfg.training.epochs, cfg.training.early_stopping_patience = 3, 1
+    floor = floor_config(cfg)
+    assert (floor.training.epochs, floor.training.early_stopping_patience) == (FLOOR_MIN_EPOCHS, 2)
+    assert (cfg.training.epochs, cfg.training.early_stopping_patience) == (3, 1)  # a copy
+    assert (floor.model.deep, floor.model.linear.enabled, floor.model.embedding.numeric_bins) == (
+        False,
+        True,
+        0,
+    )
+    cfg.training.epochs, cfg.training.early_stopping_patience = 50, 0
+    assert (
+        floor_config(cfg).training.epochs,
+        floor_config(cfg).training.early_stopping_patience,
+    ) == (50, 0)
