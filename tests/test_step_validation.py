@@ -206,20 +206,29 @@ def test_weight_decay_adds_decay_times_row_to_the_adagrad_gradient(weight_decay:
         assert (w1[1] - plain).abs().max() > 1e-3  # the decay changed the update
 
 
-def test_weight_decay_trains_to_smaller_rows(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("key", "module"),
+    [
+        ("model.embedding.weight_decay", "sparse_arch."),
+        ("model.linear.weight_decay", "linear_arch."),
+    ],
+)
+def test_weight_decay_trains_to_smaller_rows(
+    key: str, module: str, data: Path, tmp_path: Path
+) -> None:
     norms = {}
     for wd in (0.0, 1.0):
         cfg = small_config(
             data,
             tmp_path / str(wd),
-            overrides=[f"model.embedding.weight_decay={wd}"],
+            overrides=["model.linear.enabled=true", f"{key}={wd}"],
             training={"epochs": 1, "max_steps_per_epoch": STEPS},
         )
         train(cfg, tmp_path / str(wd) / "run")
         model = load(tmp_path / str(wd) / "run" / "checkpoints" / "last.pt")["model"]
-        norms[wd] = sum(
-            float(v.norm()) for k, v in model.items() if "embedding_bags" in k and "weight" in k
-        )
+        rows = [v for k, v in model.items() if k.startswith(module) and "embedding_bags" in k]
+        norms[wd] = sum(float(v.norm()) for v in rows)
+    assert norms[0.0] > 0
     assert norms[1.0] < norms[0.0]
 
 
@@ -228,26 +237,6 @@ def test_penalty_needs_a_training_forward() -> None:
     penalty = EmbeddingPenalty(arch, 0.5)
     with pytest.raises(RuntimeError, match="no training forward"):
         penalty.take()
-
-
-def test_linear_weight_decay_trains_to_smaller_per_id_weights(data: Path, tmp_path: Path) -> None:
-    norms = {}
-    for wd in (0.0, 1.0):
-        cfg = small_config(
-            data,
-            tmp_path / str(wd),
-            overrides=["model.linear.enabled=true", f"model.linear.weight_decay={wd}"],
-            training={"epochs": 1, "max_steps_per_epoch": STEPS},
-        )
-        train(cfg, tmp_path / str(wd) / "run")
-        model = load(tmp_path / str(wd) / "run" / "checkpoints" / "last.pt")["model"]
-        norms[wd] = sum(
-            float(v.norm())
-            for k, v in model.items()
-            if k.startswith("linear_arch.") and "weight" in k
-        )
-    assert norms[0.0] > 0
-    assert norms[1.0] < norms[0.0]
 
 
 def test_sparse_penalties_follow_the_config(data: Path, tmp_path: Path) -> None:
