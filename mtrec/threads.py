@@ -80,7 +80,7 @@ def wait_policy_env(policy: str) -> dict[str, str]:
     if policy == "auto":
         return {}
     raise ValueError(
-        f"training.omp_wait_policy: {policy!r}: expected auto, passive, active or short"
+        f"training.omp_wait_policy: {policy!r}: expected one of {', '.join(WAIT_POLICIES)}"
     )
 
 

@@ -105,16 +105,19 @@ def test_dropout_replaces_ids_at_rate_p_only_in_training() -> None:
     assert (emb.local_rows(values, lengths)[0][0::2][: n // 2] == 10).all()
 
 
+def _unknown_row_grad(ids: list[list[int]], p: float, seed: int) -> torch.Tensor:
+    """Gradient of feature a's UNSEEN_ID row after one training forward of a sum loss over
+    features a, b with id dropout p (every id of ``ids`` is kept: only dropout reaches it)."""
+    emb = unified(kept_ids=KEPT, unknown_ids=[UNSEEN_ID, UNSEEN_ID], id_dropout=[p, p]).train()
+    torch.manual_seed(seed)
+    emb(one_hot(["a", "b"], ids)).sum().backward()
+    return emb.ebc.embedding_bags["unified"].weight.grad[salted_row(UNSEEN_ID, "a", 0, 64)]
+
+
 def test_unknown_row_receives_gradient_from_dropped_ids() -> None:
     """Every id of the batch is kept (seen in training): only dropout reaches UNSEEN_ID's row."""
     ids = [[10, 20, 30, 10] * 8, [10, 20, 30, 20] * 8]
-    unknown = salted_row(UNSEEN_ID, "a", 0, 64)
-    grads = {}
-    for p in (0.0, 0.5):
-        emb = unified(kept_ids=KEPT, unknown_ids=[UNSEEN_ID, UNSEEN_ID], id_dropout=[p, p]).train()
-        torch.manual_seed(3)
-        emb(one_hot(["a", "b"], ids)).sum().backward()
-        grads[p] = emb.ebc.embedding_bags["unified"].weight.grad[unknown]
+    grads = {p: _unknown_row_grad(ids, p, seed=3) for p in (0.0, 0.5)}
     assert torch.count_nonzero(grads[0.0]) == 0
     assert torch.count_nonzero(grads[0.5]) > 0
 
@@ -124,13 +127,9 @@ def test_unknown_row_gradient_grows_in_proportion_to_p() -> None:
     adds one use of the row to a sum loss)."""
     n = 4000
     ids = [[10, 20, 30, 10] * (n // 4), [10, 20, 30, 20] * (n // 4)]
-    unknown = salted_row(UNSEEN_ID, "a", 0, 64)
     uses = {}
     for p in (0.2, 0.4):
-        emb = unified(kept_ids=KEPT, unknown_ids=[UNSEEN_ID, UNSEEN_ID], id_dropout=[p, p]).train()
-        torch.manual_seed(5)
-        emb(one_hot(["a", "b"], ids)).sum().backward()
-        grad = emb.ebc.embedding_bags["unified"].weight.grad[unknown]
+        grad = _unknown_row_grad(ids, p, seed=5)
         assert torch.all(grad == grad[0])  # one use adds 1 to every column
         uses[p] = float(grad[0])
         assert abs(uses[p] / n - p) < 0.03

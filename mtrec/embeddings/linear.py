@@ -100,7 +100,6 @@ class LinearHead(nn.Module):
         super().__init__()
         self.num_numeric = num_numeric
         self.num_tasks = num_tasks
-        self.num_bins = num_bins
         # T x F_n and T, zero start; trained by the dense optimizer
         self.weight = nn.Parameter(torch.zeros(num_tasks, num_numeric))
         self.bias = nn.Parameter(torch.zeros(num_tasks))

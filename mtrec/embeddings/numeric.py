@@ -108,7 +108,6 @@ class NumericEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_features, dim))
         nn.init.normal_(self.weight, std=0.1)
-        self.num_bins = num_bins
         # N x K x d; registered only when on, so K = 0 keeps today's state-dict keys
         self.bin_weight: nn.Parameter | None = (
             nn.Parameter(torch.zeros(num_features, num_bins, dim)) if num_bins > 0 else None

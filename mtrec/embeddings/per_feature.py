@@ -111,6 +111,7 @@ class FrequencyFilter(nn.Module):
         self.register_buffer("has_seen", torch.tensor(has_seen, dtype=torch.bool), persistent=False)
         self.register_buffer("unknown", torch.tensor(unknown, dtype=torch.int64), persistent=False)
         self.register_buffer("drop_p", torch.tensor(p, dtype=torch.float32), persistent=False)
+        self.num_features = num_features
         self.active = any(filtered)
         self.seen_active = any(has_seen)
         self.dropping = any(q > 0 for q in p)
@@ -159,6 +160,23 @@ class FrequencyFilter(nn.Module):
         hit = (u < self.drop_p[feature_of]) & (values != 0)
         return torch.where(hit, self.unknown[feature_of], values)
 
+    @torch.jit.export
+    def filter_bags(
+        self, values: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ids of a feature-major batch as every lookup reads them: filtered, and in
+        training through id dropout. Also returns each id's feature.
+
+        Shapes: values [N] int64 raw ids, lengths [F·B] → ids [N] int64, feature_of [N]."""
+        feature_of = torch.repeat_interleave(
+            torch.arange(self.num_features, device=lengths.device),
+            lengths.view(self.num_features, -1).sum(1),
+        )
+        values = self.forward(values, feature_of)
+        if self.training:  # id dropout: the unknown row learns from simulated cold ids
+            values = self.drop(values, feature_of)
+        return values, feature_of
+
 
 class PerFeatureLayout(nn.Module):
     """The per-feature id maths shared by training and serving, torch only.
@@ -182,18 +200,8 @@ class PerFeatureLayout(nn.Module):
 
         Shapes: values [N] int64 raw ids, lengths [F·B] (feature-major) → [N], [N] int64.
         """
-        feature_of = self.feature_of(lengths)
-        values = self.value_filter(values, feature_of)
-        if self.training:  # id dropout: the unknown row learns from simulated cold ids
-            values = self.value_filter.drop(values, feature_of)
+        values, feature_of = self.value_filter.filter_bags(values, lengths)
         return torch.remainder(values, self.buckets[feature_of]), feature_of
-
-    def feature_of(self, lengths: torch.Tensor) -> torch.Tensor:
-        """[N] feature of each id of feature-major ``lengths`` [F·B]."""
-        return torch.repeat_interleave(
-            torch.arange(self.num_features, device=lengths.device),
-            lengths.view(self.num_features, -1).sum(1),
-        )
 
     def mean_divide(self, pooled: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """B x F x d SUM-pooled → mean-pooled features divided by their bag size (≥ 1)."""

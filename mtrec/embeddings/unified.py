@@ -236,13 +236,7 @@ class UnifiedLayout(nn.Module):
         Shapes: values [N] int64 raw ids, lengths [F·B] (feature-major) →
         rows [K'·N'] int64 (each feature's ids once per chunk), bag lengths [K·B].
         """
-        feature_of = torch.repeat_interleave(
-            torch.arange(self.num_features, device=lengths.device),
-            lengths.view(self.num_features, batch).sum(1),
-        )
-        values = self.value_filter(values, feature_of)
-        if self.training:  # id dropout: the unknown row learns from simulated cold ids
-            values = self.value_filter.drop(values, feature_of)
+        values = self.value_filter.filter_bags(values, lengths)[0]
         return self.filtered_bag_rows(values, lengths, batch)
 
     def filtered_bag_rows(

@@ -135,8 +135,7 @@ class ServingModule(nn.Module):
         tokens: torch.Tensor | None = None
         linear_ids: torch.Tensor | None = None
         if self.shared_filter and self.sparse is not None and self.linear is not None:
-            feature_of = self.linear.feature_of(lengths)
-            ids = self.linear.value_filter(values, feature_of)
+            ids, feature_of = self.linear.value_filter.filter_bags(values, lengths)
             tokens = self.sparse.forward_filtered(ids, feature_of, lengths, batch)
             linear_ids = self.linear.forward_filtered(ids, feature_of, lengths, batch)
         else:
