@@ -44,6 +44,13 @@ SPLINE_KNOTS = 8
 VARIANTS = ("plain", "splines", "crosses")
 
 
+def _kept(column: pl.Series, min_count: int) -> np.ndarray:
+    """Sorted values seen at least ``min_count`` times (the others get no column, like
+    unseen ones: the package's frequency filter)."""
+    ids, counts = np.unique(column.to_numpy(), return_counts=True)
+    return ids[counts >= min_count]
+
+
 def _csr(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int, width: int) -> Any:
     from scipy import sparse
 
@@ -53,7 +60,9 @@ def _csr(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int, width: 
 class Design:
     """Raw split columns → the sparse design matrix of one variant."""
 
-    def __init__(self, cfg: Any, train: pl.DataFrame, variant: str, top_k: int) -> None:
+    def __init__(
+        self, cfg: Any, train: pl.DataFrame, variant: str, top_k: int, min_count: int = 1
+    ) -> None:
         from sklearn.preprocessing import SplineTransformer
 
         self.variant, self.top_k = variant, top_k
@@ -61,7 +70,7 @@ class Design:
         self.multi = [f.source for f in cfg.features if f.kind == "multi_hot"]
         numeric = [f for f in cfg.features if f.kind == "numeric"]
         self.nums = [(f.source, f.transform.startswith("log1p")) for f in numeric]
-        self.vocab = {c: np.unique(train.get_column(c).drop_nulls().to_numpy()) for c in self.cats}
+        self.vocab = {c: _kept(train.get_column(c).drop_nulls(), min_count) for c in self.cats}
         self.tokens = {
             c: np.unique(train.get_column(c).explode().drop_nulls().to_numpy()) for c in self.multi
         }
@@ -124,12 +133,14 @@ class Design:
         return sparse.hstack(blocks).tocsr()
 
 
-def run_variant(cfg: Any, frames: dict[str, pl.DataFrame], variant: str, top_k: int) -> dict:
+def run_variant(
+    cfg: Any, frames: dict[str, pl.DataFrame], variant: str, top_k: int, min_count: int = 1
+) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from mtrec.metrics import auc, logloss
 
-    design = Design(cfg, frames["train"], variant, top_k)
+    design = Design(cfg, frames["train"], variant, top_k, min_count)
     scales = GRID_CROSS_SCALE if variant == "crosses" else (1.0,)
     xs = {s: {k: design(df, s) for k, df in frames.items()} for s in scales}
     tasks: dict[str, Any] = {}
@@ -150,6 +161,7 @@ def run_variant(cfg: Any, frames: dict[str, pl.DataFrame], variant: str, top_k: 
     return C.emit(
         "regression_reference",
         variant=variant,
+        min_count=min_count,
         rows=sum(len(df) for df in frames.values()),
         tasks=tasks,
         mean_auc=round(statistics.fmean(r["auc"] for r in tasks.values()), 4),
@@ -164,6 +176,12 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="a default-preset `mtrec data synth` directory")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--top-k", type=int, default=10, help="values per categorical in crosses")
+    ap.add_argument(
+        "--min-count",
+        type=int,
+        default=1,
+        help="one-hot columns only for categorical values seen this often in train",
+    )
     args = ap.parse_args()
     from mtrec.config import load_config
 
@@ -171,7 +189,7 @@ def main() -> None:
     cfg = load_config(data / "config.yaml")
     frames = {s: pl.read_parquet(data / f"{s}.parquet") for s in ("train", "valid", "test")}
     for variant in args.variants:
-        run_variant(cfg, frames, variant, args.top_k)
+        run_variant(cfg, frames, variant, args.top_k, args.min_count)
 
 
 if __name__ == "__main__":

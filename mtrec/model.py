@@ -464,8 +464,11 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
     linear_arch = linear = None
     if cfg.model.linear.enabled:
         if spec.sparse:
+            uses = None
+            if cfg.model.linear.prior_std is not None:
+                uses = _uses(spec, "model.linear.prior_std")
             linear_arch = LinearArch(
-                spec.sparse_names, buckets, len(spec.tasks), poolings, **unknown
+                spec.sparse_names, buckets, len(spec.tasks), poolings, **unknown, id_uses=uses
             )
         linear = LinearHead(len(spec.numeric), len(spec.tasks), bins)
     chain = [spec.task_names.index(t) for t in cfg.model.multitask.chain]
@@ -473,6 +476,23 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
         normalizer, numeric, block, towers, spec.task_names, interaction, chain, linear, piecewise
     )
     return MultiTaskModel(sparse_arch, task_arch, linear_arch)
+
+
+def _uses(spec: FeatureSpec, key: str) -> list[torch.Tensor | None]:
+    """The training use counts of every sparse feature for the prior of ``key`` (None for
+    a feature without a fitted id set: no prior on its rows)."""
+    out: list[torch.Tensor | None] = []
+    for f in spec.sparse:
+        if not spec.filtered(f.name):
+            out.append(None)
+        elif f.name not in spec.id_uses:
+            raise ConfigError(
+                f"sparse feature '{f.name}': {key} needs its training use counts, which "
+                f"this run's feature_vocab.pt predates; train a new run, or set {key}: null"
+            )
+        else:
+            out.append(torch.from_numpy(spec.id_uses[f.name]))
+    return out
 
 
 def _piecewise(spec: FeatureSpec, bins: int) -> PiecewiseLinearEncoding | None:
@@ -507,6 +527,8 @@ def _deep_parts(
     d = emb_cfg.dim
     sparse: PerFeatureEmbedding | UnifiedEmbedding | None = None
     if spec.sparse:
+        if emb_cfg.prior_std is not None:
+            unknown = {**unknown, "id_uses": _uses(spec, "model.embedding.prior_std")}
         if emb_cfg.type == "unified":
             tables = emb_cfg.num_tables
             sparse = UnifiedEmbedding(

@@ -4,6 +4,7 @@ checkpoints, the CLI end to end and the floor section of the evaluation report."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def _tiny_set(dir: Path, rows: int = 600, seed: int = 0) -> Path:
             "embedding": {"type": "per_feature", "buckets": BUCKETS, "dim": 4},
             "interaction": {"type": "none"},
             "multitask": {"type": "mmoe", "num_experts": 1, "expert_hidden": [4]},
-            "linear": {"learning_rate": 0.3},
+            "linear": {"learning_rate": 0.3, "prior_std": None},
         },
         "training": {"batch_size": rows, "epochs": 1, "threads": 1, "progress": False},
     }
@@ -120,8 +121,20 @@ def test_floor_first_step_is_the_hand_computed_adagrad_and_adam_step(tiny) -> No
     torch.testing.assert_close(got[n_ids:], want_dense, atol=1e-6, rtol=1e-5)
 
 
-def test_floor_converges_to_the_hand_fitted_logistic_regression(tiny) -> None:
+@pytest.mark.parametrize("prior_std", [None, 0.4])
+def test_floor_converges_to_the_hand_fitted_logistic_regression(
+    tiny, prior_std: float | None
+) -> None:
+    """The floor's optimum: the logistic regression, or with the prior
+    (``model.linear.prior_std``) the regression with L2 ``Σ_rows w² / (2σ²)`` on the id
+    weights (one batch here is one epoch: each row's uses are its count in it)."""
     cfg, spec, batch = tiny
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(
+            cfg.model, linear=dataclasses.replace(cfg.model.linear, prior_std=prior_std)
+        ),
+    )
     step = TrainStep(cfg, spec)
     for _ in range(1500):
         step.step(batch)
@@ -133,13 +146,18 @@ def test_floor_converges_to_the_hand_fitted_logistic_regression(tiny) -> None:
     # the optimum fitted by hand: Newton's method on the same design, per task
     used = x.abs().sum(0) > 0
     xu = x[:, used]
+    # the prior's precision on the id columns (not on the numeric weight and the bias)
+    is_id = (torch.arange(x.size(1)) < 2 * BUCKETS)[used]
+    precision = torch.diag(is_id.double() / (prior_std**2 if prior_std else float("inf")))
     want = torch.empty_like(y)
     for t in range(y.size(1)):
         w = torch.zeros(xu.size(1), dtype=torch.float64)
         for _ in range(50):
             p = torch.sigmoid(xu @ w)
-            hess = xu.t() @ (xu * (p * (1 - p)).unsqueeze(1)) + 1e-9 * torch.eye(xu.size(1))
-            w = w - torch.linalg.lstsq(hess, xu.t() @ (p - y[:, t])).solution
+            hess = xu.t() @ (xu * (p * (1 - p)).unsqueeze(1)) + precision
+            hess = hess + 1e-9 * torch.eye(xu.size(1))
+            grad = xu.t() @ (p - y[:, t]) + precision @ w
+            w = w - torch.linalg.lstsq(hess, grad).solution
         want[:, t] = torch.sigmoid(xu @ w)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
     bce = torch.nn.functional.binary_cross_entropy
@@ -349,6 +367,10 @@ def test_sharded_training_matches_the_local_step_with_the_linear_term(
         small_config(data, tmp_path, [*on, "model.deep=false"]),
         # the piecewise-linear ramps (model.embedding.numeric_bins) read by both parts
         small_config(data, tmp_path, [*on, "model.embedding.numeric_bins=4"]),
+        # the priors on the per-id weights and the embedding rows (their use weights come
+        # from the sharded forward)
+        small_config(data, tmp_path, [*on, "model.linear.prior_std=0.05"]),
+        small_config(data, tmp_path, [*on, "model.embedding.prior_std=0.05"]),
     ]
     out = tmp_path / "result.pt"
     mp.spawn(_sharded_worker, args=(cfgs, str(tmp_path / "store"), str(out)), nprocs=1, join=True)

@@ -243,7 +243,12 @@ def test_a_run_from_before_a_default_change_still_loads_and_resumes(
     from mtrec.run import config_hash
 
     # what an older mtrec trained by default: no linear term, no id dropout
-    old_defaults = ["model.linear.enabled=false", "model.embedding.id_dropout=0"]
+    old_defaults = [
+        "model.linear.enabled=false",
+        "model.embedding.id_dropout=0",
+        "model.linear.prior_std=null",
+        "model.linear.learning_rate=0.05",
+    ]
     cfg = small_config(data, tmp_path, old_defaults, training={"epochs": 1})
     out = tmp_path / "run"
     train(cfg, out)

@@ -108,7 +108,8 @@ def test_best_checkpoint_is_the_best_validation_point(runs: dict[str, Path]) -> 
 
 
 def test_patience_counts_validation_points_and_stops_mid_epoch(data: Path, tmp_path: Path) -> None:
-    # every task weight 0: the model never changes, so only the first point is the best
+    # every task weight 0 and no prior: the model never changes, so only the first point
+    # is the best
     tasks = [
         {"name": t, "label": t, "true_prob": f"p_{t}", "weight": 0.0} for t in ("click", "like")
     ]
@@ -118,7 +119,8 @@ def test_patience_counts_validation_points_and_stops_mid_epoch(data: Path, tmp_p
         "early_stopping_patience": 1,
         "validate_every_steps": EVERY,
     }
-    cfg = small_config(data, tmp_path, tasks=tasks, training=training)
+    priors_off = ["model.embedding.prior_std=null", "model.linear.prior_std=null"]
+    cfg = small_config(data, tmp_path, priors_off, tasks=tasks, training=training)
     summary = train(cfg, tmp_path / "run")
     assert summary["stopped_early"] is True and summary["epochs_run"] == 1
     assert (summary["best_epoch"], summary["best_step"]) == (1, EVERY)
@@ -247,6 +249,8 @@ def test_sparse_penalties_follow_the_config(data: Path, tmp_path: Path) -> None:
         "model.linear.enabled=true",
         "model.embedding.weight_decay=0.1",
         "model.linear.weight_decay=0.2",
+        "model.linear.prior_std=null",
+        "model.embedding.prior_std=null",
     ]
     cfg = small_config(data, tmp_path / "both", overrides=both)
     penalties = sparse_penalties(build_model(cfg, fitted_spec(cfg)), cfg)
@@ -257,5 +261,16 @@ def test_sparse_penalties_follow_the_config(data: Path, tmp_path: Path) -> None:
     # a linear-only model has no sparse tokens to penalise: only the linear term's weights
     floor = small_config(data, tmp_path / "floor", overrides=[*both, "model.deep=false"])
     assert list(sparse_penalties(build_model(floor, fitted_spec(floor)), floor)) == ["linear_l2"]
-    off = small_config(data, tmp_path / "off")
+    # the defaults: the linear term's prior; the embedding's only when asked for
+    default = small_config(data, tmp_path / "default")
+    assert list(sparse_penalties(build_model(default, fitted_spec(default)), default)) == [
+        "linear_prior"
+    ]
+    both_priors = small_config(
+        data, tmp_path / "priors", overrides=["model.embedding.prior_std=0.1"]
+    )
+    penalties = sparse_penalties(build_model(both_priors, fitted_spec(both_priors)), both_priors)
+    assert list(penalties) == ["linear_prior", "embedding_prior"]
+    priors_off = ["model.linear.prior_std=null", "model.embedding.prior_std=null"]
+    off = small_config(data, tmp_path / "off", overrides=priors_off)
     assert sparse_penalties(build_model(off, fitted_spec(off)), off) == {}

@@ -89,6 +89,7 @@ def fit_statistics(spec: FeatureSpec, chunks: Iterable[EncodedChunk]) -> None:
     spec.numeric_stats = stats
     spec.kept_ids = counter.kept()
     spec.id_census = counter.census()
+    spec.id_uses = counter.uses()
     spec.seen_ids = {
         name: census.seen
         for name, census in spec.id_census.items()

@@ -65,6 +65,9 @@ class FeatureSpec:
     seen_ids: dict[str, Any] = field(default_factory=dict)
     # fitted id dropout probability per filtered feature (``auto`` resolved; mtrec.data.vocab)
     id_dropout: dict[str, float] = field(default_factory=dict)
+    # per filtered feature, int64 [K + 2]: training count of each kept id (kept_ids order),
+    # then the rare rows, then the missing rows (mtrec.data.vocab.IdCounter.uses)
+    id_uses: dict[str, Any] = field(default_factory=dict)
     # training census of each filtered feature (transient: fitted, never stored)
     id_census: dict[str, Any] = field(default_factory=dict)
 

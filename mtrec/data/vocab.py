@@ -10,7 +10,9 @@ A feature is filtered when it has ``min_count > 1``, id dropout or ``unseen: own
 With ``unseen: own_row`` and ``min_count > 1`` the file also holds every id seen at all
 (key ``seen@<name>``: seen-but-rare ids read the rare row, never-seen ids their own), and
 it records each filtered feature's fitted id dropout (key ``id_dropout@<name>``) so
-resume, evaluate and export rebuild the same model.
+resume, evaluate and export rebuild the same model, and its training use counts (key
+``uses@<name>``: the count of each kept id in kept order, then the rare rows, then the
+missing rows) for the linear term's prior (``model.linear.prior_std``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = [
 
 _SEEN = "seen@"
 _DROPOUT = "id_dropout@"
+_USES = "uses@"
 
 
 @dataclass
@@ -102,6 +105,24 @@ class IdCounter:
             kept[name] = ids[keep].astype(np.int64)  # np.unique output is sorted
         return kept
 
+    def uses(self) -> dict[str, np.ndarray]:
+        """Per filtered feature, int64 [K + 2]: the training count of each of its K kept ids
+        (in :meth:`kept` order), then the rows of its rare ids, then its missing rows."""
+        out: dict[str, np.ndarray] = {}
+        for name, min_count in self.min_counts.items():
+            pair = self.acc[name]
+            if pair is None:
+                out[name] = np.zeros(2, dtype=np.int64)
+                continue
+            ids, counts = pair
+            missing = ids == MISSING_ID
+            keep = (counts >= min_count) & ~missing
+            rare = int(counts[~keep & ~missing].sum())
+            out[name] = np.concatenate([counts[keep], [rare, int(counts[missing].sum())]]).astype(
+                np.int64
+            )
+        return out
+
     def census(self) -> dict[str, IdCensus]:
         """Per filtered feature: ids seen at all, training ids and rare (not kept) ids."""
         out: dict[str, IdCensus] = {}
@@ -150,21 +171,22 @@ def load_kept_ids(path: str | Path, spec: FeatureSpec) -> dict[str, np.ndarray]:
 
 
 def save_vocab(spec: FeatureSpec, path: str | Path) -> None:
-    """Write the kept ids, the seen ids (``unseen: own_row``) and the fitted id dropout of
-    ``spec`` into one file."""
+    """Write the kept ids, the seen ids (``unseen: own_row``), the fitted id dropout and the
+    use counts of ``spec`` into one file."""
     out: dict[str, torch.Tensor] = {k: torch.from_numpy(v) for k, v in spec.kept_ids.items()}
     out |= {_SEEN + k: torch.from_numpy(v) for k, v in spec.seen_ids.items()}
+    out |= {_USES + k: torch.from_numpy(v) for k, v in spec.id_uses.items()}
     for k, p in spec.id_dropout.items():
         out[_DROPOUT + k] = torch.tensor(float(p), dtype=torch.float64)
     atomic_torch_save(out, path)
 
 
 def load_vocab(path: str | Path, spec: FeatureSpec) -> None:
-    """Set ``spec.kept_ids``, ``spec.seen_ids`` and ``spec.id_dropout`` from :func:`save_vocab`'s
-    file. A run written before id dropout has no probabilities: its configured (numeric) ones
-    apply."""
+    """Set ``spec.kept_ids``, ``spec.seen_ids``, ``spec.id_dropout`` and ``spec.id_uses`` from
+    :func:`save_vocab`'s file. A run written before id dropout has no probabilities: its
+    configured (numeric) ones apply; one written before use counts has none."""
     spec.kept_ids = load_kept_ids(path, spec)
-    spec.seen_ids, spec.id_dropout = {}, {}
+    spec.seen_ids, spec.id_dropout, spec.id_uses = {}, {}, {}
     if not spec.kept_ids:
         return
     raw = torch.load(Path(path), weights_only=True)
@@ -173,6 +195,8 @@ def load_vocab(path: str | Path, spec: FeatureSpec) -> None:
             if _SEEN + name not in raw:
                 raise DataError(f"{path}: the fitted value filter lacks the seen ids of {name!r}")
             spec.seen_ids[name] = raw[_SEEN + name].numpy()
+        if _USES + name in raw:
+            spec.id_uses[name] = raw[_USES + name].numpy()
         if _DROPOUT + name in raw:
             spec.id_dropout[name] = float(raw[_DROPOUT + name])
         else:

@@ -47,6 +47,10 @@ class LinearArch(PerFeatureEmbedding):
         kept_ids, seen_ids, unknown_ids, id_dropout: the frequency filter and unseen-id
             handling of the deep embedding (see ``PerFeatureEmbedding``), so an unseen id
             reads the same trained unknown row here as there.
+        id_uses: per feature, int64 [K + 2] training counts (each kept id's, then the
+            rare rows, then the missing rows; ``mtrec.data.vocab.IdCounter.uses``) or
+            None: with them training forwards record ``prior_terms`` for the prior
+            (``model.linear.prior_std``; see ``PerFeatureEmbedding``).
 
     All weights start at zero (the logistic-regression start: every logit = bias).
     """
@@ -61,6 +65,7 @@ class LinearArch(PerFeatureEmbedding):
         seen_ids: list[torch.Tensor | None] | None = None,
         unknown_ids: list[int] | None = None,
         id_dropout: list[float] | None = None,
+        id_uses: list[torch.Tensor | None] | None = None,
     ) -> None:
         super().__init__(
             feature_names,
@@ -71,6 +76,7 @@ class LinearArch(PerFeatureEmbedding):
             seen_ids=seen_ids,
             unknown_ids=unknown_ids,
             id_dropout=id_dropout,
+            id_uses=id_uses,
         )
         self.num_tasks = num_tasks
         with torch.no_grad():

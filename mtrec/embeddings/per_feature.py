@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mtrec.embeddings.prior import bag_mean, inverse_uses
 
 __all__ = [
     "UNSEEN_ID",
@@ -229,6 +233,11 @@ class PerFeatureEmbedding(PerFeatureLayout):
             feature become ``RARE_ID`` before hashing, so rare values share one row.
         seen_ids, unknown_ids, id_dropout: unseen-id handling and id dropout per feature
             (see :class:`FrequencyFilter`).
+        id_uses: per feature, int64 [K + 2] training use counts of its kept ids
+            (``mtrec.data.vocab.IdCounter.uses``) or None: with them every training
+            forward records ``prior_terms`` for a Gaussian prior on the rows: its output
+            and, per bag, the mean of 1 / the expected epoch uses of the rows it read,
+            divided by B (``mtrec.embeddings.prior``, ``mtrec.train.losses.UsePrior``).
 
     Example::
 
@@ -248,6 +257,7 @@ class PerFeatureEmbedding(PerFeatureLayout):
         seen_ids: list[torch.Tensor | None] | None = None,
         unknown_ids: list[int] | None = None,
         id_dropout: list[float] | None = None,
+        id_uses: list[torch.Tensor | None] | None = None,
     ) -> None:
         super().__init__()
         self.feature_names = list(feature_names)
@@ -274,13 +284,42 @@ class PerFeatureEmbedding(PerFeatureLayout):
         self.value_filter = FrequencyFilter(
             len(feature_names), kept_ids, seen_ids, unknown_ids, id_dropout
         )
+        # the prior's 1 / uses per row, features stacked at their base row (rebuilt from
+        # the run's feature_vocab.pt, so not part of the state dict)
+        base = torch.tensor([0, *buckets[:-1]], dtype=torch.int64).cumsum(0)
+        inverse: torch.Tensor | None = None
+        if id_uses is not None and any(u is not None for u in id_uses):
+            n = self.num_features
+            inverse = inverse_uses(
+                sum(buckets),
+                lambda f, ids: base[f] + torch.remainder(ids, buckets[f]),
+                list(kept_ids or [None] * n),
+                id_uses,
+                list(unknown_ids or [RARE_ID] * n),
+                list(id_dropout or [0.0] * n),
+                RARE_ID,
+            )
+        self.register_buffer("inverse_uses", inverse, persistent=False)
+        self.register_buffer("row_base", base, persistent=False)
+        self.prior_terms: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """KJT of raw ids (keys = ``feature_names``) → B x F x d."""
         lengths = sparse.lengths()
-        rows, _ = self.local_rows(sparse.values(), lengths)
+        rows, feature_of = self.local_rows(sparse.values(), lengths)
+        out = self.pool_rows(rows, lengths, sparse.stride())
+        inverse = self.inverse_uses
+        if self.training and inverse is not None:
+            per_id = inverse[self.row_base[feature_of] + rows]
+            weights = bag_mean(per_id, lengths).view(self.num_features, -1).t()
+            self.prior_terms = (out, weights / sparse.stride())
+        return out
+
+    def pool_rows(self, rows: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Tensor:
+        """Table rows of a feature-major batch ([N], from :meth:`local_rows`), lengths
+        [F·B] → B x F x d pooled features."""
         hashed = KeyedJaggedTensor(
-            keys=self.feature_names, values=rows, lengths=lengths, stride=sparse.stride()
+            keys=self.feature_names, values=rows, lengths=lengths, stride=batch
         )
         pooled = self.ebc(hashed).values().view(-1, self.num_features, self.dim)
         return self.mean_divide(pooled, lengths)
@@ -288,6 +327,11 @@ class PerFeatureEmbedding(PerFeatureLayout):
     def torch_pooling(self) -> PerFeaturePooling:
         """This embedding as a torch-only module over plain tensors (for serving)."""
         return PerFeaturePooling(self)
+
+
+# TorchScript reads class annotations unevaluated (a string under ``from __future__ import
+# annotations``): declare the attribute's type itself
+PerFeatureEmbedding.__annotations__["prior_terms"] = Optional[tuple[torch.Tensor, torch.Tensor]]  # noqa: UP045
 
 
 class PerFeaturePooling(PerFeatureLayout):

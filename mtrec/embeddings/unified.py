@@ -83,6 +83,7 @@ the same ``k_i`` are projected together in one batched matmul.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -91,7 +92,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mtrec.embeddings.per_feature import FrequencyFilter
+from mtrec.embeddings.per_feature import RARE_ID, FrequencyFilter
+from mtrec.embeddings.prior import bag_mean, inverse_uses
 from mtrec.nn.layers import GroupedLinear
 
 __all__ = [
@@ -331,6 +333,7 @@ class UnifiedEmbedding(UnifiedLayout):
         seen_ids: list[torch.Tensor | None] | None = None,
         unknown_ids: list[int] | None = None,
         id_dropout: list[float] | None = None,
+        id_uses: list[torch.Tensor | None] | None = None,
     ) -> None:
         super().__init__()
         num = len(feature_names)
@@ -395,6 +398,39 @@ class UnifiedEmbedding(UnifiedLayout):
         self.batch_major = len(groups) == 1 and chunks[0] * chunk_dim == dim
         self.groups = nn.ModuleList(groups)
         self.value_filter = FrequencyFilter(num, kept_ids, seen_ids, unknown_ids, id_dropout)
+        self.register_buffer(
+            "inverse_uses",
+            self._inverse_uses(id_uses, kept_ids, unknown_ids, id_dropout),
+            persistent=False,
+        )
+        self.prior_terms: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _inverse_uses(
+        self,
+        id_uses: list[torch.Tensor | None] | None,
+        kept_ids: list[torch.Tensor | None] | None,
+        unknown_ids: list[int] | None,
+        id_dropout: list[float] | None,
+    ) -> torch.Tensor | None:
+        """The prior's 1 / uses per logical row (None without counts); see
+        :mod:`mtrec.embeddings.prior`."""
+        if id_uses is None or all(u is None for u in id_uses):
+            return None
+        n = self.num_features
+        salts = [self.key_salt[self.key_feature == f] for f in range(n)]
+        return inverse_uses(
+            self.rows,
+            lambda f, ids: salted_hash(
+                ids.unsqueeze(0).expand(len(salts[f]), -1),
+                salts[f].unsqueeze(1).expand(-1, ids.numel()),
+                self.rows,
+            ),
+            list(kept_ids or [None] * n),
+            id_uses,
+            list(unknown_ids or [RARE_ID] * n),
+            list(id_dropout or [0.0] * n),
+            RARE_ID,
+        )
 
     def _table(self, name: str, rows: int) -> EmbeddingBagConfig:
         # initialised like a single torchrec table of M rows, however it is split
@@ -418,6 +454,13 @@ class UnifiedEmbedding(UnifiedLayout):
         bags, table-major, each table's in bag order."""
         lengths = sparse.lengths()
         rows, bag_lengths = self.bag_rows(sparse.values(), lengths, sparse.stride())
+        return self.split_tables(rows, bag_lengths)
+
+    def split_tables(
+        self, rows: torch.Tensor, bag_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logical rows and bag lengths (:meth:`bag_rows`) → the physical rows and bag
+        lengths of :meth:`lookup`."""
         if self.num_tables == 1:
             return rows, bag_lengths
         # round-robin split: table t gets, per bag, the ids whose row % n == t, in order
@@ -427,7 +470,7 @@ class UnifiedEmbedding(UnifiedLayout):
         local = torch.div(rows, self.num_tables, rounding_mode="floor")
         split_lengths = torch.bincount(table * bags + bag_of, minlength=self.num_tables * bags)
         order = torch.cat([torch.nonzero(table == t).squeeze(1) for t in range(self.num_tables)])
-        return local[order], split_lengths.to(lengths.dtype)
+        return local[order], split_lengths.to(bag_lengths.dtype)
 
     def lookup_kjt(self, sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The KJT the table collection reads: keys ``kjt_keys`` (one per table), stride
@@ -460,7 +503,8 @@ class UnifiedEmbedding(UnifiedLayout):
         """[K·B, d_c] pooled chunk vectors, one per bag in bag order (mean-pooled
         features already divided by their bag size)."""
         batch = sparse.stride()
-        rows, lengths = self.lookup(sparse)
+        logical, bag_lengths = self.bag_rows(sparse.values(), sparse.lengths(), batch)
+        rows, lengths = self.split_tables(logical, bag_lengths)
         pooled: torch.Tensor | None = None
         if not torch.jit.is_scripting():
             pooled = self._fused_pool(rows, lengths)
@@ -471,7 +515,11 @@ class UnifiedEmbedding(UnifiedLayout):
             pooled = self.ebc(kjt).values()
         if self.num_tables > 1:  # [K·B, n·d_c]: sum the per-table partial pools
             pooled = pooled.view(-1, self.num_tables, self.chunk_dim).sum(1)
-        return self.mean_divide(pooled, sparse.lengths(), batch)
+        pooled = self.mean_divide(pooled, sparse.lengths(), batch)
+        inverse = self.inverse_uses
+        if self.training and inverse is not None:  # one prior term per bag
+            self.prior_terms = (pooled, bag_mean(inverse[logical], bag_lengths) / batch)
+        return pooled
 
     def pooled_chunks(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """B x Σ k_i·d_c: each feature's concatenated chunk vectors (before the per-field
@@ -505,6 +553,11 @@ class UnifiedEmbedding(UnifiedLayout):
         """This embedding as a torch-only module over plain tensors (for serving): the same
         layout maths, ``embedding_bag`` over a copy of the logical table."""
         return UnifiedPooling(self)
+
+
+# TorchScript reads class annotations unevaluated (a string under ``from __future__ import
+# annotations``): declare the attribute's type itself
+UnifiedEmbedding.__annotations__["prior_terms"] = Optional[tuple[torch.Tensor, torch.Tensor]]  # noqa: UP045
 
 
 class UnifiedPooling(UnifiedLayout):

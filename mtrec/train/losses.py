@@ -8,7 +8,7 @@ from torch import nn
 from mtrec.config import ExperimentConfig
 from mtrec.model import SparseArch
 
-__all__ = ["EmbeddingPenalty", "WeightedBCELoss", "sparse_penalties"]
+__all__ = ["EmbeddingPenalty", "UsePrior", "WeightedBCELoss", "sparse_penalties"]
 
 
 class WeightedBCELoss(nn.Module):
@@ -76,17 +76,61 @@ class EmbeddingPenalty:
         return 0.5 * self.weight_decay * tokens.float().square().sum(dim=(1, 2)).mean()
 
 
-def sparse_penalties(model: nn.Module, cfg: ExperimentConfig) -> dict[str, EmbeddingPenalty]:
+class UsePrior:
+    """Gaussian prior N(0, σ²) on every row of a looked-up table: the L2 penalty of a
+    regression fitted to its optimum, spread over each row's uses
+    (``model.linear.prior_std``, ``model.embedding.prior_std``).
+
+    The looking-up module (:class:`~mtrec.embeddings.linear.LinearArch`, or the deep
+    model's embedding, built with use counts) records ``prior_terms`` in every training
+    forward: its pooled vectors (``[..., w]``) and their weights (``[...]``: 1 / the
+    expected epoch uses of the rows a bag read, over the batch size B;
+    :mod:`mtrec.embeddings.prior`). :meth:`take` returns ``Σ weight · |vector|² / (2σ²)``.
+    Over one epoch these add up to ``Σ_rows |row|² / (2σ² B)``: the prior once per epoch,
+    in the units of the batch-mean loss, whatever a row's frequency. (A per-use penalty,
+    ``weight_decay``, holds the most frequent ids back most; this one shrinks the rare
+    ones, as a regression's L2 does.) Multi-hot bags use the mean weight of their rows.
+    Read from the module itself, so the local and the Ray (sharded) steps share it.
+    """
+
+    def __init__(self, module: nn.Module, prior_std: float) -> None:
+        if getattr(module, "inverse_uses", None) is None:
+            raise ValueError(f"UsePrior: {type(module).__name__} was built without use counts")
+        self.scale = 0.5 / (prior_std * prior_std)
+        self.module = module
+
+    def take(self) -> torch.Tensor:
+        """The penalty of the last training forward (a scalar; forgets it)."""
+        terms = self.module.prior_terms
+        if terms is None:
+            raise RuntimeError("UsePrior.take: no training forward since the last take")
+        self.module.prior_terms = None
+        vectors, weights = terms
+        return self.scale * (vectors.float().square().sum(-1) * weights).sum()
+
+
+def sparse_penalties(
+    model: nn.Module, cfg: ExperimentConfig
+) -> dict[str, EmbeddingPenalty | UsePrior]:
     """The L2 penalties the config asks for, by aux-loss name: ``embedding_l2`` on the deep
     model's sparse tokens, ``linear_l2`` on the linear term's per-id weights (each only
     when its weight decay is > 0 and the model has the module)."""
     from mtrec.embeddings.linear import LinearArch
 
-    out: dict[str, EmbeddingPenalty] = {}
+    out: dict[str, EmbeddingPenalty | UsePrior] = {}
     decay = cfg.model.embedding.weight_decay
     if decay > 0 and any(isinstance(m, SparseArch) for m in model.modules()):
         out["embedding_l2"] = EmbeddingPenalty(model, decay)
     decay = cfg.model.linear.weight_decay
     if decay > 0 and any(isinstance(m, LinearArch) for m in model.modules()):
         out["linear_l2"] = EmbeddingPenalty(model, decay, LinearArch)
+    # the priors, on the modules built with use counts (filtered features)
+    std = cfg.model.linear.prior_std
+    arches = [m for m in model.modules() if isinstance(m, LinearArch)]
+    if std is not None and arches and arches[0].inverse_uses is not None:
+        out["linear_prior"] = UsePrior(arches[0], std)
+    std = cfg.model.embedding.prior_std
+    sparse = [m.embedding for m in model.modules() if isinstance(m, SparseArch)]
+    if std is not None and sparse and getattr(sparse[0], "inverse_uses", None) is not None:
+        out["embedding_prior"] = UsePrior(sparse[0], std)
     return out
