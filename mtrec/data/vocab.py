@@ -18,7 +18,7 @@ missing rows) for the linear term's prior (``model.linear.prior_std``).
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,52 +92,38 @@ class IdCounter:
                 ids = chunk.multi_values[self.multi_index[name]].numpy()
             self.acc[name] = _merge(self.acc[name], ids)
 
+    def _tallies(self) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per filtered feature: its sorted ids and their counts, which ids are kept
+        (count >= min_count) and which is the missing id."""
+        for name, min_count in self.min_counts.items():
+            empty = np.zeros(0, dtype=np.int64)
+            ids, counts = self.acc[name] or (empty, empty)
+            missing = ids == MISSING_ID
+            yield name, ids, counts, (counts >= min_count) & ~missing, missing
+
     def kept(self) -> dict[str, np.ndarray]:
         """Sorted int64 ids with count >= min_count, per filtered feature."""
-        kept: dict[str, np.ndarray] = {}
-        for name, min_count in self.min_counts.items():
-            pair = self.acc[name]
-            if pair is None:
-                kept[name] = np.zeros(0, dtype=np.int64)
-                continue
-            ids, counts = pair
-            keep = (counts >= min_count) & (ids != MISSING_ID)
-            kept[name] = ids[keep].astype(np.int64)  # np.unique output is sorted
-        return kept
+        return {name: ids[keep].astype(np.int64) for name, ids, _, keep, _ in self._tallies()}
 
     def uses(self) -> dict[str, np.ndarray]:
         """Per filtered feature, int64 [K + 2]: the training count of each of its K kept ids
         (in :meth:`kept` order), then the rows of its rare ids, then its missing rows."""
-        out: dict[str, np.ndarray] = {}
-        for name, min_count in self.min_counts.items():
-            pair = self.acc[name]
-            if pair is None:
-                out[name] = np.zeros(2, dtype=np.int64)
-                continue
-            ids, counts = pair
-            missing = ids == MISSING_ID
-            keep = (counts >= min_count) & ~missing
-            rare = int(counts[~keep & ~missing].sum())
-            out[name] = np.concatenate([counts[keep], [rare, int(counts[missing].sum())]]).astype(
-                np.int64
-            )
-        return out
+        return {
+            name: np.concatenate(
+                [counts[keep], [counts[~keep & ~missing].sum(), counts[missing].sum()]]
+            ).astype(np.int64)
+            for name, _, counts, keep, missing in self._tallies()
+        }
 
     def census(self) -> dict[str, IdCensus]:
         """Per filtered feature: ids seen at all, training ids and rare (not kept) ids."""
         out: dict[str, IdCensus] = {}
-        for name, min_count in self.min_counts.items():
-            pair = self.acc[name]
-            if pair is None:
-                out[name] = IdCensus(np.zeros(0, dtype=np.int64), 0, 0, 0)
-                continue
-            ids, counts = pair
-            valid = ids != MISSING_ID
-            rare = valid & (counts < min_count)
+        for name, ids, counts, keep, missing in self._tallies():
+            valid = ~missing
             out[name] = IdCensus(
                 ids[valid].astype(np.int64),
                 int(counts[valid].sum()),
-                int(counts[rare].sum()),
+                int(counts[valid & ~keep].sum()),
                 int((valid & (counts == 1)).sum()),
             )
         return out
