@@ -466,7 +466,7 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
         if spec.sparse:
             uses = None
             if cfg.model.linear.prior_std is not None:
-                uses = _uses(spec, "model.linear.prior_std")
+                uses = _prior_counts(spec, "model.linear.prior_std")
             linear_arch = LinearArch(
                 spec.sparse_names, buckets, len(spec.tasks), poolings, **unknown, id_uses=uses
             )
@@ -478,12 +478,14 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
     return MultiTaskModel(sparse_arch, task_arch, linear_arch)
 
 
-def _uses(spec: FeatureSpec, key: str) -> list[torch.Tensor | None]:
-    """The training use counts of every sparse feature for the prior of ``key`` (None for
-    a feature without a fitted id set: no prior on its rows)."""
+def _prior_counts(spec: FeatureSpec, key: str) -> list[torch.Tensor | None]:
+    """The training use counts of every sparse feature for the prior of ``key``; None (no
+    prior on its rows) for a feature without a fitted id set, and for a multi-hot one: a
+    pooled bag of several ids is one vector, and its squared norm is not the sum of its
+    rows' (the prior's epoch total holds for one id per bag)."""
     out: list[torch.Tensor | None] = []
     for f in spec.sparse:
-        if not spec.filtered(f.name):
+        if not spec.filtered(f.name) or f.kind == "multi_hot":
             out.append(None)
         elif f.name not in spec.id_uses:
             raise ConfigError(
@@ -527,8 +529,8 @@ def _deep_parts(
     d = emb_cfg.dim
     sparse: PerFeatureEmbedding | UnifiedEmbedding | None = None
     if spec.sparse:
-        if emb_cfg.prior_std is not None:
-            unknown = {**unknown, "id_uses": _uses(spec, "model.embedding.prior_std")}
+        if emb_cfg.prior_std is not None:  # the prior's use counts beside the id handling
+            unknown = {**unknown, "id_uses": _prior_counts(spec, "model.embedding.prior_std")}
         if emb_cfg.type == "unified":
             tables = emb_cfg.num_tables
             sparse = UnifiedEmbedding(

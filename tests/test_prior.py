@@ -71,9 +71,10 @@ def test_inverse_uses_by_hand() -> None:
     expected[RARE_ID] = 1 / (5 + 0.5 * 12)  # rare ids and the dropped ones
     expected[0] = 1 / 3  # missing values
     torch.testing.assert_close(rare, expected)
-    # unseen: own_row: the dropped ids read the unseen row, the rare ids the rare one
+    # unseen: own_row: the dropped ids (kept and rare) read the unseen row, the rest of the
+    # rare ids the rare one
     own = _inverse([10], [kept], [uses], [UNSEEN_ID], [0.5])
-    expected[RARE_ID], expected[UNSEEN_ID % 10] = 1 / 5, 1 / (0.5 * 12)
+    expected[RARE_ID], expected[UNSEEN_ID % 10] = 1 / (5 * 0.5), 1 / (0.5 * (12 + 5))
     torch.testing.assert_close(own, expected)
     # a feature without counts (not filtered) gets no prior; the next one keeps its base
     both = _inverse([4, 10], [None, kept], [None, uses], [RARE_ID] * 2, [0.0, 0.5])
@@ -137,7 +138,8 @@ def test_unified_prior_over_one_epoch_is_one_l2_of_every_used_row() -> None:
     torch.testing.assert_close(total, weight[rows].square().sum() / (2 * 0.3**2))
 
 
-def test_prior_weights_a_bag_by_the_mean_of_its_rows() -> None:
+def test_a_bags_prior_weight_is_the_mean_of_its_rows() -> None:
+    """The module's rule for bags (build_model gives multi-hot features no counts)."""
     kept = torch.tensor([2, 3])
     arch = _arch(torch.tensor([4, 1, 0, 0]), kept, ["mean"])
     kjt = KeyedJaggedTensor(
@@ -155,8 +157,17 @@ def test_prior_config_builds_the_penalty_and_old_runs_say_what_to_do(
 ) -> None:
     cfg = small_config(data, tmp_path, overrides=["model.linear.prior_std=0.3"])
     spec = fitted_spec(cfg)
-    penalties = sparse_penalties(build_model(cfg, spec), cfg)
+    model = build_model(cfg, spec)
+    penalties = sparse_penalties(model, cfg)
     assert isinstance(penalties["linear_prior"], UsePrior)
+    # one prior weight per row; none on the multi-hot feature (a bag's pooled vector is not
+    # its rows: no epoch total to hold), some on every single-id one
+    arch = model.linear_arch
+    assert arch is not None and arch.inverse_uses is not None
+    for f, feature in enumerate(spec.sparse):
+        start = int(arch.row_base[f])
+        rows = arch.inverse_uses[start : start + int(arch.buckets[f])]
+        assert bool((rows > 0).any()) == (feature.kind == "categorical"), feature.name
     assert penalties["linear_prior"].scale == pytest.approx(0.5 / 0.09)
     off = small_config(data, tmp_path / "off", overrides=["model.linear.prior_std=null"])
     assert "linear_prior" not in sparse_penalties(build_model(off, fitted_spec(off)), off)

@@ -404,9 +404,10 @@ class LinearConfig:
     # L2 penalty on the looked-up per-id weights, as model.embedding.weight_decay does for
     # the embedding rows (0: off): weight_decay / 2 * mean over rows of their sum of squares
     weight_decay: float = num(0.0, ge=0)
-    # std of a Gaussian prior on every per-id weight (null: off): adds sum_rows w^2 /
-    # (2 prior_std^2) once per training epoch, spread over each row's uses (so rare ids are
-    # shrunk most), the L2 of a logistic regression with C = prior_std^2
+    # std of a Gaussian prior on every per-id weight of the single-id features with a fitted
+    # id set (null: off): adds sum_rows w^2 / (2 prior_std^2) once per training epoch, spread
+    # over each row's uses (so rare ids are shrunk most), the L2 of a logistic regression
+    # with C = prior_std^2 (times the task weight)
     # Default 0.15, chosen on valid (docs/generalisation.md)
     prior_std: float | None = num(0.15, gt=0)
 

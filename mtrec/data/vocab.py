@@ -182,7 +182,14 @@ def load_vocab(path: str | Path, spec: FeatureSpec) -> None:
                 raise DataError(f"{path}: the fitted value filter lacks the seen ids of {name!r}")
             spec.seen_ids[name] = raw[_SEEN + name].numpy()
         if _USES + name in raw:
-            spec.id_uses[name] = raw[_USES + name].numpy()
+            uses = raw[_USES + name].numpy()
+            if len(uses) != len(spec.kept_ids[name]) + 2:
+                raise DataError(
+                    f"{path}: {_USES + name} holds {len(uses)} counts for "
+                    f"{len(spec.kept_ids[name])} kept ids (expected kept + 2); the file was "
+                    "modified: retrain the run"
+                )
+            spec.id_uses[name] = uses
         if _DROPOUT + name in raw:
             spec.id_dropout[name] = float(raw[_DROPOUT + name])
         else:

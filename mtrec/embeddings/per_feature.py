@@ -309,7 +309,7 @@ class PerFeatureEmbedding(PerFeatureLayout):
         rows, feature_of = self.local_rows(sparse.values(), lengths)
         out = self.pool_rows(rows, lengths, sparse.stride())
         inverse = self.inverse_uses
-        if self.training and inverse is not None:
+        if self.training and inverse is not None and torch.is_grad_enabled():
             per_id = inverse[self.row_base[feature_of] + rows]
             weights = bag_mean(per_id, lengths).view(self.num_features, -1).t()
             self.prior_terms = (out, weights / sparse.stride())

@@ -33,9 +33,9 @@ def inverse_uses(
     ``rows_of(f, ids)`` maps feature ``f``'s int64 ids [n] to rows: [n], or [k, n] for a
     Unified Embedding feature of k chunks (each id reads k rows). ``id_uses[f]``:
     int64 [K + 2], the count of each of the K kept ids, then the rare rows, then the missing
-    rows. A kept id is read by its ``(1 - p)`` share of uses (``p`` its feature's id
+    rows. A kept or rare id is read by its ``(1 - p)`` share of uses (``p`` its feature's id
     dropout), the unknown id by the dropped ones, ``rare_id`` by the rare ids and id 0 by
-    the missing values; ids that share a row add up.
+    the missing values (never dropped); ids that share a row add up.
     """
     uses = torch.zeros(num_rows, dtype=torch.float64)
     for f, (kept, counts, unknown, p) in enumerate(
@@ -44,11 +44,15 @@ def inverse_uses(
         if counts is None or kept is None:
             continue
         kept_counts = counts[:-2].double()
+        rare = float(counts[-2])
+        # id dropout sends kept AND rare ids to the unknown id (one row when that is the
+        # rare id itself)
+        dropped = p * (float(kept_counts.sum()) + rare)
         ids = torch.cat([kept, torch.tensor([unknown, rare_id, 0], dtype=torch.int64)])
         weight = torch.cat(
             [
                 kept_counts * (1.0 - p),
-                torch.tensor([p * float(kept_counts.sum()), float(counts[-2]), float(counts[-1])]),
+                torch.tensor([dropped, rare * (1.0 - p), float(counts[-1])], dtype=torch.float64),
             ]
         )
         rows = rows_of(f, ids)

@@ -517,7 +517,9 @@ class UnifiedEmbedding(UnifiedLayout):
             pooled = pooled.view(-1, self.num_tables, self.chunk_dim).sum(1)
         pooled = self.mean_divide(pooled, sparse.lengths(), batch)
         inverse = self.inverse_uses
-        if self.training and inverse is not None:  # one prior term per bag
+        if (
+            self.training and inverse is not None and torch.is_grad_enabled()
+        ):  # one prior term per bag
             self.prior_terms = (pooled, bag_mean(inverse[logical], bag_lengths) / batch)
         return pooled
 

@@ -86,10 +86,12 @@ class UsePrior:
     forward: its pooled vectors (``[..., w]``) and their weights (``[...]``: 1 / the
     expected epoch uses of the rows a bag read, over the batch size B;
     :mod:`mtrec.embeddings.prior`). :meth:`take` returns ``Σ weight · |vector|² / (2σ²)``.
-    Over one epoch these add up to ``Σ_rows |row|² / (2σ² B)``: the prior once per epoch,
-    in the units of the batch-mean loss, whatever a row's frequency. (A per-use penalty,
-    ``weight_decay``, holds the most frequent ids back most; this one shrinks the rare
-    ones, as a regression's L2 does.) Multi-hot bags use the mean weight of their rows.
+    Over one full epoch these add up to ``Σ_rows |row|² / (2σ² B)``: the prior once per
+    epoch, in the units of the batch-mean loss, whatever a row's frequency: for task t's
+    column of the linear term the L2 of a regression with ``C = w_t σ²`` (``w_t`` its task
+    weight). (A per-use penalty, ``weight_decay``, holds the most frequent ids back most;
+    this one shrinks the rare ones, as a regression's L2 does.) The model gives multi-hot
+    features no counts: a pooled bag is not its rows.
     Read from the module itself, so the local and the Ray (sharded) steps share it.
     """
 
@@ -114,7 +116,9 @@ def sparse_penalties(
 ) -> dict[str, EmbeddingPenalty | UsePrior]:
     """The L2 penalties the config asks for, by aux-loss name: ``embedding_l2`` on the deep
     model's sparse tokens, ``linear_l2`` on the linear term's per-id weights (each only
-    when its weight decay is > 0 and the model has the module)."""
+    when its weight decay is > 0 and the model has the module); ``linear_prior`` and
+    ``embedding_prior`` (:class:`UsePrior`) when ``prior_std`` is set and the module was
+    built with use counts (some single-id feature has a fitted id set)."""
     from mtrec.embeddings.linear import LinearArch
 
     out: dict[str, EmbeddingPenalty | UsePrior] = {}
