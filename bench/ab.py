@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import time
 from pathlib import Path
 
 import _common as C
@@ -46,13 +45,9 @@ def main() -> None:
     rates: dict[str, list[float]] = {"a": [], "b": []}
     for r in range(args.rounds + 1):  # round 0 warms up
         for name, trainer in trainers.items():
-            t0, samples = time.perf_counter(), 0
-            for batch in itertools.islice(itertools.cycle(batches), args.steps):
-                loss = trainer.step(batch)
-                samples += batch.batch_size
-            float(loss.detach())
+            timed = C.time_steps(trainer, batches, warmup=0, steps=args.steps)
             if r:
-                rates[name].append(samples / (time.perf_counter() - t0))
+                rates[name].append(timed["samples_per_s"])
         C.log(f"round {r}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items() if v))
     median = {k: round(statistics.median(v), 1) for k, v in rates.items()}
     C.emit(

@@ -82,13 +82,9 @@ def training(args: argparse.Namespace) -> None:
         for r in range(args.rounds + 1):  # round 0 warms up
             for variant, below in (("short", default_below), ("aten", 0)):
                 short_softmax.softmax.__defaults__ = (below, min_numel)
-                t0, samples = time.perf_counter(), 0
-                for b in itertools.islice(itertools.cycle(batches), args.steps):
-                    loss = trainer.step(b)
-                    samples += b.batch_size
-                float(loss.detach())
+                timed = C.time_steps(trainer, batches, warmup=0, steps=args.steps)
                 if r:
-                    rates[variant].append(samples / (time.perf_counter() - t0))
+                    rates[variant].append(timed["samples_per_s"])
         short_softmax.softmax.__defaults__ = defaults
         median = {k: round(statistics.median(v), 1) for k, v in rates.items()}
         C.emit(

@@ -15,7 +15,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mtrec.config import ConfigError
 from mtrec.data.hashing import hash_value
 from mtrec.embeddings.linear import LinearArch
-from mtrec.embeddings.per_feature import RARE_ID, UNSEEN_ID
+from mtrec.embeddings.per_feature import RARE_ID, UNSEEN_ID, FrequencyFilter
 from mtrec.embeddings.prior import inverse_uses
 from mtrec.embeddings.unified import UnifiedEmbedding, salted_hash
 from mtrec.model import build_model
@@ -54,10 +54,12 @@ def _inverse(
     unknown: list[int],
     p: list[float],
 ) -> torch.Tensor:
-    """:func:`inverse_uses` of per-feature tables stacked at their base row."""
+    """:func:`inverse_uses` of per-feature tables stacked at their base row, with the
+    unknown ids and id dropout of a filter over ``kept``."""
     base = [sum(buckets[:f]) for f in range(len(buckets))]
     rows_of = lambda f, ids: base[f] + torch.remainder(ids, buckets[f])  # noqa: E731
-    return inverse_uses(sum(buckets), rows_of, kept, uses, unknown, p, RARE_ID)
+    value_filter = FrequencyFilter(len(buckets), kept, None, unknown, p)
+    return inverse_uses(sum(buckets), rows_of, kept, uses, value_filter)
 
 
 def test_inverse_uses_by_hand() -> None:

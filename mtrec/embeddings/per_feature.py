@@ -289,15 +289,12 @@ class PerFeatureEmbedding(PerFeatureLayout):
         base = torch.tensor([0, *buckets[:-1]], dtype=torch.int64).cumsum(0)
         inverse: torch.Tensor | None = None
         if id_uses is not None and any(u is not None for u in id_uses):
-            n = self.num_features
             inverse = inverse_uses(
                 sum(buckets),
                 lambda f, ids: base[f] + torch.remainder(ids, buckets[f]),
-                list(kept_ids or [None] * n),
+                kept_ids,
                 id_uses,
-                list(unknown_ids or [RARE_ID] * n),
-                list(id_dropout or [0.0] * n),
-                RARE_ID,
+                self.value_filter,
             )
         self.register_buffer("inverse_uses", inverse, persistent=False)
         self.register_buffer("row_base", base, persistent=False)

@@ -12,8 +12,12 @@ id → row map.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # per_feature imports this module
+    from mtrec.embeddings.per_feature import FrequencyFilter
 
 __all__ = ["bag_mean", "inverse_uses"]
 
@@ -21,22 +25,25 @@ __all__ = ["bag_mean", "inverse_uses"]
 def inverse_uses(
     num_rows: int,
     rows_of: Callable[[int, torch.Tensor], torch.Tensor],
-    kept_ids: list[torch.Tensor | None],
+    kept_ids: list[torch.Tensor | None] | None,
     id_uses: list[torch.Tensor | None],
-    unknown_ids: list[int],
-    id_dropout: list[float],
-    rare_id: int,
+    value_filter: FrequencyFilter,
 ) -> torch.Tensor:
     """float32 [num_rows]: 1 / the expected uses of each row in one training epoch; 0 for
     rows training never reads (or that only features without counts read).
 
     ``rows_of(f, ids)`` maps feature ``f``'s int64 ids [n] to rows: [n], or [k, n] for a
     Unified Embedding feature of k chunks (each id reads k rows). ``id_uses[f]``:
-    int64 [K + 2], the count of each of the K kept ids, then the rare rows, then the missing
-    rows. A kept or rare id is read by its ``(1 - p)`` share of uses (``p`` its feature's id
-    dropout), the unknown id by the dropped ones, ``rare_id`` by the rare ids and id 0 by
-    the missing values (never dropped); ids that share a row add up.
+    int64 [K + 2], the count of each of the K kept ids (``kept_ids[f]``), then the rare
+    rows, then the missing rows. ``value_filter`` is the module's own filter: its unknown
+    id and id dropout ``p`` per feature. A kept or rare id is read by its ``(1 - p)`` share
+    of uses, the unknown id by the dropped ones, the rare id by the rare ids and id 0 by the
+    missing values (never dropped); ids that share a row add up.
     """
+    unknown_ids = value_filter.unknown.tolist()
+    id_dropout = value_filter.drop_p.tolist()
+    rare_id = value_filter.rare_id
+    kept_ids = kept_ids or [None] * value_filter.num_features
     uses = torch.zeros(num_rows, dtype=torch.float64)
     for f, (kept, counts, unknown, p) in enumerate(
         zip(kept_ids, id_uses, unknown_ids, id_dropout, strict=True)

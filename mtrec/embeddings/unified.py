@@ -92,7 +92,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mtrec.embeddings.per_feature import RARE_ID, FrequencyFilter
+from mtrec.embeddings.per_feature import FrequencyFilter
 from mtrec.embeddings.prior import bag_mean, inverse_uses
 from mtrec.nn.layers import GroupedLinear
 
@@ -399,25 +399,18 @@ class UnifiedEmbedding(UnifiedLayout):
         self.groups = nn.ModuleList(groups)
         self.value_filter = FrequencyFilter(num, kept_ids, seen_ids, unknown_ids, id_dropout)
         self.register_buffer(
-            "inverse_uses",
-            self._inverse_uses(id_uses, kept_ids, unknown_ids, id_dropout),
-            persistent=False,
+            "inverse_uses", self._inverse_uses(id_uses, kept_ids), persistent=False
         )
         self.prior_terms: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _inverse_uses(
-        self,
-        id_uses: list[torch.Tensor | None] | None,
-        kept_ids: list[torch.Tensor | None] | None,
-        unknown_ids: list[int] | None,
-        id_dropout: list[float] | None,
+        self, id_uses: list[torch.Tensor | None] | None, kept_ids: list[torch.Tensor | None] | None
     ) -> torch.Tensor | None:
         """The prior's 1 / uses per logical row (None without counts); see
         :mod:`mtrec.embeddings.prior`."""
         if id_uses is None or all(u is None for u in id_uses):
             return None
-        n = self.num_features
-        salts = [self.key_salt[self.key_feature == f] for f in range(n)]
+        salts = [self.key_salt[self.key_feature == f] for f in range(self.num_features)]
         return inverse_uses(
             self.rows,
             lambda f, ids: salted_hash(
@@ -425,11 +418,9 @@ class UnifiedEmbedding(UnifiedLayout):
                 salts[f].unsqueeze(1).expand(-1, ids.numel()),
                 self.rows,
             ),
-            list(kept_ids or [None] * n),
+            kept_ids,
             id_uses,
-            list(unknown_ids or [RARE_ID] * n),
-            list(id_dropout or [0.0] * n),
-            RARE_ID,
+            self.value_filter,
         )
 
     def _table(self, name: str, rows: int) -> EmbeddingBagConfig:
