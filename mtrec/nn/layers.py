@@ -35,9 +35,15 @@ class FastDropout(nn.Module):
     """Inverted dropout (as ``nn.Dropout``): keep each element with probability 1 - p,
     scale kept ones by 1 / (1 - p); identity in eval mode.
 
-    Draws the mask as ``rand < 1 - p`` instead of ``bernoulli_``: the same distribution,
-    but about 2.5x cheaper forward + backward on CPU, where ``bernoulli_`` was a fifth
-    of an MMoE training step at p = 0.2.
+    The mask costs a quarter of one random draw per element: every draw of torch's
+    generator gives 63 random bits (``int64.random_()``), read as four 15-bit numbers r,
+    and an element is kept when ``r >= round(p · 2^15)``. So p is rounded to a multiple of
+    2^-15 (0.2 → 0.20001) and the scale is the exact 1 / (1 - p) of that rounded p: the
+    output stays unbiased. Measured (CPU, 2 threads, a 4 x 1024 x 128 activation, forward
+    + backward): 0.8 ms against 1.6 ms for ``rand < 1 - p`` (one float draw per element),
+    itself about 2.5x cheaper than ``bernoulli_``. A TorchScript-compiled module in
+    training mode (exports are in eval mode, where dropout is off) has no dtype views and
+    draws one float per element, with the same rounded p.
     """
 
     def __init__(self, p: float = 0.0) -> None:
@@ -45,13 +51,28 @@ class FastDropout(nn.Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
-        self.scale = 1.0 / (1.0 - p)
+        # drop when the 15-bit number is below this; p rounded to a multiple of 2^-15
+        self.low_bits = (1 << 15) - 1
+        self.threshold = round(p * (1 << 15))
+        self.scale = 1.0 / (1.0 - self.threshold / (1 << 15))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = torch.rand_like(x) >= self.p
-        return x * keep.to(x.dtype).mul_(self.scale)
+        if torch.jit.is_scripting():  # no dtype views in TorchScript: one float per element
+            keep = torch.rand_like(x) >= self.threshold / (1 << 15)
+            return x * keep.to(x.dtype).mul_(self.scale)
+        return x * self.keep_mask(x)
+
+    @torch.jit.unused
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """x-shaped mask in x's dtype: ``scale`` where the element is kept, else 0."""
+        n = x.numel()
+        draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+        # each draw is in [0, 2^63): its four int16 pieces, masked to their low 15 bits,
+        # are four uniform 15-bit numbers
+        bits = draws.view(torch.int16)[:n].view(x.shape).bitwise_and_(self.low_bits)
+        return (bits >= self.threshold).to(x.dtype).mul_(self.scale)
 
 
 class GroupedLinear(nn.Module):
