@@ -110,8 +110,16 @@ class SparseArch(nn.Module):
         super().__init__()
         self.embedding = embedding
 
-    def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        return self.embedding(sparse)
+    def forward(
+        self,
+        sparse: KeyedJaggedTensor,
+        filtered: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``filtered``: the ids already through the embedding's ``value_filter`` and their
+        features, or None (the embedding filters them)."""
+        if filtered is None:
+            return self.embedding(sparse)
+        return self.embedding(sparse, filtered)
 
     def torch_pooling(self) -> PerFeaturePooling | UnifiedPooling:
         """``(values [N], lengths [F_s·B], B) → B x F_s x d`` without torchrec or FBGEMM."""
@@ -345,6 +353,15 @@ class MultiTaskModel(nn.Module):
         self.sparse_arch = sparse_arch
         self.task_arch = task_arch
         self.linear_arch = linear_arch
+        # the linear term filters ids as the embedding does (built from the same kept /
+        # seen sets, unknown ids and id dropout): then the two share one filter module,
+        # and a batch's ids are filtered, and dropped, once for both
+        self.shared_filter = False
+        if sparse_arch is not None and linear_arch is not None:
+            mine, theirs = sparse_arch.embedding.value_filter, linear_arch.value_filter
+            if mine.same_as(theirs) and torch.equal(mine.drop_p, theirs.drop_p):
+                linear_arch.value_filter = mine
+                self.shared_filter = True
         self.task_names = list(task_arch.task_names)
         # epoch of the checkpoint the weights came from (-1: not loaded from a run)
         self.trained_epoch = -1
@@ -398,6 +415,16 @@ class MultiTaskModel(nn.Module):
             return None
         return self.linear_arch(sparse)
 
+    def sparse_parts(
+        self, sparse: KeyedJaggedTensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(:meth:`sparse_tokens`, :meth:`linear_ids`), the ids filtered (and, in training,
+        dropped) once for both when they share their filter."""
+        if self.shared_filter and self.sparse_arch is not None and self.linear_arch is not None:
+            filtered = self.linear_arch.value_filter.filter_bags(sparse.values(), sparse.lengths())
+            return self.sparse_arch(sparse, filtered), self.linear_arch(sparse, filtered)
+        return self.sparse_tokens(sparse), self.linear_ids(sparse)
+
     def field_tokens(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """B x F x d tokens: sparse fields, then numeric fields."""
         return self.task_arch.field_tokens(self.sparse_tokens(sparse), dense)
@@ -414,9 +441,8 @@ class MultiTaskModel(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """B x T logits and the auxiliary losses (already weighted) that blocks declared;
         the training loss adds their sum to the task loss."""
-        return self.task_arch.forward_with_aux(
-            self.sparse_tokens(sparse), dense, self.linear_ids(sparse)
-        )
+        tokens, linear_ids = self.sparse_parts(sparse)
+        return self.task_arch.forward_with_aux(tokens, dense, linear_ids)
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """B x T logits (of the joint probability for chained tasks)."""

@@ -311,3 +311,58 @@ def test_bad_id_dropout_names_the_key(tmp_path_factory, tmp_path: Path, value, m
         small_config(
             small_data_dir(tmp_path_factory), tmp_path, [f"model.embedding.id_dropout={value}"]
         )
+
+
+@pytest.mark.parametrize("embedding", ["unified", "per_feature"])
+def test_embedding_and_linear_term_filter_and_drop_ids_once(
+    tmp_path_factory, tmp_path: Path, embedding: str
+) -> None:
+    """The deep embedding and the linear term share one filter: a training batch's ids are
+    filtered and dropped once, and both read the same ids (a dropped id is cold for both);
+    in eval mode the logits equal those of filtering separately."""
+    from mtrec.data.batcher import iter_batches
+    from mtrec.model import build_model
+
+    cfg, spec = small_spec(
+        tmp_path_factory,
+        tmp_path,
+        [
+            f"model.embedding.type={embedding}",
+            "model.embedding.min_count=3",
+            "model.linear.enabled=true",
+        ],
+    )
+    spec.id_dropout = {name: 0.5 for name in spec.kept_ids}  # drop half of the ids
+    torch.manual_seed(0)
+    model = build_model(cfg, spec)
+    assert model.shared_filter and model.linear_arch is not None and model.sparse_arch is not None
+    shared = model.sparse_arch.embedding.value_filter
+    assert model.linear_arch.value_filter is shared and shared.dropping
+    batch = next(iter(iter_batches(cfg.dataset.valid, spec, 64, shuffle=False)))
+
+    calls: list[torch.Tensor] = []
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    original = shared.filter_bags
+    shared.filter_bags = lambda v, n: calls.append(v) or original(v, n)  # type: ignore[method-assign]
+    hooks = [
+        part.register_forward_pre_hook(lambda m, a, key=key: seen.__setitem__(key, a[1]))
+        for key, part in (("deep", model.sparse_arch), ("linear", model.linear_arch))
+    ]
+    model.train()
+    model.forward_with_aux(batch.sparse, batch.dense)
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == 1  # filtered (and dropped) once for both
+    deep_ids, linear_ids = seen["deep"][0], seen["linear"][0]
+    assert deep_ids is linear_ids
+    raw = batch.sparse.values()
+    dropped = (deep_ids != raw) & (raw != 0)
+    assert 0.2 < float(dropped.double().mean()) < 0.8  # id dropout did run, on both alike
+
+    model.eval()
+    with torch.no_grad():
+        shared_logits = model(batch.sparse, batch.dense)
+        apart = model.task_arch.forward_with_aux(
+            model.sparse_tokens(batch.sparse), batch.dense, model.linear_ids(batch.sparse)
+        )[0]
+    torch.testing.assert_close(shared_logits, apart, rtol=0, atol=0)

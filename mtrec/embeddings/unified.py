@@ -257,8 +257,13 @@ class UnifiedLayout(nn.Module):
         bag_of = torch.repeat_interleave(
             torch.arange(bag_lengths.numel(), device=device), bag_lengths
         )
-        src = torch.arange(bag_of.numel(), device=device) + (src_start - bag_start)[bag_of]
-        return salted_hash(values[src], salts[bag_of], self.rows), bag_lengths
+        # index_select: 1-D gathers ~2x faster than indexing with a tensor on CPU
+        shift = (src_start - bag_start).index_select(0, bag_of)
+        src = torch.arange(bag_of.numel(), device=device) + shift
+        return (
+            salted_hash(values.index_select(0, src), salts.index_select(0, bag_of), self.rows),
+            bag_lengths,
+        )
 
     def mean_divide(self, pooled: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Tensor:
         """[K·B, d_c] SUM-pooled bags → mean-pooled features divided by their bag size
@@ -490,11 +495,17 @@ class UnifiedEmbedding(UnifiedLayout):
         offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.int())
         return lookups[0](rows.int(), offsets, None)
 
-    def chunk_vectors(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+    def chunk_vectors(
+        self, sparse: KeyedJaggedTensor, filtered: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[K·B, d_c] pooled chunk vectors, one per bag in bag order (mean-pooled
-        features already divided by their bag size)."""
+        features already divided by their bag size). ``filtered``: the KJT's ids already
+        through ``value_filter.filter_bags``."""
         batch = sparse.stride()
-        logical, bag_lengths = self.bag_rows(sparse.values(), sparse.lengths(), batch)
+        if filtered is None:
+            logical, bag_lengths = self.bag_rows(sparse.values(), sparse.lengths(), batch)
+        else:
+            logical, bag_lengths = self.filtered_bag_rows(filtered, sparse.lengths(), batch)
         rows, lengths = self.split_tables(logical, bag_lengths)
         pooled: torch.Tensor | None = None
         if not torch.jit.is_scripting():
@@ -530,9 +541,16 @@ class UnifiedEmbedding(UnifiedLayout):
             blocks.append(block.reshape(batch, -1))
         return torch.cat(blocks, 1)
 
-    def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """KJT of raw ids (keys = ``feature_names``) → B x F x d."""
-        return self.tokens(self.chunk_vectors(sparse), sparse.stride())
+    def forward(
+        self,
+        sparse: KeyedJaggedTensor,
+        filtered: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """KJT of raw ids (keys = ``feature_names``) → B x F x d. ``filtered``: the KJT's
+        ids already through ``value_filter.filter_bags`` and their features (a model
+        filters once for its embedding and its linear term)."""
+        ids = filtered[0] if filtered is not None else None
+        return self.tokens(self.chunk_vectors(sparse, ids), sparse.stride())
 
     def logical_weight(self) -> torch.Tensor:
         """[M, d_c] logical table: the physical round-robin tables interleaved back

@@ -56,8 +56,7 @@ class TrainStep:
             if self._task_forward is None:
                 logits, aux = self.model.forward_with_aux(batch.sparse, batch.dense)
             else:  # the same computation as MultiTaskModel.forward_with_aux
-                tokens = self.model.sparse_tokens(batch.sparse)
-                linear_ids = self.model.linear_ids(batch.sparse)
+                tokens, linear_ids = self.model.sparse_parts(batch.sparse)
                 logits, aux = self._task_forward(tokens, batch.dense, linear_ids)
         if self.penalties:
             aux = {**aux, **{name: p.take() for name, p in self.penalties.items()}}
