@@ -155,6 +155,10 @@ def test_padded_eval_batches_line_up_across_ranks(synth_dir: Path, tmp_path: Pat
 # ------------------------------------------------------------------ sharded step (gloo, no Ray)
 
 
+def _no_pickled_gather(*_: object, **__: object) -> None:
+    raise AssertionError("full_state must not gather the pickled state (gather_object)")
+
+
 def _column_wise_worker(rank: int, world: int, cfg: ExperimentConfig, store: str) -> None:
     """One rank: train a column-sharded model a few steps, round-trip its states."""
     import torch.distributed as dist
@@ -177,7 +181,14 @@ def _column_wise_worker(rank: int, world: int, cfg: ExperimentConfig, store: str
     step.load_sharded_state(saved)
     after = [float(step.step(b)) for b in batches[3:]]
     step.load_sharded_state(saved)
-    full = step.full_state()
+    # the whole state moves as tensors, shard by shard: pickling every rank's state
+    # (gather_object) took several times its size in memory and exhausted a 24 GB machine
+    real_gather = dist.gather_object
+    dist.gather_object = _no_pickled_gather  # type: ignore[assignment]
+    try:
+        full = step.full_state()
+    finally:
+        dist.gather_object = real_gather
     box = [full]
     dist.broadcast_object_list(box, src=0)
     fresh = ShardedTrainStep(cfg, spec, device=torch.device("cpu"), sharding_types=["column_wise"])

@@ -126,6 +126,11 @@ def _to_meta(model: nn.Module, cfg: ExperimentConfig) -> None:
                 setattr(parent, name, meta)
 
 
+def _owner(meta: Any, default: int) -> int:
+    """The rank a shard (``ShardMetadata``) lives on."""
+    return meta.placement.rank() if meta.placement is not None else default
+
+
 def _shards(t: ShardedTensor) -> list[tuple[list[int], torch.Tensor]]:
     return [(list(s.metadata.shard_offsets), s.tensor) for s in t.local_shards()]
 
@@ -331,27 +336,15 @@ class ShardedTrainStep:
     def full_state(self, dst: int = 0) -> dict[str, Any] | None:
         """The unsharded state in ``TrainStep.state_dict()`` layout, on rank ``dst``.
 
-        Collective: every rank must call it. Each rank sends its shards to ``dst``
-        (``gather_object``), which assembles whole tables. Column-wise shards keep one
-        row-wise Adagrad accumulator per shard; the whole table's accumulator is their
-        mean weighted by shard width (exact: it is a mean of squared gradients over
-        the row's columns).
+        Collective: every rank must call it. Each shard goes to ``dst`` as a tensor
+        (point-to-point, in an order every rank derives alike), and ``dst`` writes it into
+        the whole table: one shard in flight at a time, never the pickled state of every
+        rank (``gather_object`` of a few-GB state took several times its size in memory
+        and could exhaust a machine). Column-wise shards keep one row-wise Adagrad
+        accumulator per shard; the whole table's accumulator is their mean weighted by
+        shard width (exact: it is a mean of squared gradients over the row's columns).
         """
         sd = self.model.state_dict()
-        fused = self.model.fused_optimizer.state_dict()["state"]
-        pieces: dict[str, Any] = {"model": {}, "momentum": {}}
-        for key, value in sd.items():
-            if isinstance(value, ShardedTensor):
-                pieces["model"][key] = [(o, t.detach().cpu()) for o, t in _shards(value)]
-        for key, states in fused.items():
-            for name, v in states.items():
-                if isinstance(v, ShardedTensor):
-                    shards = [(o, t.detach().cpu()) for o, t in _shards(v)]
-                    pieces["momentum"][(key, name)] = (list(v.size()), shards)
-        gathered: list[Any] | None = [None] * self.world_size if self.rank == dst else None
-        dist.gather_object(pieces, gathered, dst=dst)
-        if gathered is None:
-            return None
         model: dict[str, torch.Tensor] = {}
         widths: dict[str, list[int]] = {}
         for key, value in sd.items():
@@ -359,23 +352,52 @@ class ShardedTrainStep:
             if not isinstance(value, ShardedTensor):
                 model[name] = value.detach().cpu().clone()
                 continue
-            full = torch.empty(tuple(value.size()), dtype=value.dtype)
-            for part in gathered:
-                for offsets, tensor in part["model"].get(key, []):
-                    full[_region(offsets, tensor)] = tensor
-            model[name] = full
+            # every rank holds the global shard metadata of the model's tables
+            layout = [
+                (
+                    m.placement.rank() if m.placement is not None else dst,
+                    m.shard_offsets,
+                    m.shard_sizes,
+                )
+                for m in value.metadata().shards_metadata
+            ]
+            full = self._gather_shards(value, layout, list(value.size()), value.dtype, dst)
+            if full is not None:
+                model[name] = full
             # column widths of the shards, in column order (for the accumulators below)
             meta = sorted(value.metadata().shards_metadata, key=lambda m: m.shard_offsets[1])
             widths[key] = [m.shard_sizes[1] for m in meta]
+        # the fused optimizer's state holds only the tables this rank has shards of: the
+        # ranks first share which accumulators (and shards) each holds (metadata only)
+        fused = self.model.fused_optimizer.state_dict()["state"]
+        mine = {
+            (key, state_name): (
+                list(v.size()),
+                str(v.dtype).removeprefix("torch."),
+                [
+                    (list(s.metadata.shard_offsets), list(s.metadata.shard_sizes))
+                    for s in v.local_shards()
+                ],
+            )
+            for key, states in fused.items()
+            for state_name, v in states.items()
+            if isinstance(v, ShardedTensor)
+        }
+        every: list[Any] = [None] * self.world_size
+        dist.all_gather_object(every, mine)
         sparse: dict[str, dict[str, Any]] = {}
-        momenta: dict[tuple[str, str], tuple[list[int], list[Any]]] = {}
-        for part in gathered:
-            for k, (size, shards) in part["momentum"].items():
-                momenta.setdefault(k, (size, []))[1].extend(shards)
-        for (key, state_name), (size, shards) in momenta.items():
-            flat = torch.empty(size, dtype=shards[0][1].dtype)
-            for offsets, tensor in shards:
-                flat[_region(offsets, tensor)] = tensor
+        for key, state_name in sorted({k for part in every for k in part}):
+            held = [
+                (r, part[(key, state_name)])
+                for r, part in enumerate(every)
+                if (key, state_name) in part
+            ]
+            size, dtype = held[0][1][0], getattr(torch, held[0][1][1])
+            layout = [(r, offsets, sizes) for r, info in held for offsets, sizes in info[2]]
+            value = fused[key][state_name] if (key, state_name) in mine else None
+            flat = self._gather_shards(value, layout, size, dtype, dst)
+            if flat is None:
+                continue
             rows = int(sd[key].size()[0])
             if flat.numel() != rows:  # one accumulator per column shard
                 w = torch.tensor(widths[key], dtype=flat.dtype)
@@ -384,11 +406,42 @@ class ShardedTrainStep:
             sparse.setdefault(module, {"state": {}})["state"].setdefault(param, {})[local_name] = (
                 flat
             )
+        if self.rank != dst:
+            return None
         return {
             "model": model,
             "dense_optimizer": copy.deepcopy(self.dense_opt.state_dict()),
             "sparse_optimizer": sparse,
         }
+
+    def _gather_shards(
+        self,
+        value: ShardedTensor | None,
+        layout: list[tuple[int, Sequence[int], Sequence[int]]],
+        size: list[int],
+        dtype: torch.dtype,
+        dst: int,
+    ) -> torch.Tensor | None:
+        """The whole CPU tensor of ``size`` on rank ``dst`` (None elsewhere) from its
+        shards, ``layout`` = [(owner rank, offsets, sizes)] in the same order on every rank;
+        ``value``: this rank's ShardedTensor (None when it holds no shard). Collective:
+        other ranks' shards come by ``send`` / ``recv`` in that order."""
+        local: dict[tuple[int, ...], torch.Tensor] = {}
+        if value is not None:
+            local = {tuple(s.metadata.shard_offsets): s.tensor for s in value.local_shards()}
+        full = torch.empty(tuple(size), dtype=dtype) if self.rank == dst else None
+        for owner, offsets, sizes in layout:
+            at = tuple(offsets)
+            if full is not None:
+                if owner == dst:
+                    piece = local[at]
+                else:
+                    piece = torch.empty(list(sizes), dtype=dtype, device=self.device)
+                    dist.recv(piece, src=owner)
+                full[_region(at, piece)] = piece.detach().cpu()
+            elif owner == self.rank:
+                dist.send(local[at].detach().contiguous(), dst=dst)
+        return full
 
     def load_full_state(self, state: dict[str, Any]) -> None:
         """Load a ``TrainStep.state_dict()``-layout state (``last.pt``): each rank copies
