@@ -16,7 +16,7 @@ Prints JSON lines (progress on stderr):
   data shards); ``fit_wall_s``: the whole ``train_distributed`` call.
 
 ``{"bench": "scaling_summary", "speedup_2_workers", ...}`` — ``samples_per_s`` of 2
-workers over 1 worker (target >= 1.6 on 2 cores), and the local loop's samples/s with
+workers over 1 worker (target >= 1.5 on 2 cores, issue #17), and the local loop's samples/s with
 the same threads for reference.
 
 ``training.batch_size`` is the global batch (``--batch-size``, default 4096): each of

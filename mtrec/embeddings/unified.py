@@ -546,9 +546,8 @@ class UnifiedEmbedding(UnifiedLayout):
         sparse: KeyedJaggedTensor,
         filtered: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """KJT of raw ids (keys = ``feature_names``) → B x F x d. ``filtered``: the KJT's
-        ids already through ``value_filter.filter_bags`` and their features (a model
-        filters once for its embedding and its linear term)."""
+        """KJT of raw ids → B x F x d; ``filtered`` as for
+        :meth:`PerFeatureEmbedding.forward` (only its ids are read here)."""
         ids = filtered[0] if filtered is not None else None
         return self.tokens(self.chunk_vectors(sparse, ids), sparse.stride())
 
