@@ -203,6 +203,7 @@ def _column_wise_worker(rank: int, world: int, cfg: ExperimentConfig, store: str
         torch.save(
             {
                 "plan": step.plan_summary(),
+                "hints": step.plan_hints(),
                 "before": before,
                 "after": after,
                 "full": full,
@@ -249,6 +250,7 @@ def test_column_sharded_state_round_trips(
     mp.spawn(_column_wise_worker, args=(2, cfg, str(tmp_path / "store")), nprocs=2, join=True)
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     assert "ranks [0, 1]" in result["plan"], result["plan"]
+    assert result["hints"] == []  # the 256-wide table is split over both ranks
     assert result["before"] == result["after"]  # the sharded state restores exactly
     full = result["full"]
     for again in (result["again"], result["from_legacy"]):
@@ -594,3 +596,19 @@ def test_ray_job_submit_trains_on_a_local_head(
     assert [r["epoch"] for r in read_metrics(out)] == [1]
     _, _, model = load_trained_model(out)
     assert model.trained_epoch == 1
+
+
+def test_plan_hints_name_num_tables_when_one_rank_holds_the_unified_table() -> None:
+    """A single Unified Embedding table placed whole on one of several ranks does every
+    rank's lookups there: the hint names the key and the value to set."""
+    from mtrec.train.distributed import plan_hints
+
+    ue = "model.sparse_arch.embedding.ebc.unified"
+    linear = [("model.linear_arch.ebc.t_a", "table_wise", [1])]
+    (hint,) = plan_hints([(ue, "column_wise", [0]), *linear], world_size=2)
+    assert ue in hint and "rank 0" in hint and "model.embedding.num_tables=2" in hint
+    assert plan_hints([(ue, "column_wise", [0])], world_size=1) == []  # one worker
+    assert plan_hints([(ue, "column_wise", [0, 1])], world_size=2) == []  # split
+    split = [(ue + "_0", "table_wise", [0]), (ue + "_1", "table_wise", [1])]
+    assert plan_hints(split, world_size=2) == []  # num_tables=2 already
+    assert plan_hints(linear, world_size=2) == []  # per-feature tables: nothing to say

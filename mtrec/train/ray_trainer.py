@@ -405,6 +405,8 @@ def _worker_body(config: dict[str, Any]) -> dict[str, Any] | None:
             f"{world} workers started {timing['workers_start_s']:.1f} s after submission, "
             f"{job.threads} thread(s) each; plan: {step.plan_summary()}"
         )
+        for hint in step.plan_hints():
+            _log(f"hint: {hint}")
         if resumed_at:
             _log(f"restarted from {source} after epoch {st.epoch}")
 
