@@ -18,8 +18,9 @@ def keep_share(out: torch.Tensor) -> float:
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 0.9])
 def test_keep_rate_and_scale_are_unbiased(p: float) -> None:
     """Each element is kept with probability 1 - p (within 5 binomial standard errors),
-    every one of the four 15-bit pieces of a draw alike (the top piece has a bit fewer:
-    a draw is 63 bits), and the kept ones are scaled so the mean is preserved."""
+    every one of the four 15-bit pieces of a 63-bit draw alike (the mask drops each
+    int16's top bit, so the draw's missing 64th bit is never read), and the kept ones are
+    scaled so the mean is preserved."""
     torch.manual_seed(0)
     drop = FastDropout(p).train()
     assert abs(drop.threshold / 2**15 - p) <= 2**-16
@@ -40,6 +41,10 @@ def test_identity_when_off_or_evaluating() -> None:
     assert FastDropout(0.3).eval()(x) is x
     with pytest.raises(ValueError, match="dropout probability"):
         FastDropout(1.0)
+    for p in (1e-6, 1 - 1e-6):  # would round to 0 (silently off) or 1 (division by zero)
+        with pytest.raises(ValueError, match="steps of 2\\^-15"):
+            FastDropout(p)
+    assert FastDropout(2**-15).threshold == 1 and FastDropout(1 - 2**-15).threshold == 32767
 
 
 def test_seeded_masks_repeat_and_gradient_is_the_mask() -> None:

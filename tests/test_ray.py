@@ -191,6 +191,10 @@ def _column_wise_worker(rank: int, world: int, cfg: ExperimentConfig, store: str
         dist.gather_object = real_gather
     box = [full]
     dist.broadcast_object_list(box, src=0)
+    # each column-split table's whole accumulator is its shards' mean weighted by width
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, saved["sparse_optimizer"])
+    momentum_checks = _momentum_checks(step, every, full) if rank == 0 else []
     fresh = ShardedTrainStep(cfg, spec, device=torch.device("cpu"), sharding_types=["column_wise"])
     fresh.load_full_state(box[0])
     again = fresh.full_state()
@@ -209,12 +213,45 @@ def _column_wise_worker(rank: int, world: int, cfg: ExperimentConfig, store: str
                 "full": full,
                 "again": again,
                 "from_legacy": from_legacy,
+                "momentum_checks": momentum_checks,
             },
             Path(store).with_name("result.pt"),
         )
     dist.barrier()
     del step, fresh, old
     dist.destroy_process_group()
+
+
+def _momentum_checks(
+    step: Any, every: list[Any], full: dict[str, Any] | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(full_state's accumulator, Σ_i width_i · shard_i / Σ width_i from every rank's
+    momentum shards) of each table split by columns."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    from mtrec.train.distributed import _momentum_names, _strip
+
+    assert full is not None
+    checks = []
+    for key, value in step.model.state_dict().items():
+        if not isinstance(value, ShardedTensor):
+            continue
+        meta = sorted(value.metadata().shards_metadata, key=lambda m: m.shard_offsets[1])
+        if len(meta) < 2:
+            continue
+        rows, widths = int(value.size()[0]), [m.shard_sizes[1] for m in meta]
+        for state_name in {n for part in every for n in part.get(key, {})}:
+            pieces = sorted(
+                (offsets[0], t)
+                for part in every
+                for offsets, t in part.get(key, {}).get(state_name, [])
+            )
+            assert [o for o, _ in pieces] == [i * rows for i in range(len(widths))]
+            w = torch.tensor(widths, dtype=torch.float32)
+            expected = sum(wi * t for wi, (_, t) in zip(w, pieces)) / w.sum()
+            module, param, local = _momentum_names(_strip(key), state_name)
+            checks.append((full["sparse_optimizer"][module]["state"][param][local], expected))
+    return checks
 
 
 def _pre_split_names(state: dict[str, Any]) -> dict[str, Any]:
@@ -251,6 +288,9 @@ def test_column_sharded_state_round_trips(
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     assert "ranks [0, 1]" in result["plan"], result["plan"]
     assert result["hints"] == []  # the 256-wide table is split over both ranks
+    assert result["momentum_checks"]  # at least one table split by columns
+    for got, expected in result["momentum_checks"]:
+        torch.testing.assert_close(got, expected)
     assert result["before"] == result["after"]  # the sharded state restores exactly
     full = result["full"]
     for again in (result["again"], result["from_legacy"]):

@@ -30,6 +30,7 @@ Example (inside an initialised process group)::
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -351,15 +352,12 @@ class ShardedTrainStep:
         for key, value in sd.items():
             name = _strip(key)
             if not isinstance(value, ShardedTensor):
-                model[name] = value.detach().cpu().clone()
+                if self.rank == dst:
+                    model[name] = value.detach().cpu().clone()
                 continue
             # every rank holds the global shard metadata of the model's tables
             layout = [
-                (
-                    m.placement.rank() if m.placement is not None else dst,
-                    m.shard_offsets,
-                    m.shard_sizes,
-                )
+                (_owner(m, dst), m.shard_offsets, m.shard_sizes)
                 for m in value.metadata().shards_metadata
             ]
             full = self._gather_shards(value, layout, list(value.size()), value.dtype, dst)
@@ -432,6 +430,8 @@ class ShardedTrainStep:
             local = {tuple(s.metadata.shard_offsets): s.tensor for s in value.local_shards()}
         full = torch.empty(tuple(size), dtype=dtype) if self.rank == dst else None
         for owner, offsets, sizes in layout:
+            if math.prod(sizes) == 0:  # an empty shard (row-wise plans): nothing to move
+                continue
             at = tuple(offsets)
             if full is not None:
                 if owner == dst:
