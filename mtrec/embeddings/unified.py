@@ -522,7 +522,8 @@ class UnifiedEmbedding(UnifiedLayout):
         if (
             self.training and inverse is not None and torch.is_grad_enabled()
         ):  # one prior term per bag
-            self.prior_terms = (pooled, bag_mean(inverse[logical], bag_lengths) / batch)
+            per_id = inverse.index_select(0, logical)
+            self.prior_terms = (pooled, bag_mean(per_id, bag_lengths) / batch)
         return pooled
 
     def pooled_chunks(self, sparse: KeyedJaggedTensor) -> torch.Tensor:

@@ -425,9 +425,7 @@ class ShardedTrainStep:
         shards, ``layout`` = [(owner rank, offsets, sizes)] in the same order on every rank;
         ``value``: this rank's ShardedTensor (None when it holds no shard). Collective:
         other ranks' shards come by ``send`` / ``recv`` in that order."""
-        local: dict[tuple[int, ...], torch.Tensor] = {}
-        if value is not None:
-            local = {tuple(s.metadata.shard_offsets): s.tensor for s in value.local_shards()}
+        local = {tuple(o): t for o, t in (_shards(value) if value is not None else [])}
         full = torch.empty(tuple(size), dtype=dtype) if self.rank == dst else None
         for owner, offsets, sizes in layout:
             if math.prod(sizes) == 0:  # an empty shard (row-wise plans): nothing to move
