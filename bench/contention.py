@@ -20,8 +20,12 @@ round::
 
 and a summary line per setting (median over rounds). Target of issue #17: ``ratio`` >= 0.35.
 
+Settings: ``t<threads>-<policy>`` (``training.threads`` fixed) or ``adaptive-<policy>``
+(``training.threads: adaptive``: every step is timed into
+:class:`~mtrec.train.adaptive_threads.AdaptiveThreads`, as the training loop does).
+
 Usage: ``.venv/bin/python bench/contention.py [--rounds 2] [--seconds 6]
-[--settings t1-auto t2-auto t2-passive t2-active]``.
+[--settings t1-auto t2-auto t2-short adaptive-auto]``.
 """
 
 from __future__ import annotations
@@ -40,15 +44,20 @@ import _common as C
 
 CONFIG = C.REPO / "configs" / "census_kdd" / "mmoe.yaml"
 _POLICY_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-SETTINGS = ("t1-auto", "t2-auto", "t2-passive", "t2-active")
+SETTINGS = ("t1-auto", "t2-auto", "t2-passive", "t2-active", "t2-short", "adaptive-auto")
 
 
-def parse_setting(name: str) -> tuple[int, str]:
-    """``t2-passive`` -> (2, "passive")."""
+def parse_setting(name: str) -> tuple[int | str, str]:
+    """``t2-passive`` -> (2, "passive"); ``adaptive-auto`` -> ("adaptive", "auto")
+    (``training.threads: adaptive``: up to the affinity cores, chosen by timing steps)."""
     head, _, policy = name.partition("-")
-    if not head.startswith("t") or policy not in ("auto", "passive", "active", "short"):
-        raise SystemExit(f"--settings {name}: expected t<threads>-<auto|passive|active|short>")
-    return int(head[1:]), policy
+    valid_head = head == "adaptive" or (head.startswith("t") and head[1:].isdigit())
+    if not valid_head or policy not in ("auto", "passive", "active", "short"):
+        raise SystemExit(
+            f"--settings {name}: expected t<threads>-<policy> or adaptive-<policy>, "
+            "policy one of auto|passive|active|short"
+        )
+    return (head if head == "adaptive" else int(head[1:])), policy
 
 
 # ------------------------------------------------------------------ competitor process
@@ -99,37 +108,53 @@ class Competitor:
 # ------------------------------------------------------------------ measuring worker
 
 
-def worker(threads: int, seconds: float, warmup: int) -> None:
+def worker(threads: int | str, seconds: float, warmup: int) -> None:
     """Build the trainer, then on each stdin line time ``seconds`` of steps; one JSON
-    line per measurement on stdout."""
+    line per measurement on stdout. ``threads="adaptive"`` times every step into
+    :class:`~mtrec.train.adaptive_threads.AdaptiveThreads` (as the training loop does),
+    one governor for the whole life of the worker: solo, then beside the competitor."""
     import itertools
 
     import torch
 
-    from mtrec.threads import wait_policy_in_effect
+    from mtrec.threads import resolve_threads, wait_policy_in_effect
+    from mtrec.train.adaptive_threads import AdaptiveThreads
 
     cfg, spec = C.load_experiment(CONFIG)
-    trainer = C.Trainer(cfg, spec, threads=threads)
+    trainer = C.Trainer(cfg, spec, threads=resolve_threads(threads))
+    governor = AdaptiveThreads(resolve_threads(threads)) if threads == "adaptive" else None
     enc = C.load_train_split(cfg, spec)
     batches = list(itertools.islice(trainer.batches(enc), 16))
+
+    def step(batch: Any) -> Any:
+        if governor is None:
+            return trainer.step(batch)
+        t = time.perf_counter()
+        loss = trainer.step(batch)
+        governor.observe(time.perf_counter() - t, batch.batch_size)
+        return loss
+
     for batch in itertools.islice(itertools.cycle(batches), warmup):
-        trainer.step(batch)
+        step(batch)
     print(json.dumps({"ready": True, "policy_env": wait_policy_in_effect()}), flush=True)
     for _line in sys.stdin:
         samples, t0 = 0, time.perf_counter()
         for batch in itertools.cycle(batches):
-            loss = trainer.step(batch)
+            loss = step(batch)
             samples += batch.batch_size
             if time.perf_counter() - t0 >= seconds:
                 break
         float(loss.detach())
         rate = samples / (time.perf_counter() - t0)
-        print(json.dumps({"samples_per_s": round(rate, 1), "threads": torch.get_num_threads()}))
+        line = {"samples_per_s": round(rate, 1), "threads": torch.get_num_threads()}
+        if governor is not None:
+            line["adaptive"] = governor.summary()
+        print(json.dumps(line))
         sys.stdout.flush()
 
 
 class Worker:
-    def __init__(self, threads: int, policy: str, seconds: float, warmup: int) -> None:
+    def __init__(self, threads: int | str, policy: str, seconds: float, warmup: int) -> None:
         from mtrec.threads import wait_policy_env
 
         env = {
@@ -155,11 +180,13 @@ class Worker:
             raise RuntimeError(f"worker exited with {self.proc.wait()}")
         return json.loads(line)
 
-    def measure(self) -> float:
+    def measure(self) -> dict[str, Any]:
+        """One timed window: ``samples_per_s``, the thread count at its end and, for
+        ``adaptive``, the governor's summary so far."""
         assert self.proc.stdin is not None
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
-        return float(self._read()["samples_per_s"])
+        return self._read()
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -174,13 +201,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps after building")
     ap.add_argument("--size", type=int, default=384, help="competitor's GEMM size")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
-    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--competitor", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.competitor is not None:
         return competitor(args.competitor, args.size)
     if args.worker is not None:
-        return worker(args.worker, args.seconds, args.warmup)
+        threads = args.worker if args.worker == "adaptive" else int(args.worker)
+        return worker(threads, args.seconds, args.warmup)
 
     settings = [(name, *parse_setting(name)) for name in args.settings]
     results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in settings}
@@ -188,12 +216,15 @@ def main() -> None:
         for name, threads, policy in settings:
             w = Worker(threads, policy, args.seconds, args.warmup)
             try:
-                solo = w.measure()
+                solo_line = w.measure()
                 comp = Competitor(args.seconds * 4 + 30, args.size)
-                contended = w.measure()
+                contended_line = w.measure()
                 gflops = comp.stop()
             finally:
                 w.close()
+            solo = float(solo_line["samples_per_s"])
+            contended = float(contended_line["samples_per_s"])
+            extra = {"adaptive": contended_line["adaptive"]} if "adaptive" in contended_line else {}
             rec = C.emit(
                 "contention",
                 setting=name,
@@ -205,6 +236,7 @@ def main() -> None:
                 ratio=round(contended / solo, 3),
                 competitor_gflops=gflops,
                 round=r,
+                **extra,
             )
             results[name].append(rec)
     for name, threads, policy in settings:

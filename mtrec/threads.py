@@ -51,12 +51,17 @@ def affinity_cores() -> int:
 
 def resolve_threads(setting: int | str) -> int:
     """``training.threads`` as a count: ``"auto"`` is :func:`affinity_cores`, an int
-    is itself. Never chosen from timings, so the same setting on the same machine gives
-    the same thread count (and, with the same seed, the same metrics)."""
-    if setting == "auto":
+    is itself. ``"adaptive"`` starts at (and never exceeds) :func:`affinity_cores`; the
+    local training loop then moves it with the load
+    (:class:`~mtrec.train.adaptive_threads.AdaptiveThreads`). The other settings are never
+    chosen from timings, so the same setting on the same machine gives the same thread
+    count (and, with the same seed, the same metrics)."""
+    if setting in ("auto", "adaptive"):
         return affinity_cores()
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
-        raise ValueError(f"training.threads: {setting!r}: expected 'auto' or an integer >= 1")
+        raise ValueError(
+            f"training.threads: {setting!r}: expected 'auto', 'adaptive' or an integer >= 1"
+        )
     return setting
 
 

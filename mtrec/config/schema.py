@@ -445,17 +445,21 @@ class TrainingConfig:
     validate_every_steps: int | None = num(None, gt=0)
     # CPU threads for torch intra-op work; auto: the cores this process may use (its CPU
     # affinity; Ray workers on one node split them). Never picked from timings, so the
-    # same seed and thread count give the same metrics
-    threads: int | Literal["auto"] = num("auto", gt=0)
+    # same seed and thread count give the same metrics. adaptive (local training only):
+    # start at auto's count and follow the load by timing the steps, fewer threads while
+    # another process shares the cores (beside a 2-thread process: ~0.5x of solo speed
+    # where auto falls to 0.1-0.2x; bench/contention.py). Some kernels round differently
+    # at another thread count, so such a run does not repeat bit for bit
+    threads: int | Literal["auto", "adaptive"] = num("auto", gt=0)
     # how OpenMP's threads wait between parallel regions. auto (default): libgomp's own
     # (spin ~300k iterations, then sleep): fastest alone, but beside another 2-thread
     # process it falls to 0.10x of its solo speed. short: spin 3000 iterations, then
-    # sleep (GOMP_SPINCOUNT): 0.43x of solo beside that process, 0.75-0.85x alone (the
-    # choice for shared machines). active: spin without end (an idle process keeps a core
-    # busy). passive: sleep at once (never collapses, 0.5x alone). bench/contention.py
-    # has the figures. Read when torch loads: the mtrec command sets it in time; a
-    # notebook that already imported torch cannot (export GOMP_SPINCOUNT /
-    # OMP_WAIT_POLICY before Python starts)
+    # sleep (GOMP_SPINCOUNT): 0.43x of solo beside that process, 0.75-0.85x alone
+    # (threads: adaptive keeps the solo speed and 0.42x). active: spin without end
+    # (an idle process keeps a core busy). passive: sleep at once (never collapses,
+    # 0.5x alone). bench/contention.py has the figures. Read when torch loads: the
+    # mtrec command sets it in time; a notebook that already imported torch cannot
+    # (export GOMP_SPINCOUNT / OMP_WAIT_POLICY before Python starts)
     omp_wait_policy: Literal["auto", "passive", "active", "short"] = "auto"
     # torch.compile the dense task arch for training (Inductor's C++ backend: a one-off
     # compile of 10-80 s; export and evaluation run the eager module). Measured slower

@@ -43,7 +43,8 @@ from mtrec.run import (
     write_run_files,
 )
 from mtrec.scoring import evaluate_split
-from mtrec.threads import apply_threads
+from mtrec.threads import apply_threads, resolve_threads
+from mtrec.train.adaptive_threads import AdaptiveThreads
 from mtrec.train.ledger import EpochLedger, LoopState, LossWatch, nonfinite_loss
 from mtrec.train.progress import Progress
 from mtrec.train.step import TrainStep
@@ -185,6 +186,8 @@ def _train_in(
         ledger.trim()
     st = ledger.state
     watch = LossWatch()
+    # threads: adaptive — the count follows the step times (None: fixed by apply_threads)
+    governor = AdaptiveThreads(resolve_threads(tr.threads)) if tr.threads == "adaptive" else None
     epochs_this_call = 0
     while ledger.another_epoch(epochs_this_call, stop_after_epochs):
         epoch = st.epoch
@@ -214,7 +217,12 @@ def _train_in(
                 )
                 if stop_point is not None:
                     break
-            loss = trainer.step(batch)
+            if governor is None:
+                loss = trainer.step(batch)
+            else:
+                t_step = time.perf_counter()
+                loss = trainer.step(batch)
+                governor.observe(time.perf_counter() - t_step, batch.batch_size)
             loss_sum += loss.detach() * batch.batch_size  # read once per epoch, not per step
             steps += 1
             st.step += 1
@@ -239,6 +247,8 @@ def _train_in(
             "samples_per_s": round(seen / max(epoch_seconds, 1e-9), 1),
             "loss": round(float(loss_sum) / max(seen, 1), 6),  # mean over the epoch's rows
         }
+        if governor is not None:
+            record["threads"] = governor.summary()
         ledger.check_loss(record, epoch, first_loss)
         st.train_samples += seen
         st.train_seconds += epoch_seconds

@@ -405,6 +405,13 @@ def _worker_body(config: dict[str, Any]) -> dict[str, Any] | None:
             f"{world} workers started {timing['workers_start_s']:.1f} s after submission, "
             f"{job.threads} thread(s) each; plan: {step.plan_summary()}"
         )
+        if tr.threads == "adaptive":
+            # workers step in lockstep: a worker's step time includes waiting for the
+            # slowest, so it cannot tell which thread count is its own fastest
+            _log(
+                "training.threads: adaptive follows the load in local training only; "
+                f"each Ray worker keeps {job.threads} thread(s)"
+            )
         for hint in step.plan_hints():
             _log(f"hint: {hint}")
         if resumed_at:

@@ -1,0 +1,226 @@
+"""``training.threads: adaptive``: the intra-op thread count chosen by timing the steps.
+
+Why: on cores shared with another CPU-heavy process, a 2-thread training process with
+libgomp's default wait policy falls to 0.1-0.2x of its solo speed. Every parallel region
+ends at a barrier, and the thread that arrives first spins there for a sibling the kernel
+has descheduled, taking the core that sibling needs. One thread has no barrier to wait at
+and keeps about 0.6x of the solo 2-thread speed beside the same process
+(``bench/contention.py``). The wait policy is fixed once libgomp loads; the thread count
+is not (``torch.set_num_threads``). So :class:`AdaptiveThreads` times the training steps
+and, when they slow down or every so often, tries its neighbouring counts (half and
+double, up to the cores this process may use) for a moment each, and keeps the fastest.
+
+Cost: on idle cores it stays at the maximum; a probe spends a quarter of a second at a
+slower count, at first every 10 seconds of training, then every 2 minutes while no
+probe changes anything.
+
+It is opt-in because it gives up one promise: the thread count changes the floating-point
+order of some kernels (attention, HoME's gates), so a run whose thread count followed the
+machine's load does not repeat bit for bit. ``training.threads: auto`` or an integer keep
+the count fixed and the metrics repeatable.
+
+Everything here is driven by the step times the caller observes (no clock of its own),
+so a sequence of observations always gives the same decisions.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["AdaptiveThreads", "AdaptiveThreadsSettings"]
+
+
+@dataclass(frozen=True)
+class AdaptiveThreadsSettings:
+    """How :class:`AdaptiveThreads` measures and decides (seconds are step time)."""
+
+    #: step time per rate measurement while running
+    window_s: float = 0.5
+    #: step time spent on each candidate count during a probe (at least one step)
+    probe_s: float = 0.25
+    #: a window slower than this fraction of the reference rate starts a probe
+    slowdown: float = 0.6
+    #: a candidate replaces the current count only when this much faster (hysteresis)
+    gain: float = 1.1
+    #: step time from the start (and after a change) to the next periodic probe
+    first_interval_s: float = 10.0
+    #: the periodic probe's interval doubles up to this while nothing changes
+    max_interval_s: float = 120.0
+
+
+@dataclass
+class _Measure:
+    seconds: float = 0.0
+    rows: int = 0
+    steps: int = 0
+
+    def add(self, seconds: float, rows: int) -> None:
+        self.seconds += seconds
+        self.rows += rows
+        self.steps += 1
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Probe:
+    """One probe: the candidate counts in the order they are timed, and their rates."""
+
+    order: list[int]
+    rates: dict[int, float] = field(default_factory=dict)
+
+
+class AdaptiveThreads:
+    """Chooses torch's intra-op thread count from the observed step times.
+
+    Call :meth:`observe` after every training step with that step's wall seconds and
+    rows; it sets the count the next step runs at (through ``set_threads``,
+    ``torch.set_num_threads`` by default).
+
+    Args:
+        max_threads: the most threads to use (the cores this process may use).
+        settings: the measuring and deciding constants.
+        set_threads: applies a count (injected by tests).
+        log: receives one line per change of count (stderr by default).
+    """
+
+    def __init__(
+        self,
+        max_threads: int,
+        settings: AdaptiveThreadsSettings | None = None,
+        set_threads: Callable[[int], None] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be >= 1, got {max_threads}")
+        self.max_threads = max_threads
+        self.settings = settings or AdaptiveThreadsSettings()
+        self._set = set_threads or _torch_set_threads
+        self._log = log or _stderr
+        self.threads = max_threads
+        self.switches = 0
+        #: rows trained at each count (for the run's metrics)
+        self.rows_at: dict[int, int] = {}
+        self._reference: float | None = None  # the current count's rate when running well
+        self._window = _Measure()
+        self._since_probe = 0.0
+        self._interval = self.settings.first_interval_s
+        self._probe: _Probe | None = None
+        self._probe_measure = _Measure()
+        self._set(self.threads)
+
+    # ------------------------------------------------------------------ observing
+
+    def observe(self, seconds: float, rows: int) -> int:
+        """Record one step of ``rows`` rows that took ``seconds``; returns the count the
+        next step runs at."""
+        self.rows_at[self.threads] = self.rows_at.get(self.threads, 0) + rows
+        if self.max_threads == 1:
+            return self.threads
+        if self._probe is not None:
+            self._observe_probe(seconds, rows)
+            return self.threads
+        self._since_probe += seconds
+        self._window.add(seconds, rows)
+        if self._window.seconds < self.settings.window_s:
+            return self.threads
+        rate = self._window.rate
+        self._window = _Measure()
+        if self._reference is None:
+            self._reference = rate
+        elif rate < self.settings.slowdown * self._reference:
+            # slowed down: the cores may have become shared. This window is the current
+            # count's rate now; timing it again would cost the slow steps twice
+            self._start_probe(current_rate=rate)
+            return self.threads
+        else:  # follow slow drift, e.g. the first steps' warm-up
+            self._reference = 0.8 * self._reference + 0.2 * rate
+        if self._since_probe >= self._interval:
+            self._start_probe()
+        return self.threads
+
+    def summary(self) -> dict[str, object]:
+        """The count now, the number of changes, and the share of rows at each count."""
+        total = max(1, sum(self.rows_at.values()))
+        return {
+            "now": self.threads,
+            "switches": self.switches,
+            "rows_share": {str(k): round(v / total, 4) for k, v in sorted(self.rows_at.items())},
+        }
+
+    # ------------------------------------------------------------------ probing
+
+    def _candidates(self) -> list[int]:
+        """Half and double the current count (within 1..max), then the current count
+        itself: it is timed last, in the same conditions as its neighbours."""
+        current = self.threads
+        others = {max(1, current // 2), min(self.max_threads, current * 2)} - {current}
+        return [*sorted(others), current]
+
+    def _start_probe(self, current_rate: float | None = None) -> None:
+        """Time the candidates in turn; ``current_rate``, when given, stands for the
+        current count (then it is not timed again)."""
+        self._probe = _Probe(order=self._candidates())
+        if current_rate is not None:
+            self._probe.rates[self.threads] = current_rate
+        self._probe_measure = _Measure()
+        self._apply(self._next_candidate(self._probe))
+
+    @staticmethod
+    def _next_candidate(probe: _Probe) -> int:
+        return next(k for k in probe.order if k not in probe.rates)
+
+    def _observe_probe(self, seconds: float, rows: int) -> None:
+        probe = self._probe
+        assert probe is not None
+        measure = self._probe_measure
+        measure.add(seconds, rows)
+        if measure.seconds < self.settings.probe_s:
+            return
+        probe.rates[self.threads] = measure.rate
+        self._probe_measure = _Measure()
+        if len(probe.rates) < len(probe.order):
+            self._apply(self._next_candidate(probe))
+            return
+        self._finish_probe(probe)
+
+    def _finish_probe(self, probe: _Probe) -> None:
+        current = probe.order[-1]  # the count before the probe
+        best = max(probe.rates, key=lambda k: probe.rates[k])
+        chosen = current
+        if best != current and probe.rates[best] > self.settings.gain * probe.rates[current]:
+            chosen = best
+        self._probe = None
+        self._since_probe = 0.0
+        self._window = _Measure()
+        self._reference = probe.rates[chosen]
+        if chosen != current:
+            self.switches += 1
+            self._interval = self.settings.first_interval_s
+            rates = ", ".join(f"{k}: {probe.rates[k]:,.0f}" for k in sorted(probe.rates))
+            self._log(
+                f"training.threads adaptive: {current} -> {chosen} threads "
+                f"(rows/s at each count: {rates})"
+            )
+        else:
+            self._interval = min(2 * self._interval, self.settings.max_interval_s)
+        self._apply(chosen)
+
+    def _apply(self, threads: int) -> None:
+        if threads != self.threads:
+            self.threads = threads
+            self._set(threads)
+
+
+def _torch_set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

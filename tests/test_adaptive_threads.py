@@ -1,0 +1,155 @@
+"""``training.threads: adaptive`` (``mtrec.train.adaptive_threads``): decisions from
+simulated step times, and the training loop's use of it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import small_config, small_data_dir
+
+from mtrec.threads import affinity_cores, resolve_threads
+from mtrec.train.adaptive_threads import AdaptiveThreads, AdaptiveThreadsSettings
+from mtrec.train.loop import train
+
+ROWS = 1024
+
+
+class Machine:
+    """Seconds per step at each thread count, solo and with the cores shared (numbers
+    in the proportions ``bench/contention.py`` measured for census MMoE on 2 cores)."""
+
+    def __init__(self, solo: dict[int, float], shared: dict[int, float]) -> None:
+        self.solo, self.shared = solo, shared
+        self.contended = False
+        self.applied: list[int] = []
+
+    def set_threads(self, threads: int) -> None:
+        self.applied.append(threads)
+
+    def run(self, governor: AdaptiveThreads, steps: int) -> list[int]:
+        """``steps`` steps; the count each step ran at."""
+        counts = []
+        for _ in range(steps):
+            counts.append(governor.threads)
+            table = self.shared if self.contended else self.solo
+            governor.observe(table[governor.threads], ROWS)
+        return counts
+
+
+def two_cores() -> Machine:
+    # solo: 2 threads 1.6x one; shared with a 2-thread process: 2 threads collapse
+    return Machine(solo={1: 0.040, 2: 0.025}, shared={1: 0.050, 2: 0.200})
+
+
+def governor_on(machine: Machine, max_threads: int = 2, **settings: float) -> AdaptiveThreads:
+    lines: list[str] = []
+    gov = AdaptiveThreads(
+        max_threads,
+        AdaptiveThreadsSettings(**settings),
+        set_threads=machine.set_threads,
+        log=lines.append,
+    )
+    gov.lines = lines  # type: ignore[attr-defined]
+    return gov
+
+
+def test_solo_stays_at_the_most_threads_and_probes_rarely() -> None:
+    machine = two_cores()
+    gov = governor_on(machine)
+    counts = machine.run(gov, 6000)  # 150 s of step time
+    assert gov.threads == 2 and gov.switches == 0 and gov.lines == []  # type: ignore[attr-defined]
+    # probes back off (10, 20, 40, 80 s ...): under 2% of the steps at the slower count
+    assert counts.count(1) / len(counts) < 0.02
+    share = gov.summary()["rows_share"]
+    assert isinstance(share, dict) and share["2"] > 0.98
+    assert sum(share.values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_contention_moves_to_one_thread_and_back_when_it_ends() -> None:
+    machine = two_cores()
+    gov = governor_on(machine)
+    machine.run(gov, 500)  # 12.5 s solo, a periodic probe at 10 s included
+    assert gov.threads == 2 and gov.switches == 0
+    machine.contended = True
+    counts = machine.run(gov, 200)  # 10 s at 1 thread
+    # the slowdown is seen within one window (0.5 s = 3 slow steps) and a probe follows
+    assert counts.index(1) <= 4
+    assert gov.threads == 1 and gov.switches == 1
+    assert "2 -> 1 threads" in gov.lines[0]  # type: ignore[attr-defined]
+    later = machine.run(gov, 200)
+    assert later.count(2) / len(later) < 0.1  # stays, apart from a brief periodic probe
+    machine.contended = False
+    machine.run(gov, 400)  # the next periodic probe (<= 10 s after the change) finds 2 faster
+    assert gov.threads == 2 and gov.switches == 2
+    assert machine.applied[0] == 2  # the first count set is the maximum
+
+
+def test_a_small_gain_does_not_switch() -> None:
+    machine = Machine(solo={1: 0.0238, 2: 0.025}, shared={})  # 1 thread only 5% faster
+    gov = governor_on(machine)
+    machine.run(gov, 3000)
+    assert gov.threads == 2 and gov.switches == 0
+
+
+def test_halves_and_doubles_up_to_the_maximum() -> None:
+    # four cores, shared: 2 threads is the fastest count
+    machine = Machine(
+        solo={1: 0.08, 2: 0.045, 4: 0.025},
+        shared={1: 0.09, 2: 0.06, 4: 0.30},
+    )
+    gov = governor_on(machine, max_threads=4)
+    machine.run(gov, 400)
+    machine.contended = True
+    machine.run(gov, 2000)
+    assert gov.threads == 2
+    assert set(machine.applied) <= {1, 2, 4}  # never beyond the maximum
+
+
+def test_one_core_never_changes() -> None:
+    machine = Machine(solo={1: 0.04}, shared={1: 0.2})
+    gov = governor_on(machine, max_threads=1)
+    machine.run(gov, 500)
+    machine.contended = True
+    machine.run(gov, 500)
+    assert machine.applied == [1] and gov.switches == 0
+
+
+def test_same_observations_give_same_decisions() -> None:
+    def trace() -> list[int]:
+        machine = two_cores()
+        gov = governor_on(machine)
+        counts = machine.run(gov, 300)
+        machine.contended = True
+        return counts + machine.run(gov, 300)
+
+    assert trace() == trace()
+
+
+def test_settings_and_setting_values() -> None:
+    assert resolve_threads("adaptive") == affinity_cores()
+    with pytest.raises(ValueError, match="max_threads"):
+        AdaptiveThreads(0, set_threads=lambda n: None)
+    with pytest.raises(ValueError, match="'adaptive'"):
+        resolve_threads("fast")
+
+
+def test_training_loop_records_the_threads(tmp_path_factory) -> None:
+    before = torch.get_num_threads()
+    try:
+        data = small_data_dir(tmp_path_factory)
+        tmp = tmp_path_factory.mktemp("adaptive")
+        cfg = small_config(
+            data,
+            tmp,
+            ["training.threads=adaptive", "training.epochs=1", "training.progress=false"],
+        )
+        assert cfg.training.threads == "adaptive"
+        train(cfg, tmp / "run")
+        lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+        record = lines[0]["threads"]
+        assert record["now"] in range(1, affinity_cores() + 1)
+        assert sum(record["rows_share"].values()) == pytest.approx(1.0, abs=1e-3)
+    finally:
+        torch.set_num_threads(before)
