@@ -823,6 +823,10 @@ def _config_dict(preset_name: str, preset: _Preset, seed: int) -> dict[str, Any]
         }
         cfg["model"]["multitask"]["type"] = "home"
         cfg["model"]["multitask"]["home"] = {"task_groups": groups}
+        # HoME's experts at half the MMoE width: the same AUC on this data (60k rows, 3
+        # seeds: best valid mean AUC 0.8001 vs 0.7994; the demo's 1M rows: test 0.8180 vs
+        # 0.8179) for 1.38x the training speed (bench/ab.py, 1 thread)
+        cfg["model"]["multitask"]["expert_hidden"] = [64, 32]
     cfg["training"] = {
         "batch_size": 4096 if criteo else 1024,
         "eval_batch_size": 16384 if criteo else 8192,
