@@ -66,7 +66,7 @@ def test_average_is_the_bias_corrected_exponential_mean(decay: float) -> None:
 
 
 def test_applied_swaps_in_the_average_and_restores_the_raw_weights() -> None:
-    avg, seen = _walk(0.9, 4)
+    avg, _ = _walk(0.9, 4)
     p = avg.params[0]
     raw = p.detach().clone()
     with avg.applied():
@@ -89,9 +89,7 @@ def test_schedule_factors() -> None:
 
 
 def test_best_checkpoint_holds_the_averaged_dense_weights(data: Path, tmp_path: Path) -> None:
-    cfg = small_config(
-        data, tmp_path, training={**SHORT, "epochs": 1, "ema_decay": 0.9, "validate_every_steps": None}
-    )
+    cfg = small_config(data, tmp_path, training={**SHORT, "epochs": 1, "ema_decay": 0.9})
     out = tmp_path / "run"
     train(cfg, out)
     best, last = checkpoint(out, "best.pt"), checkpoint(out, "last.pt")
@@ -135,7 +133,9 @@ def test_decay_zero_trains_exactly_like_no_average(data: Path, tmp_path: Path) -
     a, b = metrics(runs["off"]), metrics(runs["zero"])
     assert [r["valid"] for r in a] == [r["valid"] for r in b]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    assert_same_weights(checkpoint(runs["off"], "best.pt")["model"], checkpoint(runs["zero"], "best.pt")["model"])
+    assert_same_weights(
+        checkpoint(runs["off"], "best.pt")["model"], checkpoint(runs["zero"], "best.pt")["model"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -179,7 +179,8 @@ def test_a_schedule_held_at_one_reproduces_constant_exactly(data: Path, tmp_path
     assert [r["valid"] for r in a] == [r["valid"] for r in b]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert_same_weights(
-        checkpoint(runs["constant"], "last.pt")["model"], checkpoint(runs["flat"], "last.pt")["model"]
+        checkpoint(runs["constant"], "last.pt")["model"],
+        checkpoint(runs["flat"], "last.pt")["model"],
     )
 
 

@@ -294,9 +294,7 @@ def _validate_mid_epoch(
         raise DivergenceError(error)
     record: dict[str, Any] = {"epoch": epoch + 1, "step": ledger.state.step, "epoch_step": steps}
     with trainer.averaged():  # the weights best.pt would hold
-        metrics = evaluate_split(
-            trainer.model, spec, valid, ledger.cfg.training.eval_batch_size
-        )
+        metrics = evaluate_split(trainer.model, spec, valid, ledger.cfg.training.eval_batch_size)
     improved = ledger.judge(record, metrics)
     if ledger.out_of_patience():
         return record, improved
