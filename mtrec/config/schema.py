@@ -438,6 +438,23 @@ class TrainingConfig:
     # stop after this many validations without a better mean validation AUC (0: never): epochs,
     # or validation points when validate_every_steps is set
     early_stopping_patience: int = num(2, ge=0)
+    # learning-rate decay over the planned steps (epochs x steps per epoch; early stopping
+    # ends a run before the end of the plan). constant: the rates as configured. linear /
+    # cosine: every dense parameter group's rate times 1 - (1 - r) p, or
+    # r + (1 - r) (1 + cos(pi p)) / 2, at progress p = steps taken / steps planned and
+    # r = lr_final_ratio (mtrec/train/schedule.py). Local training only
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    # the learning-rate factor lr_schedule reaches at the end of the plan
+    lr_final_ratio: float = num(0.0, ge=0, le=1)
+    # lr_schedule also decays the row-wise Adagrad step of the embedding tables and of the
+    # linear term's per-id weights (model.embedding.learning_rate, model.linear.learning_rate)
+    lr_schedule_embeddings: bool = False
+    # exponential moving average of the dense parameters (null: off), with this decay per
+    # step and bias-corrected (0: the raw weights). Validation, checkpoints/best.pt and so
+    # evaluation and export use the averaged weights; last.pt keeps the raw ones and the
+    # average. The fused embedding tables and per-id linear weights are not averaged (they
+    # are updated inside the backward pass; mtrec/train/averaging.py). Local training only
+    ema_decay: float | None = num(None, ge=0, lt=1)
     # also validate every this many training steps inside an epoch (null: at epoch ends only).
     # checkpoints/best.pt may then come from any validation point (metrics.jsonl gets one line
     # each, with its global step); last.pt, the resume point, stays at epoch ends. Id

@@ -250,10 +250,19 @@ class EpochLedger:
         """Write a mid-epoch validation point: ``best.pt`` (when improved), its metrics line."""
         self._write(record, improved, model_state)
 
-    def commit(self, record: dict[str, Any], improved: bool, train_state: dict[str, Any]) -> None:
+    def commit(
+        self,
+        record: dict[str, Any],
+        improved: bool,
+        train_state: dict[str, Any],
+        best_model_state: dict[str, Any] | None = None,
+    ) -> None:
         """Write the epoch: ``best.pt`` (when improved), the metrics line, ``last.pt``.
-        ``train_state``: the whole training state (``"model"`` and the optimizers)."""
-        self._write(record, improved, train_state["model"])
+        ``train_state``: the whole training state (``"model"`` and the optimizers);
+        ``best_model_state``: the model state validated and so written to ``best.pt``
+        (default ``train_state["model"]``; the dense average with ``training.ema_decay``)."""
+        best = train_state["model"] if best_model_state is None else best_model_state
+        self._write(record, improved, best)
         save_checkpoint(
             {**train_state, "loop": self.state.__dict__.copy(), "config_hash": self.chash},
             last_path(self.out),

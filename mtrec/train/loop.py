@@ -23,6 +23,7 @@ import torch
 from mtrec.checkpoint import CheckpointError, last_path
 from mtrec.config import ExperimentConfig
 from mtrec.data.batcher import encoded_chunks, iter_batches, load_encoded
+from mtrec.data.columns import count_rows
 from mtrec.data.encode import EncodedChunk
 from mtrec.data.fitting import fit_statistics
 from mtrec.data.readers import read_schema
@@ -47,6 +48,7 @@ from mtrec.threads import apply_threads, resolve_threads
 from mtrec.train.adaptive_threads import AdaptiveThreads
 from mtrec.train.ledger import EpochLedger, LoopState, LossWatch, nonfinite_loss
 from mtrec.train.progress import Progress
+from mtrec.train.schedule import planned_steps
 from mtrec.train.step import TrainStep
 
 # the run-directory names used to live here; re-exported so old imports keep working
@@ -177,7 +179,15 @@ def _train_in(
     chunk_rows = cfg.dataset.chunk_rows
     write_run_files(cfg, spec, out, resume_state)
 
-    trainer = TrainStep(cfg, spec)
+    plan = None
+    if tr.lr_schedule != "constant":
+        rows = (
+            train_source.rows
+            if isinstance(train_source, EncodedChunk)
+            else count_rows(spec, train_source)
+        )
+        plan = planned_steps(rows, tr.batch_size, tr.epochs, tr.max_steps_per_epoch)
+    trainer = TrainStep(cfg, spec, planned_steps=plan)
     model = trainer.model
     ledger = EpochLedger(cfg, out)
     if resume_state is not None:
@@ -261,13 +271,15 @@ def _train_in(
         else:
             valid = None
             if valid_source is not None:
-                valid = evaluate_split(model, spec, valid_source, tr.eval_batch_size)
+                with trainer.averaged():  # the weights best.pt would hold
+                    valid = evaluate_split(model, spec, valid_source, tr.eval_batch_size)
             improved = ledger.judge(record, valid)
         if valid_source is not None:
-            health = block_health(model, spec, valid_source)
+            with trainer.averaged():
+                health = block_health(model, spec, valid_source)
             if health is not None:
                 record["diagnostics"] = health
-        ledger.commit(record, improved, trainer.state_dict())
+        ledger.commit(record, improved, trainer.state_dict(), trainer.eval_model_state())
 
     if st.best_epoch < 0:
         raise CheckpointError(f"{out}: no epoch completed; nothing to summarise")
@@ -291,11 +303,12 @@ def _validate_mid_epoch(
     if error is not None:
         raise DivergenceError(error)
     record: dict[str, Any] = {"epoch": epoch + 1, "step": ledger.state.step, "epoch_step": steps}
-    metrics = evaluate_split(trainer.model, spec, valid, ledger.cfg.training.eval_batch_size)
+    with trainer.averaged():  # the weights best.pt would hold
+        metrics = evaluate_split(trainer.model, spec, valid, ledger.cfg.training.eval_batch_size)
     improved = ledger.judge(record, metrics)
     if ledger.out_of_patience():
         return record, improved
-    ledger.note(record, improved, trainer.model.state_dict())
+    ledger.note(record, improved, trainer.eval_model_state())
     return None
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "LINEAR_HEAD",
     "LINEAR_PREFIX",
     "dense_param_groups",
+    "dense_parameters",
     "fuse_sparse_optimizer",
     "make_dense_optimizer",
     "sparse_optimizers",
@@ -85,16 +86,20 @@ def dense_param_groups(
     return groups
 
 
-def make_dense_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+def dense_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters Adam trains, by name: every trainable one outside the fused tables."""
     fused_prefixes = tuple(f"{name}." for name in sparse_optimizers(model))
-    named = [
+    return [
         (name, p)
         for name, p in model.named_parameters()
         if p.requires_grad and not name.startswith(fused_prefixes)
     ]
+
+
+def make_dense_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
     tr = cfg.training
     return torch.optim.Adam(
-        dense_param_groups(named, cfg),
+        dense_param_groups(dense_parameters(model), cfg),
         lr=tr.learning_rate,
         weight_decay=tr.weight_decay,
         fused=True,

@@ -89,6 +89,7 @@ __all__ = [
     "FAULT_ENV",
     "ClusterError",
     "cluster_address",
+    "local_only_keys",
     "start_local_ray",
     "train_distributed",
 ]
@@ -125,6 +126,18 @@ class _Job:
 # ---------------------------------------------------------------------------- driver
 
 
+def local_only_keys(cfg: ExperimentConfig) -> list[str]:
+    """The settings of ``cfg`` that only the local loop implements (the learning-rate
+    schedule, the dense average), as ``key: value``, when set away from their defaults."""
+    tr = cfg.training
+    keys = []
+    if tr.lr_schedule != "constant":
+        keys.append(f"training.lr_schedule: {tr.lr_schedule}")
+    if tr.ema_decay is not None:
+        keys.append(f"training.ema_decay: {tr.ema_decay}")
+    return keys
+
+
 def train_distributed(
     cfg: ExperimentConfig,
     out: str | Path | None = None,
@@ -152,6 +165,12 @@ def train_distributed(
     set_ray_env()
     if workers < 1:
         raise ClusterError(f"--workers {workers}: must be at least 1")
+    local_only = local_only_keys(cfg)
+    if local_only:
+        raise ConfigError(
+            f"{', '.join(local_only)}: supported by local training only (mtrec train without "
+            "--workers); Ray workers would ignore it. Leave it at its default for a Ray run"
+        )
     if cfg.training.batch_size < workers:
         raise ConfigError(
             f"training.batch_size: {cfg.training.batch_size} is the global batch, split over "

@@ -5,6 +5,7 @@ Shared by the training loop and the benchmarks, so what is measured is what trai
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -13,8 +14,15 @@ from mtrec.config import ExperimentConfig
 from mtrec.data.batch import Batch
 from mtrec.data.spec import FeatureSpec
 from mtrec.model import MultiTaskModel, build_model, remap_legacy_train_state
+from mtrec.train.averaging import DenseAverage
 from mtrec.train.losses import WeightedBCELoss, sparse_penalties
-from mtrec.train.optim import fuse_sparse_optimizer, make_dense_optimizer, sparse_optimizers
+from mtrec.train.optim import (
+    dense_parameters,
+    fuse_sparse_optimizer,
+    make_dense_optimizer,
+    sparse_optimizers,
+)
+from mtrec.train.schedule import LrSchedule
 
 __all__ = ["TrainStep"]
 
@@ -31,14 +39,37 @@ class TrainStep:
     lookup stays eager (FBGEMM's fused backward is not traceable). Only the training
     step is compiled: ``self.model`` stays the eager module, so checkpoints, evaluation
     and TorchScript export see the same weights and code as without it.
+
+    With ``training.lr_schedule`` other than constant the learning rates decay over
+    ``planned_steps`` steps (:mod:`mtrec.train.schedule`; the loop passes the plan);
+    with ``training.ema_decay`` the dense parameters' moving average
+    (:mod:`mtrec.train.averaging`) is updated after every step: :meth:`averaged` applies
+    it for validation and :meth:`eval_model_state` is the state ``best.pt`` holds.
     """
 
-    def __init__(self, cfg: ExperimentConfig, spec: FeatureSpec) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, spec: FeatureSpec, planned_steps: int | None = None
+    ) -> None:
         torch.manual_seed(cfg.seed)
+        tr = cfg.training
         self.model: MultiTaskModel = build_model(cfg, spec)
         fuse_sparse_optimizer(self.model, cfg)
         self.dense_opt = make_dense_optimizer(self.model, cfg)
         self.fused = sparse_optimizers(self.model)
+        self.steps = 0  # optimizer steps taken (the schedule's clock)
+        self.schedule: LrSchedule | None = None
+        if tr.lr_schedule != "constant":
+            if planned_steps is None:
+                raise ValueError(f"training.lr_schedule: {tr.lr_schedule} needs planned_steps")
+            self.schedule = LrSchedule(tr.lr_schedule, planned_steps, tr.lr_final_ratio)
+        self._schedule_tables = tr.lr_schedule_embeddings
+        # the configured rates the schedule scales (loading a state replaces the groups)
+        self._base_lrs = [float(g["lr"]) for g in self._scheduled_groups()]
+        self.average = (
+            DenseAverage(dense_parameters(self.model), tr.ema_decay)
+            if tr.ema_decay is not None
+            else None
+        )
         self.loss_fn = WeightedBCELoss([t.weight for t in cfg.tasks])
         self.bf16 = cfg.training.precision == "bf16"
         self.penalties = sparse_penalties(self.model, cfg)
@@ -52,6 +83,9 @@ class TrainStep:
 
     def step(self, batch: Batch) -> torch.Tensor:
         """Forward, backward (updates looked-up embedding rows), Adam step; returns the loss."""
+        if self.schedule is not None:
+            # before the forward: FBGEMM's lookup takes the tables' rate when it runs
+            self._set_lr(self.schedule.factor(self.steps))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             if self._task_forward is None:
                 logits, aux = self.model.forward_with_aux(batch.sparse, batch.dense)
@@ -62,18 +96,56 @@ class TrainStep:
             aux = {**aux, **{name: p.take() for name, p in self.penalties.items()}}
         loss = self.loss_fn(logits, batch.labels, aux)
         self.dense_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # the fused tables step here, at the rate set before the forward
         self.dense_opt.step()
+        if self.average is not None:
+            self.average.update()
+        self.steps += 1
         return loss
 
+    def _scheduled_groups(self) -> list[dict[str, Any]]:
+        """The parameter groups the schedule scales: the dense optimizer's, then (with
+        ``training.lr_schedule_embeddings``) each fused table collection's."""
+        groups = list(self.dense_opt.param_groups)
+        if self._schedule_tables:
+            for module in self.fused.values():
+                groups += module.fused_optimizer().param_groups
+        return groups
+
+    def _set_lr(self, factor: float) -> None:
+        for group, base in zip(self._scheduled_groups(), self._base_lrs, strict=True):
+            group["lr"] = base * factor
+        if self._schedule_tables:
+            for module in self.fused.values():
+                # torchrec hands a fused group's rate to the FBGEMM kernel in step()
+                module.fused_optimizer().step()
+
+    def averaged(self) -> AbstractContextManager[None]:
+        """A context in which the model holds the weights it is validated with: the
+        dense average when ``training.ema_decay`` is set, else the raw weights."""
+        return self.average.applied() if self.average is not None else nullcontext()
+
+    def eval_model_state(self) -> dict[str, Any]:
+        """The model state ``best.pt`` holds: the dense average in place of the dense
+        parameters when ``training.ema_decay`` is set, else ``model.state_dict()``."""
+        if self.average is None:
+            return self.model.state_dict()
+        return self.average.model_state(self.model)
+
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "model": self.model.state_dict(),
             "dense_optimizer": self.dense_opt.state_dict(),
             "sparse_optimizer": {
                 n: m.fused_optimizer().state_dict() for n, m in self.fused.items()
             },
         }
+        # only with the options on: a last.pt without them is the layout Ray workers share
+        if self.schedule is not None:
+            state["steps"] = self.steps
+        if self.average is not None:
+            state["dense_average"] = self.average.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = remap_legacy_train_state(state)  # a last.pt from before the model split
@@ -81,6 +153,13 @@ class TrainStep:
         self.dense_opt.load_state_dict(state["dense_optimizer"])
         for name, module in self.fused.items():
             module.fused_optimizer().load_state_dict(state["sparse_optimizer"][name])
+        self.steps = int(state.get("steps", 0))
+        if self.schedule is not None:
+            self._set_lr(self.schedule.factor(self.steps))
+        if self.average is not None:
+            if "dense_average" not in state:
+                raise ValueError("this state holds no dense average (training.ema_decay)")
+            self.average.load_state_dict(state["dense_average"])
 
     def embedding_rows(self) -> int:
         """Total rows over every embedding table of the model."""
