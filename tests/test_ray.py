@@ -366,6 +366,12 @@ def test_one_worker_reproduces_the_local_loop(runs: dict[str, Any]) -> None:
         for key in x["model"]:
             torch.testing.assert_close(x["model"][key], y["model"][key], atol=1e-5, rtol=0)
         assert x["config_hash"] == y["config_hash"]
+    # training.ema_decay (on by default): the worker kept the local loop's dense average
+    # (best.pt above holds it; last.pt carries it for resuming)
+    x, y = (torch.load(r / "checkpoints" / "last.pt", weights_only=True) for r in (local, w1))
+    assert x["dense_average"]["updates"] == y["dense_average"]["updates"] > 0
+    for key, value in x["dense_average"]["average"].items():
+        torch.testing.assert_close(value, y["dense_average"]["average"][key], atol=1e-5, rtol=0)
 
 
 def test_two_workers_match_one_worker_and_leave_a_local_run_layout(

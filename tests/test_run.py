@@ -203,7 +203,11 @@ def _hash_before_the_default_changes(
     from mtrec.config import schema
     from mtrec.run import config_hash
 
-    sections = {"model.linear": schema.LinearConfig, "model.embedding": schema.EmbeddingConfig}
+    sections = {
+        "model.linear": schema.LinearConfig,
+        "model.embedding": schema.EmbeddingConfig,
+        "training": schema.TrainingConfig,
+    }
     with monkeypatch.context() as m:
         for changes in schema.DEFAULT_CHANGES[first:]:
             for key, old in changes.items():
@@ -248,6 +252,7 @@ def test_a_run_from_before_a_default_change_still_loads_and_resumes(
         "model.embedding.id_dropout=0",
         "model.linear.prior_std=null",
         "model.linear.learning_rate=0.05",
+        "training.ema_decay=null",
     ]
     cfg = small_config(data, tmp_path, old_defaults, training={"epochs": 1})
     out = tmp_path / "run"

@@ -57,6 +57,10 @@ class DenseAverage:
         with torch.no_grad():
             torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - keep)
 
+    def values(self) -> dict[str, torch.Tensor]:
+        """The averaged values by parameter name (CPU copies)."""
+        return {n: a.detach().cpu().clone() for n, a in zip(self.names, self.average, strict=True)}
+
     def model_state(self, model: nn.Module) -> dict[str, Any]:
         """``model.state_dict()`` with the averaged values in place of the averaged
         parameters (what ``best.pt`` holds); the tensors are copies."""

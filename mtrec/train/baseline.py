@@ -31,13 +31,17 @@ def floor_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with the deep part off and the linear term on (a copy; the ESMM chain,
     task weights, data and training settings stay as they are). The numerics enter as
     the normalised values alone (``numeric_bins: 0``): the floor is the one-hot logistic
-    regression, not one with piecewise-linear numeric shapes. It trains for at least
+    regression, not one with piecewise-linear numeric shapes, and without the dense weight
+    average (``training.ema_decay: null``). It trains for at least
     :data:`FLOOR_MIN_EPOCHS` epochs with early stopping patience >= 2 (patience 0, never
     stop, stays 0): a floor left under-trained flatters the model beside it."""
     out = copy.deepcopy(cfg)
     out.model.deep = False
     out.model.linear.enabled = True
     out.model.embedding.numeric_bins = 0
+    # a plain regression trained to its optimum: no dense weight average (its few dense
+    # weights, the numerics' slopes and the biases, converge; nothing to smooth)
+    out.training.ema_decay = None
     out.training.epochs = max(out.training.epochs, FLOOR_MIN_EPOCHS)
     if out.training.early_stopping_patience:
         out.training.early_stopping_patience = max(out.training.early_stopping_patience, 2)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -56,6 +57,7 @@ from mtrec.config import ExperimentConfig
 from mtrec.data.batch import Batch
 from mtrec.data.spec import FeatureSpec
 from mtrec.model import MultiTaskModel, build_model, remap_legacy_train_state
+from mtrec.train.averaging import DenseAverage
 from mtrec.train.losses import WeightedBCELoss, sparse_penalties
 from mtrec.train.optim import dense_param_groups, sparse_settings
 
@@ -222,6 +224,18 @@ class ShardedTrainStep:
             weight_decay=tr.weight_decay,
             fused=True,
         )
+        # training.ema_decay: the dense parameters are replicated (DDP keeps them equal on
+        # every rank), so each rank averages its own copy and all hold the same average;
+        # named by their key in the plain model's state dict, as TrainStep's
+        self.average: DenseAverage | None = None
+        if tr.ema_decay is not None:
+            key_of = {
+                v.data_ptr(): _strip(k)
+                for k, v in self.model.state_dict().items()
+                if not isinstance(v, ShardedTensor)
+            }
+            named = [(key_of[p.data_ptr()], p) for _, p in dense]
+            self.average = DenseAverage(named, tr.ema_decay)
         self.loss_fn = WeightedBCELoss([t.weight for t in cfg.tasks])
         self.bf16 = tr.precision == "bf16"
         # the sparse and linear arches stay one module each inside DMP / DDP: the same hooks
@@ -254,7 +268,23 @@ class ShardedTrainStep:
         # so that constant factor does not change its updates.
         loss.backward()
         self.dense_opt.step()
+        if self.average is not None:
+            self.average.update()
         return loss
+
+    def averaged(self) -> AbstractContextManager[None]:
+        """A context in which the model holds the weights it is validated with: the
+        dense average with ``training.ema_decay``, else the raw weights (as
+        ``TrainStep.averaged``)."""
+        return self.average.applied() if self.average is not None else nullcontext()
+
+    def best_model_state(self, full: dict[str, Any]) -> dict[str, Any]:
+        """The model state ``best.pt`` holds, from :meth:`full_state` ``full`` (rank
+        ``dst``): its model with the dense average in place of the dense parameters when
+        ``training.ema_decay`` is set (as ``TrainStep.eval_model_state``)."""
+        if self.average is None:
+            return full["model"]
+        return {**full["model"], **self.average.values()}
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
@@ -291,7 +321,20 @@ class ShardedTrainStep:
             "model": model,
             "sparse_optimizer": sparse,
             "dense_optimizer": copy.deepcopy(self.dense_opt.state_dict()),
+            **self._average_state(),
         }
+
+    def _average_state(self) -> dict[str, Any]:
+        """``{"dense_average": ...}`` with ``training.ema_decay`` (the key ``last.pt``
+        has in ``TrainStep.state_dict``), else nothing."""
+        return {} if self.average is None else {"dense_average": self.average.state_dict()}
+
+    def _load_average(self, state: dict[str, Any]) -> None:
+        if self.average is None:
+            return
+        if "dense_average" not in state:
+            raise ValueError("this state holds no dense average (training.ema_decay)")
+        self.average.load_state_dict(state["dense_average"])
 
     def layout_matches(self, state: dict[str, Any]) -> bool:
         """Whether :meth:`sharded_state` ``state`` has this rank's shards (same world size,
@@ -332,6 +375,7 @@ class ShardedTrainStep:
                         v.copy_(saved)
             self.model.fused_optimizer.load_state_dict(fused)
         self.dense_opt.load_state_dict(state["dense_optimizer"])
+        self._load_average(state)
 
     # ------------------------------------------------------------------ full state
 
@@ -411,6 +455,7 @@ class ShardedTrainStep:
             "model": model,
             "dense_optimizer": copy.deepcopy(self.dense_opt.state_dict()),
             "sparse_optimizer": sparse,
+            **self._average_state(),
         }
 
     def _gather_shards(
@@ -467,6 +512,7 @@ class ShardedTrainStep:
                         v.copy_(full)
             self.model.fused_optimizer.load_state_dict(fused)
         self.dense_opt.load_state_dict(state["dense_optimizer"])
+        self._load_average(state)
 
     def _load_tensors(self, full: dict[str, torch.Tensor]) -> None:
         """Copy whole tensors (keys as in the DMP state dict) into this rank's parameters

@@ -128,13 +128,11 @@ class _Job:
 
 def local_only_keys(cfg: ExperimentConfig) -> list[str]:
     """The settings of ``cfg`` that only the local loop implements (the learning-rate
-    schedule, the dense average), as ``key: value``, when set away from their defaults."""
+    schedule), as ``key: value``, when set away from their defaults."""
     tr = cfg.training
     keys = []
     if tr.lr_schedule != "constant":
         keys.append(f"training.lr_schedule: {tr.lr_schedule}")
-    if tr.ema_decay is not None:
-        keys.append(f"training.ema_decay: {tr.ema_decay}")
     return keys
 
 
@@ -591,7 +589,8 @@ def _epochs(
             record.update({k: v for k, v in stop_point[0].items() if k.startswith("valid")})
             decision[0] = (stop_point[1], st.__dict__.copy())
         else:
-            scores = _score(step, spec, valid, job.valid_rows, rank, world, tr.eval_batch_size)
+            with step.averaged():  # the weights best.pt would hold
+                scores = _score(step, spec, valid, job.valid_rows, rank, world, tr.eval_batch_size)
             if rank == 0:
                 metrics = scores.compute(spec.task_names) if scores is not None else None
                 decision[0] = (ledger.judge(record, metrics), st.__dict__.copy())
@@ -602,7 +601,7 @@ def _epochs(
         full = step.full_state()  # collective; the whole state on rank 0
         if rank == 0:
             assert full is not None
-            ledger.commit(record, improved, full)
+            ledger.commit(record, improved, full, step.best_model_state(full))
         del full
         _log(
             f"worker {rank}/{world} epoch {st.epoch}: {parts[rank][0]:,} rows, "
@@ -645,7 +644,8 @@ def _validate_mid_epoch(
     if error is not None:
         return error
     record: dict[str, Any] = {"epoch": epoch + 1, "step": st.step, "epoch_step": steps}
-    scores = _score(step, job.spec, valid, job.valid_rows, rank, world, tr.eval_batch_size)
+    with step.averaged():  # the weights best.pt would hold
+        scores = _score(step, job.spec, valid, job.valid_rows, rank, world, tr.eval_batch_size)
     decision: list[Any] = [None]
     if rank == 0:
         metrics = scores.compute(job.spec.task_names) if scores is not None else None
@@ -659,7 +659,7 @@ def _validate_mid_epoch(
         return record, improved
     full = step.full_state() if improved else None  # collective; the whole state on rank 0
     if rank == 0:
-        ledger.note(record, improved, full["model"] if full is not None else {})
+        ledger.note(record, improved, step.best_model_state(full) if full is not None else {})
     return None
 
 
