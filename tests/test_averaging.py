@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -124,18 +125,24 @@ def test_validation_reads_the_averaged_weights(data: Path, tmp_path: Path) -> No
         assert math.isclose(got[task]["auc"], m["auc"], abs_tol=1e-6), task
 
 
-def test_decay_zero_trains_exactly_like_no_average(data: Path, tmp_path: Path) -> None:
-    runs = {}
-    for tag, extra in {"off": {"ema_decay": None}, "zero": {"ema_decay": 0.0}}.items():
+def assert_trained_alike(
+    data: Path, tmp_path: Path, first: dict[str, Any], second: dict[str, Any], ckpt: str
+) -> None:
+    """Train the small config with the ``training`` overrides ``first`` and ``second``: the
+    same metrics lines and the same weights in checkpoint ``ckpt``."""
+    runs = []
+    for tag, extra in (("first", first), ("second", second)):
         cfg = small_config(data, tmp_path / tag, training={**SHORT, **extra})
         train(cfg, tmp_path / tag / "run")
-        runs[tag] = tmp_path / tag / "run"
-    a, b = metrics(runs["off"]), metrics(runs["zero"])
+        runs.append(tmp_path / tag / "run")
+    a, b = metrics(runs[0]), metrics(runs[1])
     assert [r["valid"] for r in a] == [r["valid"] for r in b]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    assert_same_weights(
-        checkpoint(runs["off"], "best.pt")["model"], checkpoint(runs["zero"], "best.pt")["model"]
-    )
+    assert_same_weights(checkpoint(runs[0], ckpt)["model"], checkpoint(runs[1], ckpt)["model"])
+
+
+def test_decay_zero_trains_exactly_like_no_average(data: Path, tmp_path: Path) -> None:
+    assert_trained_alike(data, tmp_path, {"ema_decay": None}, {"ema_decay": 0.0}, "best.pt")
 
 
 @pytest.mark.parametrize(
@@ -167,21 +174,8 @@ def test_resume_restores_the_average_and_the_schedule(
 def test_a_schedule_held_at_one_reproduces_constant_exactly(data: Path, tmp_path: Path) -> None:
     """The schedule's machinery (rates rewritten every step, the fused tables' included)
     changes nothing when the factor is 1: constant is today's training."""
-    runs = {}
-    for tag, extra in {
-        "constant": {},
-        "flat": {"lr_schedule": "linear", "lr_final_ratio": 1.0, "lr_schedule_embeddings": True},
-    }.items():
-        cfg = small_config(data, tmp_path / tag, training={**SHORT, **extra})
-        train(cfg, tmp_path / tag / "run")
-        runs[tag] = tmp_path / tag / "run"
-    a, b = metrics(runs["constant"]), metrics(runs["flat"])
-    assert [r["valid"] for r in a] == [r["valid"] for r in b]
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    assert_same_weights(
-        checkpoint(runs["constant"], "last.pt")["model"],
-        checkpoint(runs["flat"], "last.pt")["model"],
-    )
+    flat = {"lr_schedule": "linear", "lr_final_ratio": 1.0, "lr_schedule_embeddings": True}
+    assert_trained_alike(data, tmp_path, {}, flat, "last.pt")
 
 
 def test_a_decaying_schedule_lowers_the_rates(data: Path, tmp_path: Path) -> None:
