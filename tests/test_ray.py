@@ -430,6 +430,30 @@ def test_workers_validate_every_steps_like_the_local_loop(
         assert m["auc"] == pytest.approx(best_line["valid"][task]["auc"], abs=1e-5), task
 
 
+def test_validation_when_one_shard_runs_out_a_batch_early(
+    cfg: ExperimentConfig, ray_local: Any, tmp_path: Path
+) -> None:
+    """1999 validation rows over 2 workers, 333 per eval batch: rank 0's 999 rows fill 3
+    batches, rank 1's 1000 need a 4th, which rank 0 runs on padding alone. Scoring is a
+    collective forward, so rank 0 must still run it (skipping it left rank 1 waiting)."""
+    import polars as pl
+
+    path = tmp_path / "valid.parquet"
+    pl.read_parquet(cfg.dataset.valid).head(1999).write_parquet(path)
+    spec = FeatureSpec.from_config(cfg)
+    whole = load_encoded(spec, str(path), cfg.dataset.chunk_rows)
+    rows = eval_shard(whole.rows, 0, 2)
+    shard = whole.slice(rows.start, rows.stop)
+    reals = [real for _, real in padded_eval_batches(shard, spec, 333, whole.rows, 0, 2)]
+    assert reals == [333, 333, 333, 0]  # the case under test
+    training = replace(cfg.training, epochs=1, max_steps_per_epoch=2, eval_batch_size=333)
+    c = replace(cfg, dataset=replace(cfg.dataset, valid=str(path)), training=training)
+    summary = train_distributed(c, tmp_path / "w2", workers=2)
+    _, spec, model = load_trained_model(tmp_path / "w2")
+    for task, m in evaluate_split(model, spec, str(path), 4096).items():
+        assert m["auc"] == pytest.approx(summary["valid"][task]["auc"], abs=1e-5), task
+
+
 def test_a_local_run_resumes_a_ray_run(
     runs: dict[str, Any], cfg: ExperimentConfig, tmp_path: Path
 ) -> None:

@@ -714,8 +714,9 @@ def _score(
         return None
     probs: list[torch.Tensor] = []
     for batch, real in padded_eval_batches(valid, spec, batch_size, valid_rows, rank, world):
+        logits = step.logits(batch)  # collective: every rank, every batch (even all padding)
         if real:
-            probs.append(torch.sigmoid(step.logits(batch))[:real])
+            probs.append(torch.sigmoid(logits[:real]))
     # this shard's rows in order, one float32 column block per kind: labels | probs | truth
     columns = [valid.labels, torch.cat(probs)]
     if valid.true_probs is not None:
