@@ -62,13 +62,11 @@ class DenseAverage:
         return {n: a.detach().cpu().clone() for n, a in zip(self.names, self.average, strict=True)}
 
     def model_state(self, model: nn.Module) -> dict[str, Any]:
-        """``model.state_dict()`` with the averaged values in place of the averaged
-        parameters (what ``best.pt`` holds); the tensors are copies."""
-        averaged = dict(zip(self.names, self.average, strict=True))
-        return {
-            k: (averaged[k] if k in averaged else v).detach().clone()
-            for k, v in model.state_dict().items()
-        }
+        """``model.state_dict()`` with the averaged values (copies) in place of the averaged
+        parameters: what ``best.pt`` holds. The other entries are the state dict's own
+        detached tensors: the loop asks for this every epoch, and copying the embedding
+        tables each time for a ``best.pt`` written only on improvement would be waste."""
+        return {**model.state_dict(), **self.values()}
 
     @contextmanager
     def applied(self) -> Iterator[None]:

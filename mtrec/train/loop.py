@@ -265,20 +265,19 @@ def _train_in(
         st.epoch = epoch + 1
         epochs_this_call += 1
 
+        valid, health = None, None
+        if valid_source is not None:
+            with trainer.averaged():  # the weights best.pt would hold: swapped in once
+                if stop_point is None:
+                    valid = evaluate_split(model, spec, valid_source, tr.eval_batch_size)
+                health = block_health(model, spec, valid_source)
         if stop_point is not None:  # judged already: its validation is the epoch's
             improved = stop_point[1]
             record.update({k: v for k, v in stop_point[0].items() if k.startswith("valid")})
         else:
-            valid = None
-            if valid_source is not None:
-                with trainer.averaged():  # the weights best.pt would hold
-                    valid = evaluate_split(model, spec, valid_source, tr.eval_batch_size)
             improved = ledger.judge(record, valid)
-        if valid_source is not None:
-            with trainer.averaged():
-                health = block_health(model, spec, valid_source)
-            if health is not None:
-                record["diagnostics"] = health
+        if health is not None:
+            record["diagnostics"] = health
         ledger.commit(record, improved, trainer.state_dict(), trainer.eval_model_state())
 
     if st.best_epoch < 0:
