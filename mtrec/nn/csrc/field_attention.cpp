@@ -83,175 +83,212 @@ inline vfloat load8(const float* p) {
 
 inline void store8(float* p, vfloat v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
-// Gathers / scatters between eight rows of a B x F x C tensor (row l at src + l·row_stride)
-// and lane-interleaved F x DH vectors; a full group moves 8 x 8 blocks through registers,
-// the last group (rows < 8, and d_h = 4) goes float by float, its missing rows as zero.
-template <int DH>
-inline void gather(const float* src, int64_t rows, int64_t row_stride, int64_t f, int64_t c,
-                   int64_t col, float scale, vfloat* dst) {
-  if constexpr (DH % kLanes == 0) {
-    if (rows == kLanes) {
-      vfloat r[kLanes];
-      for (int64_t j = 0; j < f; ++j)
-        for (int d0 = 0; d0 < DH; d0 += kLanes) {
-          for (int64_t l = 0; l < kLanes; ++l)
-            r[l] = load8(src + l * row_stride + j * c + col + d0) * scale;
-          transpose8(r);
-          for (int k = 0; k < kLanes; ++k) dst[j * DH + d0 + k] = r[k];
-        }
-      return;
+// Moves between eight rows of a B x F x C tensor (row l at src + l·C·F) and F x C
+// lane-interleaved vectors (vector [j * C + col] holds column col of token j of the eight
+// rows): whole rows, read and written once, in order; full groups go through 8 x 8
+// register transposes, the last group (rows < 8, or C not a multiple of 8) float by float,
+// its missing rows as zero.
+inline void gather_rows(const float* src, int64_t rows, int64_t f, int64_t c, vfloat* dst) {
+  const int64_t stride = f * c;
+  if (rows == kLanes && c % kLanes == 0) {
+    vfloat r[kLanes];
+    for (int64_t x = 0; x < stride; x += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) r[l] = load8(src + l * stride + x);
+      transpose8(r);
+      for (int64_t k = 0; k < kLanes; ++k) dst[x + k] = r[k];
     }
+    return;
   }
-  for (int64_t j = 0; j < f; ++j)
-    for (int d = 0; d < DH; ++d) {
-      vfloat v{};
-      for (int64_t l = 0; l < rows; ++l) v[l] = src[l * row_stride + j * c + col + d] * scale;
-      dst[j * DH + d] = v;
-    }
+  for (int64_t x = 0; x < stride; ++x) {
+    vfloat v{};
+    for (int64_t l = 0; l < rows; ++l) v[l] = src[l * stride + x];
+    dst[x] = v;
+  }
 }
 
-// dst row l, token j, columns [col, col + DH) <- src[j * DH + d][l] * scale[l].
-template <int DH>
-inline void scatter_row(const vfloat* src, vfloat scale, int64_t rows, int64_t row_stride,
-                        int64_t c, int64_t col, float* dst) {
-  if constexpr (DH % kLanes == 0) {
-    if (rows == kLanes) {
-      vfloat r[kLanes];
-      for (int d0 = 0; d0 < DH; d0 += kLanes) {
-        for (int k = 0; k < kLanes; ++k) r[k] = src[d0 + k] * scale;
-        transpose8(r);
-        for (int64_t l = 0; l < kLanes; ++l) store8(dst + l * row_stride + col + d0, r[l]);
-      }
-      return;
+inline void scatter_rows(const vfloat* src, int64_t rows, int64_t f, int64_t c, float* dst) {
+  const int64_t stride = f * c;
+  if (rows == kLanes && c % kLanes == 0) {
+    vfloat r[kLanes];
+    for (int64_t x = 0; x < stride; x += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) r[k] = src[x + k];
+      transpose8(r);
+      for (int64_t l = 0; l < kLanes; ++l) store8(dst + l * stride + x, r[l]);
     }
+    return;
   }
   for (int64_t l = 0; l < rows; ++l)
-    for (int d = 0; d < DH; ++d) dst[l * row_stride + col + d] = src[d][l] * scale[l];
+    for (int64_t x = 0; x < stride; ++x) dst[l * stride + x] = src[x][l];
 }
 
-template <int DH>
-inline void scatter(const vfloat* src, int64_t rows, int64_t row_stride, int64_t f, int64_t c,
-                    int64_t col, float* dst) {
-  for (int64_t j = 0; j < f; ++j)
-    scatter_row<DH>(src + j * DH, splat(1.0f), rows, row_stride, c, col, dst + j * c);
-}
+// Queries per pass: each key / value vector loaded is used for kRows queries, and the
+// kRows x 2 dot products in flight hide the multiply-add latency.
+constexpr int64_t kRows = 4;
 
-// s[j] = q_i . k_j for all j (eight rows at once). Four keys at a time: four independent
-// multiply-add chains hide the FMA latency that one chain over d_h would wait on.
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// s[r * f + j] = q_r . k_j for kRows queries (row r at q + r·qs) and all F keys (key j at
+// k + j·ks), eight rows of the batch per vector.
 template <int DH>
-inline void dots(const vfloat* qi, const vfloat* k, int64_t f, vfloat* s) {
+inline void dots(const vfloat* q, int64_t qs, const vfloat* k, int64_t ks, int64_t f,
+                 vfloat* s) {
   int64_t j = 0;
-  for (; j + 4 <= f; j += 4) {
-    const vfloat* k0 = k + j * DH;
-    vfloat a0{}, a1{}, a2{}, a3{};
+  for (; j + 2 <= f; j += 2) {
+    const vfloat* k0 = k + j * ks;
+    const vfloat* k1 = k0 + ks;
+    vfloat a[kRows][2] = {};
     for (int d = 0; d < DH; ++d) {
-      const vfloat qd = qi[d];
-      a0 += qd * k0[d];
-      a1 += qd * k0[DH + d];
-      a2 += qd * k0[2 * DH + d];
-      a3 += qd * k0[3 * DH + d];
+      const vfloat x0 = k0[d], x1 = k1[d];
+      for (int64_t r = 0; r < kRows; ++r) {
+        a[r][0] += q[r * qs + d] * x0;
+        a[r][1] += q[r * qs + d] * x1;
+      }
     }
-    s[j] = a0;
-    s[j + 1] = a1;
-    s[j + 2] = a2;
-    s[j + 3] = a3;
+    for (int64_t r = 0; r < kRows; ++r) {
+      s[r * f + j] = a[r][0];
+      s[r * f + j + 1] = a[r][1];
+    }
   }
-  for (; j < f; ++j) {
-    const vfloat* kj = k + j * DH;
-    vfloat acc{};
-    for (int d = 0; d < DH; ++d) acc += qi[d] * kj[d];
-    s[j] = acc;
+  if (j < f) {
+    const vfloat* k0 = k + j * ks;
+    vfloat a[kRows] = {};
+    for (int d = 0; d < DH; ++d)
+      for (int64_t r = 0; r < kRows; ++r) a[r] += q[r * qs + d] * k0[d];
+    for (int64_t r = 0; r < kRows; ++r) s[r * f + j] = a[r];
   }
 }
 
+// out[r * os + d] = scale · sum_j w[r * f + j] · x[j * xs + d]: kRows weighted sums of the
+// F rows of x, two columns at a time (kRows x 2 accumulators in registers).
+template <int DH>
+inline void weighted_sums(const vfloat* w, const vfloat* x, int64_t xs, int64_t f,
+                          const vfloat* scale, vfloat* out, int64_t os, int64_t rows_out) {
+  constexpr int W = DH < 2 ? DH : 2;
+  for (int d0 = 0; d0 < DH; d0 += W) {
+    vfloat acc[kRows][W] = {};
+    for (int64_t j = 0; j < f; ++j) {
+      const vfloat* xj = x + j * xs + d0;
+      for (int64_t r = 0; r < kRows; ++r) {
+        const vfloat wr = w[r * f + j];
+        for (int d = 0; d < W; ++d) acc[r][d] += wr * xj[d];
+      }
+    }
+    for (int64_t r = 0; r < rows_out; ++r)
+      for (int d = 0; d < W; ++d) out[r * os + d0 + d] = acc[r][d] * scale[r];
+  }
+}
+
+// Per-thread scratch of one group of eight rows: their qkv (F x 3A vectors, then kRows
+// zero rows so the last pass of queries may run past F), output or output gradient
+// (F x A, same padding), and qkv's gradient.
 struct Scratch {
-  std::vector<vfloat> q, k, v, dk, dv, s, dp;
-  Scratch(int64_t f, int64_t dh)
-      : q(f * dh), k(f * dh), v(f * dh), dk(f * dh), dv(f * dh), s(f), dp(f) {}
+  std::vector<vfloat> t, g, dt, s, dp;
+  Scratch(int64_t f, int64_t a)
+      : t((f + kRows) * 3 * a), g((f + kRows) * a), dt(f * 3 * a), s(kRows * f), dp(kRows * f) {}
 };
 
 template <int DH>
-void forward_group(const float* qkv, const int64_t rows, int64_t f, int64_t a, int64_t h,
-                   float scale, float* out, float* lse, int64_t heads, Scratch& w) {
-  const int64_t c = 3 * a, off = h * DH;
-  gather<DH>(qkv, rows, f * c, f, c, off, scale, w.q.data());
-  gather<DH>(qkv, rows, f * c, f, c, a + off, 1.0f, w.k.data());
-  gather<DH>(qkv, rows, f * c, f, c, 2 * a + off, 1.0f, w.v.data());
+void forward_group(const float* qkv, const int64_t rows, int64_t f, int64_t a, int64_t heads,
+                   float scale, float* out, float* lse, Scratch& w) {
+  const int64_t c = 3 * a;
+  vfloat* t = w.t.data();
+  vfloat* o = w.g.data();
+  gather_rows(qkv, rows, f, c, t);
+  for (int64_t j = 0; j < f; ++j)
+    for (int64_t x = 0; x < a; ++x) t[j * c + x] *= scale;  // the queries carry the scale
   vfloat* s = w.s.data();
-  for (int64_t i = 0; i < f; ++i) {
-    dots<DH>(w.q.data() + i * DH, w.k.data(), f, s);
-    vfloat m = s[0];
-    for (int64_t j = 1; j < f; ++j) m = s[j] > m ? s[j] : m;
-    vfloat total{};
-    for (int64_t j = 0; j < f; ++j) {
-      s[j] = exp_nonpositive(s[j] - m);
-      total += s[j];
-    }
-    // the weighted sum of values, eight columns at a time (the accumulators stay in registers)
-    constexpr int W = DH < kLanes ? DH : kLanes;
-    vfloat acc[DH];
-    for (int d0 = 0; d0 < DH; d0 += W) {
-      vfloat part[W] = {};
-      for (int64_t j = 0; j < f; ++j) {
-        const vfloat pj = s[j];
-        const vfloat* vj = w.v.data() + j * DH + d0;
-        for (int d = 0; d < W; ++d) part[d] += pj * vj[d];
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t off = h * DH;
+    const vfloat* k = t + a + off;
+    const vfloat* v = t + 2 * a + off;
+    for (int64_t i0 = 0; i0 < f; i0 += kRows) {
+      dots<DH>(t + i0 * c + off, c, k, c, f, s);
+      vfloat m[kRows], inv[kRows];
+      for (int64_t r = 0; r < kRows; ++r) {
+        vfloat* sr = s + r * f;
+        vfloat mr = sr[0];
+        for (int64_t j = 1; j < f; ++j) mr = sr[j] > mr ? sr[j] : mr;
+        vfloat total{};
+        for (int64_t j = 0; j < f; ++j) {
+          sr[j] = exp_nonpositive(sr[j] - mr);
+          total += sr[j];
+        }
+        m[r] = mr;
+        inv[r] = 1.0f / total;
       }
-      for (int d = 0; d < W; ++d) acc[d0 + d] = part[d];
+      const int64_t live = std::min(kRows, f - i0);
+      weighted_sums<DH>(s, v, c, f, inv, o + i0 * a + off, a, live);
+      for (int64_t r = 0; r < live; ++r)
+        for (int64_t l = 0; l < rows; ++l)  // log-sum-exp = m + log(total) = m - log(inv)
+          lse[(l * heads + h) * f + i0 + r] = m[r][l] - std::log(inv[r][l]);
     }
-    scatter_row<DH>(acc, 1.0f / total, rows, f * a, a, off, out + i * a);
-    for (int64_t l = 0; l < rows; ++l)
-      lse[(l * heads + h) * f + i] = m[l] + std::log(total[l]);
   }
+  scatter_rows(o, rows, f, a, out);
 }
 
 template <int DH>
 void backward_group(const float* qkv, const float* grad, const float* lse, int64_t rows,
-                    int64_t f, int64_t a, int64_t h, float scale, float* gqkv, int64_t heads,
-                    Scratch& w) {
-  const int64_t c = 3 * a, off = h * DH;
-  gather<DH>(qkv, rows, f * c, f, c, off, scale, w.q.data());
-  gather<DH>(qkv, rows, f * c, f, c, a + off, 1.0f, w.k.data());
-  gather<DH>(qkv, rows, f * c, f, c, 2 * a + off, 1.0f, w.v.data());
-  for (auto& x : w.dk) x = vfloat{};
-  for (auto& x : w.dv) x = vfloat{};
+                    int64_t f, int64_t a, int64_t heads, float scale, float* gqkv, Scratch& w) {
+  const int64_t c = 3 * a;
+  vfloat* t = w.t.data();
+  vfloat* g = w.g.data();
+  vfloat* dt = w.dt.data();
+  gather_rows(qkv, rows, f, c, t);
+  gather_rows(grad, rows, f, a, g);
+  for (int64_t j = 0; j < f; ++j)
+    for (int64_t x = 0; x < a; ++x) t[j * c + x] *= scale;
+  for (auto& x : w.dt) x = vfloat{};
   vfloat* p = w.s.data();
   vfloat* dp = w.dp.data();
-  for (int64_t i = 0; i < f; ++i) {
-    const vfloat* qi = w.q.data() + i * DH;
-    vfloat li{}, gi[DH];
-    for (int64_t l = 0; l < rows; ++l) li[l] = lse[(l * heads + h) * f + i];
-    gather<DH>(grad + i * a, rows, f * a, 1, a, off, 1.0f, gi);
-    dots<DH>(qi, w.k.data(), f, p);
-    for (int64_t j = 0; j < f; ++j) p[j] = exp_nonpositive(p[j] - li);  // probabilities
-    dots<DH>(gi, w.v.data(), f, dp);                                     // dP_j = g . v_j
-    vfloat dot{};  // sum_j P_j dP_j (= g . out_i)
-    for (int64_t j = 0; j < f; ++j) dot += p[j] * dp[j];
-    for (int64_t j = 0; j < f; ++j) dp[j] = p[j] * (dp[j] - dot);  // dS: the scores' gradient
-    constexpr int W = DH < kLanes ? DH : kLanes;
-    vfloat dq[DH];
-    for (int d0 = 0; d0 < DH; d0 += W) {
-      vfloat part[W] = {};
+  vfloat scales[kRows];
+  for (int64_t r = 0; r < kRows; ++r) scales[r] = splat(scale);
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t off = h * DH;
+    const vfloat* k = t + a + off;
+    const vfloat* v = t + 2 * a + off;
+    vfloat* dk = dt + a + off;
+    vfloat* dv = dt + 2 * a + off;
+    for (int64_t i0 = 0; i0 < f; i0 += kRows) {
+      const vfloat* q = t + i0 * c + off;
+      const vfloat* gi = g + i0 * a + off;
+      dots<DH>(q, c, k, c, f, p);
+      dots<DH>(gi, a, v, c, f, dp);  // dP_rj = g_r . v_j
+      for (int64_t r = 0; r < kRows; ++r) {
+        vfloat li{};  // padded query rows: 0 (their g is zero, so they add nothing)
+        if (i0 + r < f)
+          for (int64_t l = 0; l < rows; ++l) li[l] = lse[(l * heads + h) * f + i0 + r];
+        vfloat* pr = p + r * f;
+        vfloat* dpr = dp + r * f;
+        vfloat dot{};  // sum_j P_j dP_j (= g . out_i)
+        for (int64_t j = 0; j < f; ++j) {
+          pr[j] = exp_nonpositive(pr[j] - li);  // the probabilities, recomputed
+          dot += pr[j] * dpr[j];
+        }
+        for (int64_t j = 0; j < f; ++j) dpr[j] = pr[j] * (dpr[j] - dot);  // dS
+      }
+      // dQ = scale · dS K (q in t carries the scale; its gradient takes it once more)
+      weighted_sums<DH>(dp, k, c, f, scales, dt + i0 * c + off, c, std::min(kRows, f - i0));
       for (int64_t j = 0; j < f; ++j) {
-        const vfloat ds = dp[j];
-        const vfloat* kj = w.k.data() + j * DH + d0;
-        for (int d = 0; d < W; ++d) part[d] += ds * kj[d];
+        vfloat ds[kRows], pj[kRows];
+        for (int64_t r = 0; r < kRows; ++r) {
+          ds[r] = dp[r * f + j];
+          pj[r] = p[r * f + j];
+        }
+        vfloat* dkj = dk + j * c;
+        vfloat* dvj = dv + j * c;
+        for (int d = 0; d < DH; ++d) {
+          vfloat sk = dkj[d], sv = dvj[d];
+          for (int64_t r = 0; r < kRows; ++r) {
+            sk += ds[r] * q[r * c + d];  // dK = dSᵀ (scale · Q)
+            sv += pj[r] * gi[r * a + d];  // dV = Pᵀ G
+          }
+          dkj[d] = sk;
+          dvj[d] = sv;
+        }
       }
-      for (int d = 0; d < W; ++d) dq[d0 + d] = part[d];
     }
-    for (int64_t j = 0; j < f; ++j) {
-      const vfloat ds = dp[j], pj = p[j];
-      vfloat* dkj = w.dk.data() + j * DH;
-      vfloat* dvj = w.dv.data() + j * DH;
-      for (int d = 0; d < DH; ++d) {
-        dkj[d] += ds * qi[d];  // qi carries the scale already
-        dvj[d] += pj * gi[d];
-      }
-    }
-    scatter_row<DH>(dq, splat(scale), rows, f * c, c, off, gqkv + i * c);
   }
-  scatter<DH>(w.dk.data(), rows, f * c, f, c, a + off, gqkv);
-  scatter<DH>(w.dv.data(), rows, f * c, f, c, 2 * a + off, gqkv);
+  scatter_rows(dt, rows, f, c, gqkv);
 }
 
 void check_qkv(const at::Tensor& qkv, int64_t heads) {
@@ -288,12 +325,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv_in, i
   const int64_t groups = (b + kLanes - 1) / kLanes;
   dispatch_head_dim(dh, [&](auto tag) {
     constexpr int DH = decltype(tag)::value;
-    at::parallel_for(0, groups * heads, 1, [&](int64_t begin, int64_t end) {
-      Scratch w(f, DH);
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      Scratch w(f, a);
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t r = idx / heads * kLanes, h = idx % heads;
-        forward_group<DH>(src + r * f * 3 * a, std::min(kLanes, b - r), f, a, h, sc,
-                          dst + r * f * a, lsep + r * heads * f, heads, w);
+        const int64_t r = idx * kLanes;
+        forward_group<DH>(src + r * f * 3 * a, std::min(kLanes, b - r), f, a, heads, sc,
+                          dst + r * f * a, lsep + r * heads * f, w);
       }
     });
   });
@@ -318,12 +355,12 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& qkv_i
   const int64_t groups = (b + kLanes - 1) / kLanes;
   dispatch_head_dim(dh, [&](auto tag) {
     constexpr int DH = decltype(tag)::value;
-    at::parallel_for(0, groups * heads, 1, [&](int64_t begin, int64_t end) {
-      Scratch w(f, DH);
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      Scratch w(f, a);
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t r = idx / heads * kLanes, h = idx % heads;
+        const int64_t r = idx * kLanes;
         backward_group<DH>(src + r * f * 3 * a, g + r * f * a, lsep + r * heads * f,
-                           std::min(kLanes, b - r), f, a, h, sc, dst + r * f * 3 * a, heads, w);
+                           std::min(kLanes, b - r), f, a, heads, sc, dst + r * f * 3 * a, w);
       }
     });
   });
