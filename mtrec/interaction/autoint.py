@@ -45,6 +45,10 @@ class InteractingLayer(nn.Module):
     head h owning rows ``[h·d_h, (h+1)·d_h)`` of each, with d_h = A / H.
     The residual ``W_res`` is a bias-free ``Linear(in_dim, attention_dim)``; with
     ``use_residual=False`` it does not exist (``self.residual is None``).
+    Training steps on CPU (train mode, gradients on, no attention dropout) compute the
+    attention of all heads in one call of the fused kernel ``mtrec.nn.field_attention``
+    on ``qkv(x)``; every other forward (eval, no_grad, torch.fx, TorchScript) takes the
+    per-head ATen path below. The two agree to float rounding.
     LayerNorm, when enabled, normalises the residual sum *before* the ReLU (as in
     FuxiCTR/BARS, whose AutoInt settings METHODS.md cites), so outputs stay >= 0.
     ``dropout`` drops attention weights (training only). ``routing = (h_s, k, β)`` turns

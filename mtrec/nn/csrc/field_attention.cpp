@@ -6,10 +6,12 @@
 // are one problem, each row a lane of a vector register: every operation of the
 // attention (dot products, max, exp, sums) is lane-wise, so nothing is reduced across a
 // register and no shape needs padding; the eight rows' scores stay in cache from the dot
-// products to the weighted sum of values. The backward recomputes the probabilities from
-// the saved log-sum-exp (as FlashAttention does) instead of storing B x H x F x F of them.
-// Groups of eight rows x heads run in parallel on ATen's thread pool; each group is
-// computed by one thread in a fixed order, so results do not depend on the thread count.
+// products to the weighted sum of values, four queries per pass over the keys. A group's
+// rows are read once, whole and in order, and transposed in registers (8 x 8 blocks). The
+// backward recomputes the probabilities from the saved log-sum-exp (as FlashAttention
+// does) instead of storing B x H x F x F of them. Groups of eight rows run in parallel on
+// ATen's thread pool; each group is computed by one thread in a fixed order, so results
+// do not depend on the thread count.
 //
 // Layout: qkv is B x F x 3A (A = H d_h; columns [0, A) queries, [A, 2A) keys, [2A, 3A)
 // values, head h owning [h d_h, (h + 1) d_h) of each): the output of one Linear(in, 3A).
