@@ -94,6 +94,7 @@ def kernel() -> Any:
                 raise ValueError(f"{ENV_SWITCH}={choice!r}: expected 'auto' or 'aten'")
             if choice == "auto":
                 try:
+                    log.info("loading the fused field-attention kernel (built on first use)")
                     _state["ops"] = _build()
                 except Exception as err:  # no compiler / ninja / headers: ATen path
                     log.warning(
