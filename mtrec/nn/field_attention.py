@@ -6,9 +6,9 @@ backward) over the whole batch, streaming B x H x F x F scores through memory be
 them, as B·H batched GEMMs too small for the BLAS to reach its speed. The kernel takes
 eight rows at a time, one per lane of a vector register, and finishes their attention
 while it sits in cache; its backward recomputes the probabilities from the saved
-log-sum-exp rather than storing them. Measured forward + backward of a census interacting
-layer (B = 1024, F = 42, 2 threads): 2.5x the ATen path at d_h = 8, 1.1-1.2x at d_h = 16
-(``bench/autoint.py``).
+log-sum-exp rather than storing them. Measured on census AutoInt+ training steps (2
+threads, ``bench/autoint.py --ref``): 1.62x the per-head ATen path with d_h = 8, 1.33x
+with d_h = 16 (``bench/README.md``).
 
 Input is one projection ``qkv = x W_qkvᵀ`` (B x F x 3A: queries, keys, values, heads in
 order within each); output is B x F x A, the heads' outputs concatenated per field, the
