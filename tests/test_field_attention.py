@@ -138,12 +138,42 @@ def test_only_training_forwards_use_the_kernel(monkeypatch: pytest.MonkeyPatch) 
     dropped = InteractingLayer(16, 16, 2, dropout=0.1).train()  # attention dropout: ATen
     dropped(torch.randn(4, 3, 16)).sum().backward()
     assert len(calls) == 2
-    # scripting and fx tracing record the ATen path; in eval they match eager exactly
+    # fx tracing (in train mode too) and scripting record the ATen path; they match eager
+    traced = torch.fx.symbolic_trace(net.train())
+    assert "attend" not in traced.code and "bmm" in traced.code
     scripted = torch.jit.script(net.eval())
-    traced = torch.fx.symbolic_trace(net)
-    assert "attend" not in traced.code
+    traced.eval()
     torch.testing.assert_close(scripted(x), net(x), rtol=0, atol=0)
     torch.testing.assert_close(traced(x), net(x), rtol=0, atol=0)
+    # autocast (training.precision: bf16) and torch.compile (training.compile) take ATen
+    net.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x).float().sum().backward()
+    assert len(calls) == 2
+    compiled = torch.compile(net.layers[0].forward_with_balance, backend="eager")
+    compiled(x)[0].sum().backward()
+    assert len(calls) == 2
+
+
+def test_non_finite_scores_propagate_like_aten() -> None:
+    """A NaN or inf in a query or key gives NaN outputs exactly where ATen's softmax does,
+    instead of being clamped away."""
+    g = seeded(4)
+    qkv = torch.randn(9, 6, 3 * 16, generator=g)
+    qkv[0, 2, 3] = float("nan")  # query 2 of row 0
+    qkv[1, 4, 16 + 5] = float("inf")  # key 4 of row 1: +-inf scores, NaN where +inf
+    out = attend(qkv, 2, 0.25)
+    ref = attend_reference(qkv, 2, 0.25)
+    torch.testing.assert_close(out.isnan(), ref.isnan(), rtol=0, atol=0)
+    assert out[0, 2, :8].isnan().all() and out[1, :, :8].isnan().any()
+    assert torch.isfinite(out[2:]).all()
+
+
+def test_double_backward_raises() -> None:
+    qkv = torch.randn(3, 4, 24, requires_grad=True)
+    (grad,) = torch.autograd.grad(attend(qkv, 1, 0.5).square().sum(), qkv, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|twice"):
+        grad.sum().backward()
 
 
 def test_switch_values(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,9 @@ on the thread count.
 
 The kernel is compiled on first use with the machine's C++ compiler
 (``torch.utils.cpp_extension``, ~20 s, cached in ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``). Where it cannot be built (no compiler, no ninja) the
+``~/.cache/torch_extensions``; GCC >= 9 or clang, C++17). A process killed mid-build can
+leave cpp_extension's ``lock`` file in that directory, on which the next build waits:
+delete it. Where it cannot be built (no compiler, no ninja) the
 layers use the ATen path and one warning says why. ``MTREC_FIELD_ATTENTION=aten`` selects
 the ATen path without trying. Only training forwards use it (``InteractingLayer`` in train
 mode with gradients on and no attention dropout): every score (validation, evaluation,
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ["HEAD_DIMS", "attend", "attend_reference", "kernel", "usable"]
 
@@ -67,7 +70,8 @@ def _build() -> Any:
     from torch.utils import cpp_extension
 
     if shutil.which("ninja") is None:  # the pip wheel's ninja sits beside the interpreter
-        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]
+        path = os.environ.get("PATH", "")
+        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + path
     digest = hashlib.sha1(
         (_SOURCE.read_text() + " ".join(_CFLAGS) + _cpu_signature()).encode()
     ).hexdigest()[:12]
@@ -110,11 +114,14 @@ def kernel() -> Any:
 
 
 def usable(x: torch.Tensor, head_dim: int) -> bool:
-    """Whether to call ``attend`` for input ``x``: eager (a torch.fx trace records the ATen
-    path), float32 CPU, gradients on, a compiled head dim, and the kernel built. Callers
+    """Whether to call ``attend`` for input ``x``: eager (torch.fx traces and torch.compile
+    record the ATen path), float32 CPU without autocast, gradients on, a compiled head dim,
+    and the kernel built. Callers
     call it under ``if not torch.jit.is_scripting()``."""
     return (
         not isinstance(x, torch.fx.Proxy)
+        and not torch.compiler.is_compiling()  # (training.compile: Inductor's own code)
+        and not torch.is_autocast_enabled("cpu")  # (training.precision: bf16)
         and torch.is_grad_enabled()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -134,6 +141,7 @@ class _FieldAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # no second-order terms: a double backward raises
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         qkv, lse = ctx.saved_tensors
         return kernel().backward(grad, qkv, lse, ctx.heads, ctx.scale), None, None

@@ -41,7 +41,7 @@ inline vfloat splat(float x) { return vfloat{} + x; }
 // expf coefficients, relative error ~1e-7) and 2^n built in the exponent bits.
 inline vfloat exp_nonpositive(vfloat x) {
   const vfloat floor_x = splat(-87.0f);  // below: e^x < 1.7e-38, flushed to 2^-126 · p
-  x = x > floor_x ? x : floor_x;
+  x = x < floor_x ? floor_x : x;  // (a NaN fails the test and propagates, as in expf)
   const vfloat t = x * 1.44269504088896341f;                // x / ln 2 (<= 0)
   const vint n = -__builtin_convertvector(0.5f - t, vint);  // round(t): truncation of >= 0
   const vfloat nf = __builtin_convertvector(n, vfloat);
@@ -55,25 +55,33 @@ inline vfloat exp_nonpositive(vfloat x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const vint bits = (n + 127) << 23;
-  return p * reinterpret_cast<const vfloat&>(bits);
+  return p * (vfloat)bits;  // a vector cast reinterprets the bits
 }
+
+// Two-vector shuffle: clang and GCC >= 12 have __builtin_shufflevector; older GCC spells
+// it __builtin_shuffle with a mask vector.
+#if defined(__clang__) || __GNUC__ >= 12
+#define MTREC_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define MTREC_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, vint{__VA_ARGS__})
+#endif
 
 // In-register transpose of an 8 x 8 block: r[l][k] -> r[k][l].
 inline void transpose8(vfloat* r) {
   vfloat t[8], u[8];
   for (int p = 0; p < 8; p += 2) {
-    t[p] = __builtin_shufflevector(r[p], r[p + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-    t[p + 1] = __builtin_shufflevector(r[p], r[p + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    t[p] = MTREC_SHUFFLE(r[p], r[p + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[p + 1] = MTREC_SHUFFLE(r[p], r[p + 1], 2, 10, 3, 11, 6, 14, 7, 15);
   }
   for (int p = 0; p < 8; p += 4)
     for (int q = 0; q < 2; ++q) {
-      u[p + 2 * q] = __builtin_shufflevector(t[p + q], t[p + q + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[p + 2 * q] = MTREC_SHUFFLE(t[p + q], t[p + q + 2], 0, 1, 8, 9, 4, 5, 12, 13);
       u[p + 2 * q + 1] =
-          __builtin_shufflevector(t[p + q], t[p + q + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+          MTREC_SHUFFLE(t[p + q], t[p + q + 2], 2, 3, 10, 11, 6, 7, 14, 15);
     }
   for (int k = 0; k < 4; ++k) {
-    r[k] = __builtin_shufflevector(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-    r[k + 4] = __builtin_shufflevector(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    r[k] = MTREC_SHUFFLE(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[k + 4] = MTREC_SHUFFLE(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
