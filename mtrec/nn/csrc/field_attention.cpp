@@ -321,6 +321,22 @@ void dispatch_head_dim(int64_t dh, Fn&& fn) {
   }
 }
 
+// fn(head-dim tag, first row, rows in the group, scratch) for every group of eight rows
+// (the last may be shorter), groups split over ATen's threads, one scratch per thread.
+template <typename Fn>
+void for_each_group(int64_t b, int64_t f, int64_t a, int64_t dh, Fn&& fn) {
+  const int64_t groups = (b + kLanes - 1) / kLanes;
+  dispatch_head_dim(dh, [&](auto tag) {
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      Scratch w(f, a);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t r = idx * kLanes;
+        fn(tag, r, std::min(kLanes, b - r), w);
+      }
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv_in, int64_t heads,
                                                      double scale) {
   check_qkv(qkv_in, heads);
@@ -332,17 +348,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv_in, i
   float* dst = out.data_ptr<float>();
   float* lsep = lse.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  const int64_t groups = (b + kLanes - 1) / kLanes;
-  dispatch_head_dim(dh, [&](auto tag) {
-    constexpr int DH = decltype(tag)::value;
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-      Scratch w(f, a);
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t r = idx * kLanes;
-        forward_group<DH>(src + r * f * 3 * a, std::min(kLanes, b - r), f, a, heads, sc,
-                          dst + r * f * a, lsep + r * heads * f, w);
-      }
-    });
+  for_each_group(b, f, a, dh, [&](auto tag, int64_t r, int64_t rows, Scratch& w) {
+    forward_group<decltype(tag)::value>(src + r * f * 3 * a, rows, f, a, heads, sc,
+                                        dst + r * f * a, lsep + r * heads * f, w);
   });
   return {out, lse};
 }
@@ -362,17 +370,10 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& qkv_i
   const float* lsep = lse.data_ptr<float>();
   float* dst = gqkv.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  const int64_t groups = (b + kLanes - 1) / kLanes;
-  dispatch_head_dim(dh, [&](auto tag) {
-    constexpr int DH = decltype(tag)::value;
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-      Scratch w(f, a);
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t r = idx * kLanes;
-        backward_group<DH>(src + r * f * 3 * a, g + r * f * a, lsep + r * heads * f,
-                           std::min(kLanes, b - r), f, a, heads, sc, dst + r * f * 3 * a, w);
-      }
-    });
+  for_each_group(b, f, a, dh, [&](auto tag, int64_t r, int64_t rows, Scratch& w) {
+    backward_group<decltype(tag)::value>(src + r * f * 3 * a, g + r * f * a,
+                                         lsep + r * heads * f, rows, f, a, heads, sc,
+                                         dst + r * f * 3 * a, w);
   });
   return gqkv;
 }
