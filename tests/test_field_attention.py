@@ -12,7 +12,17 @@ from helpers import seeded
 
 from mtrec.interaction import AutoInt, InteractingLayer
 from mtrec.nn import field_attention
-from mtrec.nn.field_attention import HEAD_DIMS, attend, attend_reference
+from mtrec.nn.field_attention import HEAD_DIMS, attend
+
+
+def attend_reference(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """The definition the kernel is tested against, in ATen ops (any dtype):
+    B x F x 3A → B x F x A, softmax(Q Kᵀ · scale) V per head, heads concatenated."""
+    b, f, a = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    q, k, v = (t.reshape(b, f, heads, a // heads).transpose(1, 2) for t in qkv.split(a, -1))
+    probs = torch.softmax(torch.matmul(q * scale, k.transpose(-1, -2)), dim=-1)
+    return torch.matmul(probs, v).transpose(1, 2).reshape(b, f, a)
+
 
 pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None,

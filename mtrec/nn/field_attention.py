@@ -12,7 +12,7 @@ with d_h = 16 (``bench/README.md``).
 
 Input is one projection ``qkv = x W_qkvᵀ`` (B x F x 3A: queries, keys, values, heads in
 order within each); output is B x F x A, the heads' outputs concatenated per field, the
-same as ``InteractingLayer``'s per-head path (``attend_reference``) up to float rounding.
+same as ``InteractingLayer``'s per-head path up to float rounding.
 Each group of rows is computed by one thread in a fixed order: the result does not depend
 on the thread count.
 
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["HEAD_DIMS", "attend", "attend_reference", "kernel", "usable"]
+__all__ = ["HEAD_DIMS", "attend", "kernel", "usable"]
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +145,6 @@ class _FieldAttention(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         qkv, lse = ctx.saved_tensors
         return kernel().backward(grad, qkv, lse, ctx.heads, ctx.scale), None, None
-
-
-def attend_reference(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """B x F x 3A → B x F x A with ATen ops: the definition the kernel is tested against."""
-    b, f, a = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    q, k, v = (t.reshape(b, f, heads, a // heads).transpose(1, 2) for t in qkv.split(a, -1))
-    probs = torch.softmax(torch.matmul(q * scale, k.transpose(-1, -2)), dim=-1)
-    return torch.matmul(probs, v).transpose(1, 2).reshape(b, f, a)
 
 
 def attend(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
