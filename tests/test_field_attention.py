@@ -127,8 +127,10 @@ def test_layer_trains_on_the_kernel_like_the_aten_path(
         mp.setattr(field_attention, "_state", {"tried": False, "ops": None})
         assert not field_attention.usable(x, layer.head_dim)
         on_aten = layer_grads(layer, x, grad)
-    for a, b in zip(on_kernel, on_aten, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
+    for i, (a, b) in enumerate(zip(on_kernel, on_aten, strict=True)):
+        # output and input gradient: per element; parameter gradients sum B·F rows, where
+        # each path is ~1e-5 from the float64 result (the other rounding order)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6 if i < 2 else 3e-5)
 
 
 def test_only_training_forwards_use_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:

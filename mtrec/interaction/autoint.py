@@ -31,6 +31,7 @@ from torch import nn
 
 from mtrec.nn import field_attention, short_softmax
 from mtrec.nn.layers import FastDropout
+from mtrec.nn.residual_norm import residual_norm_relu
 
 __all__ = ["AutoInt", "InteractingLayer"]
 
@@ -47,7 +48,8 @@ class InteractingLayer(nn.Module):
     ``use_residual=False`` it does not exist (``self.residual is None``).
     Training steps on CPU (train mode, gradients on, no attention dropout) compute the
     attention of all heads in one call of the fused kernel ``mtrec.nn.field_attention``
-    on ``qkv(x)``; every other forward (eval, no_grad, torch.fx, TorchScript) takes the
+    on ``qkv(x)`` (and the residual sum, LN and ReLU in one, ``mtrec.nn.residual_norm``);
+    every other forward (eval, no_grad, torch.fx, TorchScript) takes the
     per-head ATen path below. The two agree to float rounding.
     LayerNorm, when enabled, normalises the residual sum *before* the ReLU (as in
     FuxiCTR/BARS, whose AutoInt settings METHODS.md cites), so outputs stay >= 0.
@@ -266,13 +268,17 @@ class InteractingLayer(nn.Module):
     def _forward_fused(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         """The layer on the fused kernel (training, eager): one B x F x 3A projection, the
         attention of all heads in one call (``mtrec.nn.field_attention``), then the gates,
-        residual, norm and ReLU as on the per-head path. The scale is applied inside the
-        kernel, to the queries."""
+        residual, norm and ReLU as on the per-head path, the last three in one pass when
+        the layer has both a residual and a norm (``mtrec.nn.residual_norm``). The scale is
+        applied inside the kernel, to the queries."""
         out = field_attention.attend(self.qkv(x), self.num_heads, self.scale)  # B x F x A
         if gates is not None:  # B x F x H → each head's d_h columns
             b, f = out.shape[0], out.shape[1]
             heads = out.view(b, f, self.num_heads, self.head_dim) * gates.unsqueeze(-1)
             out = heads.view(b, f, self.attention_dim)
+        if self.residual is not None and self.norm is not None:  # the sum, LN and ReLU fused
+            norm = self.norm
+            return residual_norm_relu(out, self.residual(x), norm.weight, norm.bias, norm.eps)
         return self._finish(out, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,10 @@ log = logging.getLogger(__name__)
 #: head dims the kernel is compiled for (others use the ATen path)
 HEAD_DIMS: tuple[int, ...] = (4, 8, 16, 32)
 ENV_SWITCH = "MTREC_FIELD_ATTENTION"
-_SOURCE = Path(__file__).with_name("csrc") / "field_attention.cpp"
+# one extension: the attention and the residual + LayerNorm + ReLU after it (residual_norm.py)
+_SOURCES = tuple(
+    Path(__file__).with_name("csrc") / name for name in ("field_attention.cpp", "residual_norm.cpp")
+)
 # -fno-trapping-math lets the compiler vectorise the exp's float -> int conversion
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
@@ -72,12 +75,11 @@ def _build() -> Any:
     if shutil.which("ninja") is None:  # the pip wheel's ninja sits beside the interpreter
         path = os.environ.get("PATH", "")
         os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + path
-    digest = hashlib.sha1(
-        (_SOURCE.read_text() + " ".join(_CFLAGS) + _cpu_signature()).encode()
-    ).hexdigest()[:12]
+    text = "".join(src.read_text() for src in _SOURCES) + " ".join(_CFLAGS) + _cpu_signature()
+    digest = hashlib.sha1(text.encode()).hexdigest()[:12]
     cpp_extension.load(
         name=f"mtrec_field_attention_{digest}",
-        sources=[str(_SOURCE)],
+        sources=[str(src) for src in _SOURCES],
         extra_cflags=_CFLAGS,
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
@@ -87,7 +89,8 @@ def _build() -> Any:
 
 
 def kernel() -> Any:
-    """The compiled ops (``forward`` / ``backward``), or None where they cannot be built
+    """The compiled ops (``forward`` / ``backward``, ``norm_relu_forward`` /
+    ``norm_relu_backward``), or None where they cannot be built
     or ``MTREC_FIELD_ATTENTION=aten``; built once per process, on first call."""
     if _state["tried"]:
         return _state["ops"]
