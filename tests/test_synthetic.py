@@ -430,6 +430,26 @@ def test_cold_start_labels_and_oracle(cold_run: tuple[Path, dict[str, Any]]) -> 
         )
 
 
+def test_cold_start_partial_oracles(cold_run: tuple[Path, dict[str, Any]]) -> None:
+    """oracle_knowing: knowing every seen id is p_<task>_attainable on the written test
+    rows; knowing fewer ids loses AUC, knowing none loses the most."""
+    from mtrec.data.synth_cold_start import oracle_knowing
+
+    out, _ = cold_run
+    test = _read(out)["test.parquet"]
+    labels, every = oracle_knowing(COLD_ROWS, 3, 1, 1)
+    never = COLD_ROWS + 1
+    _, items = oracle_knowing(COLD_ROWS, 3, never, 1)
+    _, none = oracle_knowing(COLD_ROWS, 3, never, never)
+    for j, task in enumerate(("click", "conversion")):
+        np.testing.assert_array_equal(labels[:, j], test.get_column(task).to_numpy())
+        np.testing.assert_allclose(
+            every[:, j], test.get_column(f"p_{task}_attainable").to_numpy(), rtol=1e-12
+        )
+        y = labels[:, j]
+        assert oracle_auc(y, every[:, j]) > oracle_auc(y, items[:, j]) > oracle_auc(y, none[:, j])
+
+
 def test_cold_start_config_uses_package_defaults(cold_run: tuple[Path, dict[str, Any]]) -> None:
     out, _ = cold_run
     cfg = load_config(out / "config.yaml")

@@ -51,6 +51,7 @@ __all__ = [
     "SIDE_SHARE",
     "USER_ACTIVITY_ALPHA",
     "USER_SPAN",
+    "oracle_knowing",
     "unseen_fraction",
     "write_cold_start",
 ]
@@ -270,16 +271,46 @@ def _cold_probs(rows: _Rows, bias: np.ndarray, num_tasks: int) -> np.ndarray:
 def _attainable_probs(rows: _Rows, bias: np.ndarray, num_tasks: int, train_rows: int) -> np.ndarray:
     """The best probabilities a model trained on the first ``train_rows`` rows can give
     [n, num_tasks]: the true probability averaged over the prior of the effect of every id
-    (user, item) absent from those rows. The user and item effects are independent normals,
-    so their sum is one normal of variance ``user_scale^2 (new_user + 0.7^2 new_item)``."""
+    (user, item) absent from those rows."""
     new_user = ~np.isin(rows.users, rows.users[:train_rows])
     new_item = ~np.isin(rows.items, rows.items[:train_rows])
+    return _probs_without(rows, bias, num_tasks, new_user, new_item)
+
+
+def _probs_without(
+    rows: _Rows, bias: np.ndarray, num_tasks: int, new_user: np.ndarray, new_item: np.ndarray
+) -> np.ndarray:
+    """The true probability [n, num_tasks] averaged over the prior of the user effect where
+    ``new_user`` [n] and of the item effect where ``new_item`` [n]. The user and item effects
+    are independent normals, so their sum is one normal of variance
+    ``user_scale^2 (new_user + 0.7^2 new_item)``."""
     base = rows.latent + bias
     base = base - new_user[:, None] * (rows.latent - rows.cold_latent)
     base = base - new_item[:, None] * rows.item_part
     var = new_user + _ITEM_EFFECT_STD**2 * new_item
     scale = rows.user_scale[None, :] * np.sqrt(var)[:, None]
     return _task_probs(_expected_probs(base, scale), num_tasks)
+
+
+def oracle_knowing(
+    rows: int, seed: int, user_min_rows: int, item_min_rows: int, vocab_scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Test labels and the best test probabilities (both [n_test, 2]) of a learner that
+    knows the effect of every user with at least ``user_min_rows`` training rows and of
+    every item with at least ``item_min_rows``, and only the prior of the others; the rest
+    of the logit (side features, bias) is known. ``(1, 1)`` is ``p_<task>_attainable``;
+    ``(20, 20)`` what a ``min_count: 20`` filter leaves knowable; a count above the
+    rows (e.g. ``rows + 1``) knows none of that kind. Regenerates the preset's rows (the
+    output is a deterministic function of the arguments; 1M rows: a few seconds)."""
+    data = _generate(rows, seed, vocab_scale)
+    labels, _, bias = _labels(data.latent, seed, 2)
+    sizes = _syn._split_sizes(rows)
+    train = sizes["train"]
+    user_rows = np.bincount(data.users[:train], minlength=data.n_users)[data.users]
+    item_rows = np.bincount(data.items[:train], minlength=data.n_items)[data.items]
+    probs = _probs_without(data, bias, 2, user_rows < user_min_rows, item_rows < item_min_rows)
+    test = slice(train + sizes["valid"], rows)
+    return labels[test], probs[test]
 
 
 def unseen_fraction(train_ids: np.ndarray, test_ids: np.ndarray) -> float:
