@@ -23,7 +23,7 @@ the same threads for reference.
 N workers takes batch/N rows per step, so both runs do the same steps.
 
 Usage: ``.venv/bin/python bench/scaling.py [--rows 300000] [--epochs 3] [--threads 1]
-[--preset criteo-like]``.
+[--preset criteo-like] [--sharding-types column_wise ...] [--set KEY=VALUE ...]``.
 """
 
 from __future__ import annotations
@@ -72,6 +72,13 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="config override, e.g. model.embedding.num_tables=2 (one table per worker)",
     )
+    parser.add_argument(
+        "--sharding-types",
+        nargs="+",
+        default=None,
+        metavar="TYPE",
+        help="torchrec sharding types the planner may use (default: all that run on CPU)",
+    )
     args = parser.parse_args()
 
     data = C.ensure_synthetic(args.cache_dir, args.rows, preset=args.preset)
@@ -103,7 +110,9 @@ def main() -> None:
         for workers in (1, 2):
             C.log(f"{workers} worker(s), {args.threads} thread(s) each")
             t0 = time.perf_counter()
-            summary = train_distributed(cfg, root / f"w{workers}", workers=workers)
+            summary = train_distributed(
+                cfg, root / f"w{workers}", workers=workers, sharding_types=args.sharding_types
+            )
             wall = time.perf_counter() - t0
             rate, per_worker = steady_samples_per_s(root / f"w{workers}")
             results[workers] = C.emit(
