@@ -25,6 +25,19 @@ from mtrec.data.spec import FeatureSpec
 
 MAX_BUCKETS = 256
 
+#: tests of the fused CPU kernels (mtrec/nn/csrc): they build on first use with a compiler
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="no C++ compiler on this machine: the fused kernel cannot be built (layers use ATen)",
+)
+
+
+def assert_kernels_built() -> None:
+    from mtrec.nn import field_attention
+
+    assert field_attention.kernel() is not None, "the kernel must build where a compiler is"
+
+
 # the plain stack (MMoE on the flattened tokens) unless a test asks for more: the data's
 # own config.yaml is the full demo stack (AutoInt → HoME)
 SMALL_MODEL: dict[str, Any] = {

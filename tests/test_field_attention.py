@@ -4,11 +4,9 @@ it (training only; eval, torch.fx and TorchScript keep the ATen path)."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from helpers import seeded
+from helpers import assert_kernels_built, needs_compiler, seeded
 
 from mtrec.interaction import AutoInt, InteractingLayer
 from mtrec.nn import field_attention
@@ -24,15 +22,12 @@ def attend_reference(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tenso
     return torch.matmul(probs, v).transpose(1, 2).reshape(b, f, a)
 
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None,
-    reason="no C++ compiler on this machine: the fused kernel cannot be built (layers use ATen)",
-)
+pytestmark = needs_compiler
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built() -> None:
-    assert field_attention.kernel() is not None, "the kernel must build where a compiler is"
+    assert_kernels_built()
 
 
 def grads(fn, qkv: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

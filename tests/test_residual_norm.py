@@ -4,24 +4,19 @@ ATen, and bad input named."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from helpers import seeded
+from helpers import assert_kernels_built, needs_compiler, seeded
 
 from mtrec.nn import field_attention
 from mtrec.nn.residual_norm import residual_norm_relu
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None,
-    reason="no C++ compiler on this machine: the fused kernel cannot be built (layers use ATen)",
-)
+pytestmark = needs_compiler
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built() -> None:
-    assert field_attention.kernel() is not None, "the kernel must build where a compiler is"
+    assert_kernels_built()
 
 
 def reference(a: torch.Tensor, r: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
