@@ -58,11 +58,11 @@ def oracles(rows: int, seed: int) -> dict[str, dict[str, float | None]]:
         "items_of_20_rows_only": (never, 20),
         "side_features_only": (never, never),
     }
-    out: dict[str, dict[str, float | None]] = {}
-    for name, (users, items) in known.items():
-        y, p = oracle_knowing(rows, seed, users, items)
-        out[name] = {t: _auc(y[:, j], p[:, j]) for j, t in enumerate(TASKS)}
-    return out
+    y, probs = oracle_knowing(rows, seed, list(known.values()))
+    return {
+        name: {t: _auc(y[:, j], p[:, j]) for j, t in enumerate(TASKS)}
+        for name, p in zip(known, probs, strict=True)
+    }
 
 
 def _predict(run: Path, test: Path, tmp: Path) -> pl.DataFrame:

@@ -437,10 +437,10 @@ def test_cold_start_partial_oracles(cold_run: tuple[Path, dict[str, Any]]) -> No
 
     out, _ = cold_run
     test = _read(out)["test.parquet"]
-    labels, every = oracle_knowing(COLD_ROWS, 3, 1, 1)
     never = COLD_ROWS + 1
-    _, items = oracle_knowing(COLD_ROWS, 3, never, 1)
-    _, none = oracle_knowing(COLD_ROWS, 3, never, never)
+    labels, (every, items, none) = oracle_knowing(
+        COLD_ROWS, 3, [(1, 1), (never, 1), (never, never)]
+    )
     for j, task in enumerate(("click", "conversion")):
         np.testing.assert_array_equal(labels[:, j], test.get_column(task).to_numpy())
         np.testing.assert_allclose(

@@ -35,6 +35,7 @@ the output is a deterministic function of ``(rows, seed, vocab_scale, num_tasks)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,24 +294,28 @@ def _probs_without(
 
 
 def oracle_knowing(
-    rows: int, seed: int, user_min_rows: int, item_min_rows: int, vocab_scale: float = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Test labels and the best test probabilities (both [n_test, 2]) of a learner that
-    knows the effect of every user with at least ``user_min_rows`` training rows and of
-    every item with at least ``item_min_rows``, and only the prior of the others; the rest
-    of the logit (side features, bias) is known. ``(1, 1)`` is ``p_<task>_attainable``;
-    ``(20, 20)`` what a ``min_count: 20`` filter leaves knowable; a count above the
-    rows (e.g. ``rows + 1``) knows none of that kind. Regenerates the preset's rows (the
-    output is a deterministic function of the arguments; 1M rows: a few seconds)."""
+    rows: int, seed: int, known: Sequence[tuple[int, int]], vocab_scale: float = 1.0
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Test labels [n_test, 2] and, for each ``(user_min_rows, item_min_rows)`` of
+    ``known``, the best test probabilities [n_test, 2] of a learner that knows the effect
+    of every user with at least ``user_min_rows`` training rows and of every item with at
+    least ``item_min_rows``, and only the prior of the others; the rest of the logit (side
+    features, bias) is known. ``(1, 1)`` is ``p_<task>_attainable``; ``(20, 20)`` what a
+    ``min_count: 20`` filter leaves knowable; a count above the rows (e.g. ``rows + 1``)
+    knows none of that kind. Regenerates the preset's rows once (the output is a
+    deterministic function of the arguments; 1M rows: a few seconds)."""
     data = _generate(rows, seed, vocab_scale)
     labels, _, bias = _labels(data.latent, seed, 2)
     sizes = _syn._split_sizes(rows)
     train = sizes["train"]
     user_rows = np.bincount(data.users[:train], minlength=data.n_users)[data.users]
     item_rows = np.bincount(data.items[:train], minlength=data.n_items)[data.items]
-    probs = _probs_without(data, bias, 2, user_rows < user_min_rows, item_rows < item_min_rows)
     test = slice(train + sizes["valid"], rows)
-    return labels[test], probs[test]
+    probs = [
+        _probs_without(data, bias, 2, user_rows < users, item_rows < items)[test]
+        for users, items in known
+    ]
+    return labels[test], probs
 
 
 def unseen_fraction(train_ids: np.ndarray, test_ids: np.ndarray) -> float:

@@ -29,21 +29,6 @@
 namespace {
 
 constexpr int64_t kBlock = 256;  // rows per block (fixed: the reduction order)
-constexpr int64_t kLanes = 8;
-typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline vfloat splat(float x) { return vfloat{} + x; }
-inline vfloat load(const float* p) {
-  vfloat v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store(float* p, vfloat v) { __builtin_memcpy(p, &v, sizeof(v)); }
-inline float hsum(vfloat v) {
-  float s = 0.0f;
-  for (int64_t k = 0; k < kLanes; ++k) s += v[k];
-  return s;
-}
 
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() >= 1,
@@ -59,121 +44,82 @@ void check_affine(const at::Tensor& weight, const at::Tensor& bias, int64_t a) {
               weight.numel(), " and ", bias.numel());
 }
 
-// V > 0: rows of V vectors (A = 8 V), in registers; V = 0: any A, scalar loops.
-template <int V>
-void forward_rows(const float* ap, const float* rp, const float* w, const float* bp, float e,
-                  int64_t width, int64_t begin, int64_t end, float* xp, float* yp, float* sp) {
+// Rows [begin, end) forward. W > 0: rows of W floats, known when compiling, so the
+// `omp simd` loops over a row unroll into vector registers (reductions in a fixed lane
+// order); W = 0: any width (`cols`).
+template <int W>
+void forward_rows(const float* __restrict ap, const float* __restrict rp,
+                  const float* __restrict w, const float* __restrict bp, float e, int64_t cols,
+                  int64_t begin, int64_t end, float* __restrict xp, float* __restrict yp,
+                  float* __restrict sp, float* __restrict s) {
+  const int64_t width = W > 0 ? W : cols;
   const float inv_width = 1.0f / static_cast<float>(width);
-  if constexpr (V > 0) {
-    vfloat wv[V], bv[V];
-    for (int j = 0; j < V; ++j) wv[j] = load(w + j * kLanes), bv[j] = load(bp + j * kLanes);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t o = i * width;
-      vfloat s[V], acc = splat(0.0f);
-      for (int j = 0; j < V; ++j) {
-        s[j] = load(ap + o + j * kLanes) + load(rp + o + j * kLanes);
-        acc += s[j];
-      }
-      const float mean = hsum(acc) * inv_width;
-      acc = splat(0.0f);
-      for (int j = 0; j < V; ++j) {
-        s[j] -= mean;
-        acc += s[j] * s[j];
-      }
-      const float rs = 1.0f / std::sqrt(hsum(acc) * inv_width + e);
-      for (int j = 0; j < V; ++j) {
-        const vfloat xh = s[j] * rs;
-        const vfloat z = xh * wv[j] + bv[j];
-        store(xp + o + j * kLanes, xh);
-        store(yp + o + j * kLanes, z < 0.0f ? splat(0.0f) : z);
-      }
-      sp[i] = rs;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t o = i * width;
+    float sum = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t k = 0; k < width; ++k) {
+      s[k] = ap[o + k] + rp[o + k];
+      sum += s[k];
     }
-  } else {
-    std::vector<float> s(width);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t o = i * width;
-      float sum = 0.0f;
-      for (int64_t k = 0; k < width; ++k) {
-        s[k] = ap[o + k] + rp[o + k];
-        sum += s[k];
-      }
-      const float mean = sum * inv_width;
-      float sq = 0.0f;
-      for (int64_t k = 0; k < width; ++k) {
-        s[k] -= mean;
-        sq += s[k] * s[k];
-      }
-      const float rs = 1.0f / std::sqrt(sq * inv_width + e);
-      for (int64_t k = 0; k < width; ++k) {
-        const float xh = s[k] * rs;
-        const float z = xh * w[k] + bp[k];
-        xp[o + k] = xh;
-        yp[o + k] = z < 0.0f ? 0.0f : z;
-      }
-      sp[i] = rs;
+    const float mean = sum * inv_width;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t k = 0; k < width; ++k) {
+      s[k] -= mean;
+      sq += s[k] * s[k];
     }
+    const float rs = 1.0f / std::sqrt(sq * inv_width + e);
+#pragma omp simd
+    for (int64_t k = 0; k < width; ++k) {
+      const float xh = s[k] * rs;
+      const float z = xh * w[k] + bp[k];
+      xp[o + k] = xh;
+      yp[o + k] = z < 0.0f ? 0.0f : z;  // (NaN propagates, as in ATen's relu)
+    }
+    sp[i] = rs;
   }
 }
 
-// One block of rows backward; adds the block's weight and bias gradients to dw, db.
-template <int V>
-void backward_rows(const float* gp, const float* xp, const float* sp, const float* w,
-                   const float* bp, int64_t width, int64_t begin, int64_t end, float* op,
-                   float* dw, float* db) {
+// Rows [begin, end) backward (W as forward); adds their weight and bias gradients to
+// dw, db.
+template <int W>
+void backward_rows(const float* __restrict gp, const float* __restrict xp,
+                   const float* __restrict sp, const float* __restrict w,
+                   const float* __restrict bp, int64_t cols, int64_t begin, int64_t end,
+                   float* __restrict op, float* __restrict dw, float* __restrict db,
+                   float* __restrict gx) {
+  const int64_t width = W > 0 ? W : cols;
   const float inv_width = 1.0f / static_cast<float>(width);
-  if constexpr (V > 0) {
-    vfloat wv[V], bv[V], dwv[V], dbv[V];
-    for (int j = 0; j < V; ++j) {
-      wv[j] = load(w + j * kLanes), bv[j] = load(bp + j * kLanes);
-      dwv[j] = splat(0.0f), dbv[j] = splat(0.0f);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t o = i * width;
+    float m1 = 0.0f, m2 = 0.0f;
+#pragma omp simd reduction(+ : m1, m2)
+    for (int64_t k = 0; k < width; ++k) {
+      const float xh = xp[o + k];
+      const float z = xh * w[k] + bp[k];
+      const float dz = z <= 0.0f ? 0.0f : gp[o + k];  // (NaN: passes, as ATen's threshold)
+      dw[k] += dz * xh;
+      db[k] += dz;
+      gx[k] = dz * w[k];
+      m1 += gx[k];
+      m2 += gx[k] * xh;
     }
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t o = i * width;
-      vfloat xh[V], gx[V], m1 = splat(0.0f), m2 = splat(0.0f);
-      for (int j = 0; j < V; ++j) {
-        xh[j] = load(xp + o + j * kLanes);
-        const vfloat z = xh[j] * wv[j] + bv[j];
-        // (NaN: the gradient passes, as in ATen's threshold backward)
-        const vfloat dz = z <= 0.0f ? splat(0.0f) : load(gp + o + j * kLanes);
-        dwv[j] += dz * xh[j];
-        dbv[j] += dz;
-        gx[j] = dz * wv[j];
-        m1 += gx[j];
-        m2 += gx[j] * xh[j];
-      }
-      const float mean1 = hsum(m1) * inv_width, mean2 = hsum(m2) * inv_width, rs = sp[i];
-      for (int j = 0; j < V; ++j) store(op + o + j * kLanes, rs * (gx[j] - mean1 - xh[j] * mean2));
-    }
-    for (int j = 0; j < V; ++j) store(dw + j * kLanes, dwv[j]), store(db + j * kLanes, dbv[j]);
-  } else {
-    std::vector<float> gx(width);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t o = i * width;
-      float m1 = 0.0f, m2 = 0.0f;
-      for (int64_t k = 0; k < width; ++k) {
-        const float z = xp[o + k] * w[k] + bp[k];
-        const float dz = z <= 0.0f ? 0.0f : gp[o + k];
-        dw[k] += dz * xp[o + k];
-        db[k] += dz;
-        gx[k] = dz * w[k];
-        m1 += gx[k];
-        m2 += gx[k] * xp[o + k];
-      }
-      m1 *= inv_width;
-      m2 *= inv_width;
-      for (int64_t k = 0; k < width; ++k) op[o + k] = sp[i] * (gx[k] - m1 - xp[o + k] * m2);
-    }
+    m1 *= inv_width;
+    m2 *= inv_width;
+    const float rs = sp[i];
+#pragma omp simd
+    for (int64_t k = 0; k < width; ++k) op[o + k] = rs * (gx[k] - m1 - xp[o + k] * m2);
   }
 }
 
+// fn(width tag): W = the width where it is one of the compiled ones, else 0
 template <typename Fn>
 void dispatch_width(int64_t width, Fn&& fn) {
   switch (width) {
-    case 8: fn(std::integral_constant<int, 1>{}); break;
-    case 16: fn(std::integral_constant<int, 2>{}); break;
-    case 24: fn(std::integral_constant<int, 3>{}); break;
-    case 32: fn(std::integral_constant<int, 4>{}); break;
+    case 8: fn(std::integral_constant<int, 8>{}); break;
+    case 16: fn(std::integral_constant<int, 16>{}); break;
+    case 24: fn(std::integral_constant<int, 24>{}); break;
+    case 32: fn(std::integral_constant<int, 32>{}); break;
     default: fn(std::integral_constant<int, 0>{});
   }
 }
@@ -197,7 +143,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_relu_forward(
   const float e = static_cast<float>(eps);
   dispatch_width(width, [&](auto tag) {
     at::parallel_for(0, rows, kBlock, [&](int64_t begin, int64_t end) {
-      forward_rows<decltype(tag)::value>(ap, rp, w, bp, e, width, begin, end, xp, yp, sp);
+      std::vector<float> scratch(width);
+      forward_rows<decltype(tag)::value>(ap, rp, w, bp, e, width, begin, end, xp, yp, sp,
+                                         scratch.data());
     });
   });
   return {y, xhat, rstd};
@@ -226,11 +174,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_relu_backward(
   float *op = gs.data_ptr<float>(), *pp = partial.data_ptr<float>();
   dispatch_width(width, [&](auto tag) {
     at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+      std::vector<float> scratch(width);
       for (int64_t blk = first; blk < last; ++blk) {
         float* dw = pp + blk * 2 * width;
         backward_rows<decltype(tag)::value>(gp, xp, sp, w, bp, width, blk * kBlock,
                                             std::min(rows, (blk + 1) * kBlock), op, dw,
-                                            dw + width);
+                                            dw + width, scratch.data());
       }
     });
   });
