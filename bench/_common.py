@@ -271,6 +271,10 @@ class Trainer:
         """One training step; returns the (unread) loss tensor."""
         return self._step.step(batch)
 
+    def trial_gradients(self, batch: Any) -> Any:
+        """One batch's gradients without training (what ``threads: adaptive`` compares)."""
+        return self._step.trial_gradients(batch)
+
     def embedding_rows(self) -> int:
         return self._step.embedding_rows()
 

@@ -8,11 +8,11 @@ they also steal the cores that thread needs. This bench measures it.
 For each setting (threads x wait policy) and each round (settings interleaved, so drift of
 the shared machine's load hits every setting alike) a fresh worker process is started
 with the setting's environment (the policy must be in the environment before torch
-loads). It builds census MMoE (``configs/census_kdd/mmoe.yaml``, ``bench/_common.Trainer``,
-exactly the loop's training step), warms up, then times ``--seconds`` of steps over
-pre-built batches twice: solo, and while a competitor runs — a second Python doing a
-2-thread GEMM loop (libgomp defaults, bounded in time). One JSON line per setting and
-round::
+loads). It builds census MMoE (``configs/census_kdd/mmoe.yaml``; ``--config`` another
+experiment) with ``bench/_common.Trainer`` (exactly the loop's training step), warms up,
+then times ``--seconds`` of steps over pre-built batches twice: solo, and while a
+competitor runs — a second Python doing a 2-thread GEMM loop (libgomp defaults, bounded
+in time). One JSON line per setting and round::
 
     {"bench": "contention", "setting": "t2-passive", "threads": 2, "policy": "passive",
      "solo_samples_per_s": ..., "contended_samples_per_s": ..., "ratio": contended / solo,
@@ -25,7 +25,7 @@ Settings: ``t<threads>-<policy>`` (``training.threads`` fixed) or ``adaptive-<po
 :class:`~mtrec.train.adaptive_threads.AdaptiveThreads`, as the training loop does).
 
 Usage: ``.venv/bin/python bench/contention.py [--rounds 2] [--seconds 6]
-[--settings t1-auto t2-auto t2-short adaptive-auto]``.
+[--settings t1-auto t2-auto t2-short adaptive-auto] [--config C]``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class Competitor:
 # ------------------------------------------------------------------ measuring worker
 
 
-def worker(threads: int | str, seconds: float, warmup: int) -> None:
+def worker(threads: int | str, seconds: float, warmup: int, config: str) -> None:
     """Build the trainer, then on each stdin line time ``seconds`` of steps; one JSON
     line per measurement on stdout. ``threads="adaptive"`` times every step into
     :class:`~mtrec.train.adaptive_threads.AdaptiveThreads` (as the training loop does),
@@ -120,11 +120,13 @@ def worker(threads: int | str, seconds: float, warmup: int) -> None:
     from mtrec.threads import resolve_threads, wait_policy_in_effect
     from mtrec.train.adaptive_threads import AdaptiveThreads
 
-    cfg, spec = C.load_experiment(CONFIG)
+    cfg, spec = C.load_experiment(config)
     trainer = C.Trainer(cfg, spec, threads=resolve_threads(threads))
     governor = AdaptiveThreads(resolve_threads(threads)) if threads == "adaptive" else None
     enc = C.load_train_split(cfg, spec)
     batches = list(itertools.islice(trainer.batches(enc), 16))
+    if governor is not None:  # as the training loop does before its first step
+        governor.check_repeatable(lambda: trainer.trial_gradients(batches[0]))
 
     def step(batch: Any) -> Any:
         if governor is None:
@@ -154,7 +156,9 @@ def worker(threads: int | str, seconds: float, warmup: int) -> None:
 
 
 class Worker:
-    def __init__(self, threads: int | str, policy: str, seconds: float, warmup: int) -> None:
+    def __init__(
+        self, threads: int | str, policy: str, seconds: float, warmup: int, config: str
+    ) -> None:
         from mtrec.threads import wait_policy_env
 
         env = {
@@ -164,6 +168,7 @@ class Worker:
         env[C.POLICY_ENV] = policy  # what bench/_common applies on import
         env["PYTHONPATH"] = os.pathsep.join([str(C.REPO), env.get("PYTHONPATH", "")])
         argv = ["--worker", str(threads), "--seconds", str(seconds), "--warmup", str(warmup)]
+        argv += ["--config", config]
         self.proc = subprocess.Popen(
             [sys.executable, __file__, *argv],
             stdin=subprocess.PIPE,
@@ -201,6 +206,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps after building")
     ap.add_argument("--size", type=int, default=384, help="competitor's GEMM size")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    ap.add_argument("--config", default=str(CONFIG), help="the experiment to train")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--competitor", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -208,13 +214,13 @@ def main() -> None:
         return competitor(args.competitor, args.size)
     if args.worker is not None:
         threads = args.worker if args.worker == "adaptive" else int(args.worker)
-        return worker(threads, args.seconds, args.warmup)
+        return worker(threads, args.seconds, args.warmup, args.config)
 
     settings = [(name, *parse_setting(name)) for name in args.settings]
     results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in settings}
     for r in range(args.rounds):
         for name, threads, policy in settings:
-            w = Worker(threads, policy, args.seconds, args.warmup)
+            w = Worker(threads, policy, args.seconds, args.warmup, args.config)
             try:
                 solo_line = w.measure()
                 comp = Competitor(args.seconds * 4 + 30, args.size)
@@ -228,6 +234,7 @@ def main() -> None:
             rec = C.emit(
                 "contention",
                 setting=name,
+                config=Path(args.config).name,
                 threads=threads,
                 policy=policy,
                 policy_env=w.ready["policy_env"],

@@ -7,11 +7,17 @@ import json
 
 import pytest
 import torch
-from helpers import small_config, small_data_dir
+from helpers import first_batch, fitted_spec, small_config, small_data_dir
 
 from mtrec.threads import affinity_cores, resolve_threads
-from mtrec.train.adaptive_threads import AdaptiveThreads, AdaptiveThreadsSettings
+from mtrec.train.adaptive_threads import (
+    AdaptiveThreads,
+    AdaptiveThreadsSettings,
+    reachable_counts,
+    repeatable_counts,
+)
 from mtrec.train.loop import train
+from mtrec.train.step import TrainStep
 
 ROWS = 1024
 
@@ -125,6 +131,119 @@ def test_same_observations_give_same_decisions() -> None:
         return counts + machine.run(gov, 300)
 
     assert trace() == trace()
+
+
+def test_reachable_counts_halve_and_double_within_the_cores() -> None:
+    assert reachable_counts(16) == [16, 8, 4, 2, 1]
+    assert reachable_counts(6) == [6, 4, 3, 2, 1]
+    assert reachable_counts(1) == [1]
+
+
+def test_repeatable_counts_keep_those_equal_to_the_reference() -> None:
+    current = [4]
+    # 2 threads sum in the reference's order, 1 thread rounds differently
+    results = {
+        4: torch.tensor([1.0, 2.0]),
+        2: torch.tensor([1.0, 2.0]),
+        1: torch.tensor([1.0, 2.5]),
+    }
+
+    def trial() -> list[torch.Tensor]:
+        return [torch.tensor(0.5), results[current[0]]]
+
+    def set_count(count: int) -> None:
+        current[0] = count
+
+    assert repeatable_counts(trial, [4, 2, 1], set_count) == [4, 2]
+    assert current == [4]  # left at the reference count
+
+
+def test_a_count_that_rounds_differently_is_never_used() -> None:
+    machine = two_cores()
+    gov = governor_on(machine)
+    # the model's gradients at 1 thread differ from those at 2
+    gov.check_repeatable(lambda: [torch.tensor(float(machine.applied[-1]))])
+    assert gov.checked and gov.frozen and gov.summary()["allowed"] == [2]
+    assert "round differently at [1] thread(s) than at 2; it stays at 2" in gov.lines[0]  # type: ignore[attr-defined]
+    machine.run(gov, 300)
+    machine.contended = True
+    machine.run(gov, 600)  # a fixed count would collapse here: it still does not move
+    assert gov.threads == 2 and gov.switches == 0
+    assert machine.applied[-1] == 2 and set(machine.applied) == {1, 2}  # 1: the check only
+
+
+def test_an_agreeing_count_stays_allowed() -> None:
+    machine = two_cores()
+    gov = governor_on(machine)
+    gov.check_repeatable(lambda: [torch.tensor(1.0)])
+    assert not gov.frozen and gov.lines == []  # type: ignore[attr-defined]
+    machine.run(gov, 500)
+    machine.contended = True
+    machine.run(gov, 200)
+    assert gov.threads == 1
+
+
+def full_stack_step(data, tmp, threads: int) -> tuple[TrainStep, object]:
+    # the data's own stack: Unified Embedding → AutoInt+ → HoME with BatchNorm experts
+    cfg = small_config(
+        data,
+        tmp,
+        model={
+            "interaction": {
+                "type": "autoint",
+                "layers": 2,
+                "attention_dim": 8,
+                "heads": 2,
+                "dnn": [16],
+            },
+            "multitask": {"type": "home", "expert_hidden": [16, 8]},
+        },
+    )
+    torch.set_num_threads(threads)
+    spec = fitted_spec(cfg)
+    return TrainStep(cfg, spec), first_batch(cfg, spec, "train", rows=512)
+
+
+def test_trial_gradients_change_nothing_and_steps_repeat_at_1_and_2_threads(
+    tmp_path_factory,
+) -> None:
+    before = torch.get_num_threads()
+    try:
+        data = small_data_dir(tmp_path_factory)
+        step, batch = full_stack_step(data, tmp_path_factory.mktemp("trial"), 2)
+        state = {k: v.clone() for k, v in step.model.state_dict().items()}
+        rng = torch.get_rng_state()
+        grads = step.trial_gradients(batch)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert all(torch.equal(v, state[k]) for k, v in step.model.state_dict().items())
+        assert len(grads) > 10 and all(torch.isfinite(g).all() for g in grads)
+        torch.set_num_threads(1)
+        assert all(
+            torch.equal(a, b) for a, b in zip(step.trial_gradients(batch), grads, strict=True)
+        )
+        # and training itself: steps alternating 1 and 2 threads = steps at 2 threads
+        states = []
+        for plan in ((2, 2, 2, 2), (1, 2, 1, 2)):
+            step, batch = full_stack_step(data, tmp_path_factory.mktemp("plan"), 2)
+            torch.manual_seed(7)
+            for count in plan:
+                torch.set_num_threads(count)
+                step.step(batch)
+            states.append(step.state_dict())
+        flat = [torch.cat([t.flatten().float() for t in _tensors(s)]) for s in states]
+        assert torch.equal(flat[0], flat[1])
+    finally:
+        torch.set_num_threads(before)
+
+
+def _tensors(state: object) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for k in sorted(state, key=str) for t in _tensors(state[k])]
+    if isinstance(state, list | tuple):
+        return [t for v in state for t in _tensors(v)]
+    return []
 
 
 def test_settings_and_setting_values() -> None:

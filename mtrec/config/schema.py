@@ -466,19 +466,21 @@ class TrainingConfig:
     # each, with its global step); last.pt, the resume point, stays at epoch ends. Id
     # embeddings over-fit within an epoch or two, so a finer grain finds the peak
     validate_every_steps: int | None = num(None, gt=0)
-    # CPU threads for torch intra-op work; auto: the cores this process may use (its CPU
-    # affinity; Ray workers on one node split them). Never picked from timings, so the
-    # same seed and thread count give the same metrics. adaptive (local training only):
-    # start at auto's count and follow the load by timing the steps, fewer threads while
-    # another process shares the cores (beside a 2-thread process: ~0.5x of solo speed
-    # where auto falls to 0.1-0.2x; bench/contention.py). Some kernels round differently
-    # at another thread count, so such a run does not repeat bit for bit
-    threads: int | Literal["auto", "adaptive"] = num("auto", gt=0)
+    # CPU threads for torch intra-op work. adaptive (default; local training): start at
+    # the cores this process may use and follow the load by timing the steps, fewer
+    # threads while another process shares the cores (beside a 2-thread process ~0.4x of
+    # solo speed where a fixed count falls to 0.1-0.2x; bench/contention.py). It moves
+    # only between counts whose gradients on the first batch are bit-identical to the
+    # starting count's, so the same seed gives the same metrics whatever the load; a
+    # model whose kernels round differently at another count keeps its count (one log
+    # line says so). auto: the cores this process may use (its CPU affinity; Ray workers
+    # on one node split them), fixed. An integer: that many, fixed
+    threads: int | Literal["auto", "adaptive"] = num("adaptive", gt=0)
     # how OpenMP's threads wait between parallel regions. auto (default): libgomp's own
     # (spin ~300k iterations, then sleep): fastest alone, but beside another 2-thread
     # process it falls to 0.10x of its solo speed. short: spin 3000 iterations, then
     # sleep (GOMP_SPINCOUNT): 0.43x of solo beside that process, 0.75-0.85x alone
-    # (threads: adaptive keeps the solo speed and 0.42x). active: spin without end
+    # (threads: adaptive, the default, keeps the solo speed and 0.42x). active: spin without end
     # (an idle process keeps a core busy). passive: sleep at once (never collapses,
     # 0.5x alone). bench/contention.py has the figures. Read when torch loads: the
     # mtrec command sets it in time; a notebook that already imported torch cannot

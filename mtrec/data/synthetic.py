@@ -834,7 +834,7 @@ def _config_dict(preset_name: str, preset: _Preset, seed: int) -> dict[str, Any]
         "learning_rate": 0.001,
         "weight_decay": 0.0,
         "early_stopping_patience": 1,
-        "threads": 2,
+        "threads": "adaptive",
     }
     return cfg
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from mtrec.multitask.diagnostics import Diagnostics, dead_fraction, gate_summary, shared_usage
 from mtrec.nn import short_softmax
+from mtrec.nn.batch_norm import BatchNorm1d
 from mtrec.nn.layers import FastDropout, GroupedLinear, activate_, activation
 
 __all__ = ["ExpertBank", "ExpertLevel", "GateNode", "StackedLevels", "cgc_level"]
@@ -116,7 +117,7 @@ class ExpertBank(nn.Module):
         else:
             self.register_parameter("gate_down", None)
             self.register_parameter("gate_up", None)
-        self.norm = nn.BatchNorm1d(self.num_slots * hidden[-1]) if norm else None
+        self.norm = BatchNorm1d(self.num_slots * hidden[-1]) if norm else None
         self.act = activation(act)
         self.out_act = nn.SiLU() if norm else activation(act)
         # the same activations by name, for the in-place inference path

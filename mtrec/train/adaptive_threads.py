@@ -14,10 +14,17 @@ Cost: on idle cores it stays at the maximum; a probe spends a quarter of a secon
 slower count, at first every 10 seconds of training, then every 2 minutes while no
 probe changes anything.
 
-It is opt-in because it gives up one promise: the thread count changes the floating-point
-order of some kernels (attention, HoME's gates), so a run whose thread count followed the
-machine's load does not repeat bit for bit. ``training.threads: auto`` or an integer keep
-the count fixed and the metrics repeatable.
+The count changes nothing but speed. A thread count can change the floating-point order
+of a kernel (ATen's batch norm summed per-thread partial sums until
+:class:`mtrec.nn.batch_norm.BatchNorm1d`; a GEMM may split its inner dimension over the
+threads), and then a run whose count followed the machine's load would not repeat bit
+for bit. So before the first step :func:`repeatable_counts` computes one batch's
+gradients (:meth:`mtrec.train.step.TrainStep.trial_gradients`) at every count the
+governor could reach and allows only those equal, bit for bit, to the starting count's;
+a model none of whose counts agree keeps the starting count, as ``auto`` does. The
+default stack, the census MMoE, PLE, HoME and AutoInt configs move freely between 1 and 2
+threads; the census APEM and TaskExpert configs stay fixed
+(``tests/test_adaptive_threads.py``).
 
 Everything here is driven by the step times the caller observes (no clock of its own),
 so a sequence of observations always gives the same decisions.
@@ -29,7 +36,46 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["AdaptiveThreads", "AdaptiveThreadsSettings"]
+import torch
+
+__all__ = ["AdaptiveThreads", "AdaptiveThreadsSettings", "reachable_counts", "repeatable_counts"]
+
+
+def reachable_counts(max_threads: int) -> list[int]:
+    """The counts the governor can reach from ``max_threads`` by halving and doubling
+    (within ``1..max_threads``), largest first: ``[16, 8, 4, 2, 1]``, ``[6, 4, 3, 2, 1]``."""
+    reached, todo = {max_threads}, [max_threads]
+    while todo:
+        count = todo.pop()
+        for step in (max(1, count // 2), min(max_threads, count * 2)):
+            if step not in reached:
+                reached.add(step)
+                todo.append(step)
+    return sorted(reached, reverse=True)
+
+
+def repeatable_counts(
+    trial: Callable[[], list[torch.Tensor]],
+    counts: list[int],
+    set_threads: Callable[[int], None] | None = None,
+) -> list[int]:
+    """The counts among ``counts`` at which ``trial()`` returns tensors bit-identical to
+    its result at ``counts[0]`` (the reference, always kept). ``trial`` must have no side
+    effects (:meth:`mtrec.train.step.TrainStep.trial_gradients`); the thread count is left
+    at ``counts[0]``."""
+    apply = set_threads or _torch_set_threads
+    apply(counts[0])
+    reference = trial()
+    agreeing = [counts[0]]
+    for count in counts[1:]:
+        apply(count)
+        result = trial()
+        if len(result) == len(reference) and all(
+            torch.equal(a, b) for a, b in zip(result, reference, strict=True)
+        ):
+            agreeing.append(count)
+    apply(counts[0])
+    return agreeing
 
 
 @dataclass(frozen=True)
@@ -86,6 +132,8 @@ class AdaptiveThreads:
         settings: the measuring and deciding constants.
         set_threads: applies a count (injected by tests).
         log: receives one line per change of count (stderr by default).
+        allowed: the counts it may move to (default: all of ``1..max_threads``); see
+            :func:`repeatable_counts` and :meth:`allow`.
     """
 
     def __init__(
@@ -94,6 +142,7 @@ class AdaptiveThreads:
         settings: AdaptiveThreadsSettings | None = None,
         set_threads: Callable[[int], None] | None = None,
         log: Callable[[str], None] | None = None,
+        allowed: list[int] | None = None,
     ) -> None:
         if max_threads < 1:
             raise ValueError(f"max_threads must be >= 1, got {max_threads}")
@@ -102,6 +151,11 @@ class AdaptiveThreads:
         self._set = set_threads or _torch_set_threads
         self._log = log or _stderr
         self.threads = max_threads
+        self.allowed: set[int] = set(range(1, max_threads + 1))
+        #: whether :meth:`check_repeatable` ran
+        self.checked = False
+        if allowed is not None:
+            self.allow(allowed)
         self.switches = 0
         #: rows trained at each count (for the run's metrics)
         self.rows_at: dict[int, int] = {}
@@ -119,7 +173,7 @@ class AdaptiveThreads:
         """Record one step of ``rows`` rows that took ``seconds``; returns the count the
         next step runs at."""
         self.rows_at[self.threads] = self.rows_at.get(self.threads, 0) + rows
-        if self.max_threads == 1:
+        if self.max_threads == 1 or self.frozen:
             return self.threads
         if self._probe is not None:
             self._observe_probe(seconds, rows)
@@ -143,12 +197,41 @@ class AdaptiveThreads:
             self._start_probe()
         return self.threads
 
+    def check_repeatable(self, trial: Callable[[], list[torch.Tensor]]) -> None:
+        """Allow only the reachable counts at which ``trial`` (one batch's gradients, no
+        side effects) agrees bit for bit with the current count (:func:`repeatable_counts`);
+        one line says which counts were left out, and why."""
+        counts = [c for c in reachable_counts(self.max_threads) if c in self.allowed]
+        counts.remove(self.threads)
+        agreeing = repeatable_counts(trial, [self.threads, *counts], self._set)
+        self.allow(agreeing)
+        self.checked = True
+        left_out = sorted(set(counts) - set(agreeing))
+        if left_out:
+            stays = "stays at" if self.frozen else "keeps to"
+            kept = self.threads if self.frozen else sorted(self.allowed)
+            self._log(
+                f"training.threads adaptive: this model's gradients round differently at "
+                f"{left_out} thread(s) than at {self.threads}; it {stays} {kept} so that "
+                "the run repeats bit for bit"
+            )
+
+    def allow(self, counts: list[int]) -> None:
+        """Restrict the counts the governor may move to (the current one always stays)."""
+        self.allowed = {c for c in counts if 1 <= c <= self.max_threads} | {self.threads}
+
+    @property
+    def frozen(self) -> bool:
+        """True when no neighbouring count is allowed: the count stays where it is."""
+        return len(self._candidates()) == 1
+
     def summary(self) -> dict[str, object]:
         """The count now, the number of changes, and the share of rows at each count."""
         total = max(1, sum(self.rows_at.values()))
         return {
             "now": self.threads,
             "switches": self.switches,
+            "allowed": sorted(self.allowed),
             "rows_share": {str(k): round(v / total, 4) for k, v in sorted(self.rows_at.items())},
         }
 
@@ -159,7 +242,7 @@ class AdaptiveThreads:
         itself: it is timed last, in the same conditions as its neighbours."""
         current = self.threads
         others = {max(1, current // 2), min(self.max_threads, current * 2)} - {current}
-        return [*sorted(others), current]
+        return [*sorted(others & self.allowed), current]
 
     def _start_probe(self, current_rate: float | None = None) -> None:
         """Time the candidates in turn; ``current_rate``, when given, stands for the

@@ -12,6 +12,7 @@ trained model) is :mod:`mtrec.run`'s.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -230,6 +231,8 @@ def _train_in(
             if governor is None:
                 loss = trainer.step(batch)
             else:
+                if not governor.checked:  # which counts train this model bit for bit alike
+                    governor.check_repeatable(functools.partial(trainer.trial_gradients, batch))
                 t_step = time.perf_counter()
                 loss = trainer.step(batch)
                 governor.observe(time.perf_counter() - t_step, batch.batch_size)

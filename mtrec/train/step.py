@@ -103,6 +103,35 @@ class TrainStep:
         self.steps += 1
         return loss
 
+    def trial_gradients(self, batch: Batch) -> list[torch.Tensor]:
+        """The loss, its gradient with respect to the looked-up embeddings and every dense
+        gradient that :meth:`step` would compute on ``batch``, without training: no
+        parameter, buffer (BatchNorm's running statistics) or random stream changes.
+
+        What :mod:`mtrec.train.adaptive_threads` compares between thread counts; the
+        embedding gradient stands for the fused tables' update, which backward applies
+        in place and so cannot be taken without it.
+        """
+        rng = torch.get_rng_state()
+        buffers = [b.clone() for b in self.model.buffers()]
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                tokens, linear_ids = self.model.sparse_parts(batch.sparse)
+                if tokens is not None:  # None without the deep part (the floor)
+                    tokens = tokens.detach().requires_grad_()
+                forward = self._task_forward or self.model.task_arch.forward_with_aux
+                logits, aux = forward(tokens, batch.dense, linear_ids)
+            loss = self.loss_fn(logits, batch.labels, aux)
+            params = [p for _, p in dense_parameters(self.model)]
+            inputs = params if tokens is None else [tokens, *params]
+            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers, strict=True):
+                    b.copy_(saved)
+            torch.set_rng_state(rng)
+        return [loss.detach(), *(g for g in grads if g is not None)]
+
     def _scheduled_groups(self) -> list[dict[str, Any]]:
         """The parameter groups the schedule scales: the dense optimizer's, then (with
         ``training.lr_schedule_embeddings``) each fused table collection's."""
