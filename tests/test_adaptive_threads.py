@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import first_batch, fitted_spec, small_config, small_data_dir
 
+from mtrec.checkpoint import best_path, load_checkpoint
 from mtrec.threads import affinity_cores, resolve_threads
 from mtrec.train.adaptive_threads import (
     AdaptiveThreads,
@@ -164,12 +165,56 @@ def test_a_count_that_rounds_differently_is_never_used() -> None:
     # the model's gradients at 1 thread differ from those at 2
     gov.check_repeatable(lambda: [torch.tensor(float(machine.applied[-1]))])
     assert gov.checked and gov.frozen and gov.summary()["allowed"] == [2]
-    assert "round differently at [1] thread(s) than at 2; it stays at 2" in gov.lines[0]  # type: ignore[attr-defined]
+    lines: list[str] = gov.lines  # type: ignore[attr-defined]
+    assert "round differently at [1] thread(s) than at 2; it stays at 2" in lines[0]
     machine.run(gov, 300)
     machine.contended = True
     machine.run(gov, 600)  # a fixed count would collapse here: it still does not move
     assert gov.threads == 2 and gov.switches == 0
     assert machine.applied[-1] == 2 and set(machine.applied) == {1, 2}  # 1: the check only
+
+
+def test_a_disallowed_middle_count_is_skipped_both_ways() -> None:
+    # three cores; 2 threads round differently from 3, 1 thread agrees
+    machine = Machine(
+        solo={1: 0.08, 2: 0.045, 3: 0.03},
+        shared={1: 0.09, 2: 0.2, 3: 0.3},
+    )
+    gov = governor_on(machine, max_threads=3)
+    gov.check_repeatable(lambda: [torch.tensor(float(machine.applied[-1] == 2))])
+    assert gov.summary()["allowed"] == [1, 3] and not gov.frozen
+    checked = len(machine.applied)  # the check itself visited 2
+    counts = machine.run(gov, 2000)  # 60 s idle: periodic probes of 1 thread, back to 3
+    assert gov.threads == 3 and counts.count(1) / len(counts) < 0.05
+    machine.contended = True
+    machine.run(gov, 300)
+    assert gov.threads == 1
+    machine.contended = False
+    machine.run(gov, 1000)  # from 1 the next count up is 3 (2 is never used)
+    assert gov.threads == 3 and 2 not in machine.applied[checked:]
+
+
+def test_keep_stays_for_good() -> None:
+    machine = two_cores()
+    gov = governor_on(machine)
+    gov.keep("training.compile builds its kernels for one thread count")
+    assert gov.frozen and gov.checked
+    machine.contended = True
+    machine.run(gov, 500)
+    assert machine.applied == [2]
+    assert "stays at 2 thread(s): training.compile" in gov.lines[0]  # type: ignore[attr-defined]
+
+
+def test_scoring_runs_at_the_starting_count() -> None:
+    machine = two_cores()
+    gov = governor_on(machine)
+    machine.run(gov, 500)
+    machine.contended = True
+    machine.run(gov, 200)
+    assert gov.threads == 1
+    with gov.starting_count():  # validation: the same count whatever the load
+        assert machine.applied[-1] == 2
+    assert machine.applied[-1] == 1 and gov.threads == 1
 
 
 def test_an_agreeing_count_stays_allowed() -> None:
@@ -270,5 +315,38 @@ def test_training_loop_records_the_threads(tmp_path_factory) -> None:
         record = lines[0]["threads"]
         assert record["now"] in range(1, affinity_cores() + 1)
         assert sum(record["rows_share"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert affinity_cores() in record["allowed"]  # the check ran; the start count stays
     finally:
         torch.set_num_threads(before)
+
+
+def test_adaptive_is_the_default_and_trains_what_a_fixed_count_trains(tmp_path_factory) -> None:
+    """The check's trial forward and backward leave no trace: an adaptive run (whatever
+    counts it moves through) ends with the weights and metrics of a run at a fixed count."""
+    before = torch.get_num_threads()
+    try:
+        data = small_data_dir(tmp_path_factory)
+        tmp = tmp_path_factory.mktemp("adaptive_vs_fixed")
+        runs = {}
+        for setting in ("adaptive", str(affinity_cores())):
+            cfg = small_config(
+                data,
+                tmp / setting,
+                [f"training.threads={setting}"],
+                model={"multitask": {"type": "home", "expert_hidden": [16, 8]}},
+            )
+            runs[setting] = tmp / setting / "run"
+            train(cfg, runs[setting])
+        adaptive, fixed = (load_checkpoint(best_path(r))["model"] for r in runs.values())
+        assert adaptive.keys() == fixed.keys()
+        assert all(torch.equal(adaptive[k], fixed[k]) for k in adaptive)
+        valid = [
+            [json.loads(x)["valid"] for x in (r / "metrics.jsonl").read_text().splitlines()]
+            for r in runs.values()
+        ]
+        assert valid[0] == valid[1]
+    finally:
+        torch.set_num_threads(before)
+    from mtrec.config.schema import TrainingConfig
+
+    assert TrainingConfig().threads == "adaptive"

@@ -116,3 +116,14 @@ def test_bad_input_is_named() -> None:
         norm(torch.randn(1, 4))
     norm.eval()
     assert norm(torch.randn(1, 4)).shape == (1, 4)  # running statistics: one row is fine
+
+
+def test_bf16_input_keeps_float32_statistics() -> None:
+    # under bf16 autocast the expert outputs reach the norm in bf16
+    ours, ref = pair(64)
+    x = (torch.randn(512, 64, generator=torch.Generator().manual_seed(4)) * 3 + 60).bfloat16()
+    y, y_ref = ours(x), ref(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.02, atol=0.02)
+    for name in ("running_mean", "running_var"):  # from the float32 values of x
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=1e-5, atol=1e-5)

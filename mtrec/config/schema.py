@@ -471,10 +471,11 @@ class TrainingConfig:
     # threads while another process shares the cores (beside a 2-thread process ~0.4x of
     # solo speed where a fixed count falls to 0.1-0.2x; bench/contention.py). It moves
     # only between counts whose gradients on the first batch are bit-identical to the
-    # starting count's, so the same seed gives the same metrics whatever the load; a
-    # model whose kernels round differently at another count keeps its count (one log
-    # line says so). auto: the cores this process may use (its CPU affinity; Ray workers
-    # on one node split them), fixed. An integer: that many, fixed
+    # starting count's and validates at the starting count, so a run does not depend on
+    # the load; a model whose kernels round differently at another count, or one trained
+    # with training.compile, keeps its count (one log line says so). Ray workers keep a
+    # fixed count. auto: the cores this process may use (its CPU affinity; Ray workers on
+    # one node split them), fixed. An integer: that many, fixed
     threads: int | Literal["auto", "adaptive"] = num("adaptive", gt=0)
     # how OpenMP's threads wait between parallel regions. auto (default): libgomp's own
     # (spin ~300k iterations, then sleep): fastest alone, but beside another 2-thread

@@ -46,7 +46,10 @@ def batch_norm_training(
             f"BatchNorm1d needs at least 2 rows per training batch to estimate a "
             f"variance, got {batch}"
         )
-    var, mean = torch.var_mean(x, dim=0, correction=0)
+    # statistics in float32 (under bf16 autocast too), the output in the input's dtype,
+    # as ATen's batch norm does
+    xf = x.to(torch.float32)
+    var, mean = torch.var_mean(xf, dim=0, correction=0)
     scale = torch.rsqrt(var + eps) * weight
     shift = torch.addcmul(bias, mean, scale, value=-1.0)
     with torch.no_grad():
@@ -54,7 +57,7 @@ def batch_norm_training(
         factor = 1.0 / float(num_batches_tracked.item()) if momentum is None else momentum
         running_mean.mul_(1.0 - factor).add_(mean, alpha=factor)
         running_var.mul_(1.0 - factor).add_(var, alpha=factor * batch / (batch - 1))
-    return torch.addcmul(shift, x, scale)
+    return torch.addcmul(shift, xf, scale).to(x.dtype)
 
 
 class BatchNorm1d(nn.BatchNorm1d):

@@ -21,10 +21,13 @@ threads), and then a run whose count followed the machine's load would not repea
 for bit. So before the first step :func:`repeatable_counts` computes one batch's
 gradients (:meth:`mtrec.train.step.TrainStep.trial_gradients`) at every count the
 governor could reach and allows only those equal, bit for bit, to the starting count's;
-a model none of whose counts agree keeps the starting count, as ``auto`` does. The
-default stack, the census MMoE, PLE, HoME and AutoInt configs move freely between 1 and 2
-threads; the census APEM and TaskExpert configs stay fixed
-(``tests/test_adaptive_threads.py``).
+a model none of whose counts agree keeps the starting count, as ``auto`` does. Validation
+runs at the starting count (:meth:`AdaptiveThreads.starting_count`): scoring rounds
+differently at another count in some models, and the best checkpoint must not depend on
+the load. Measured on 2 cores (2026-12-07): the default stack and the census MMoE, PLE,
+HoME and AutoInt configs move freely between 1 and 2 threads; the census APEM and
+TaskExpert configs stay fixed. With ``training.compile`` the count stays fixed too
+(compiled kernels are built for the count they were compiled at).
 
 Everything here is driven by the step times the caller observes (no clock of its own),
 so a sequence of observations always gives the same decisions.
@@ -33,7 +36,8 @@ so a sequence of observations always gives the same decisions.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -201,11 +205,13 @@ class AdaptiveThreads:
         """Allow only the reachable counts at which ``trial`` (one batch's gradients, no
         side effects) agrees bit for bit with the current count (:func:`repeatable_counts`);
         one line says which counts were left out, and why."""
+        self.checked = True
         counts = [c for c in reachable_counts(self.max_threads) if c in self.allowed]
         counts.remove(self.threads)
+        if not counts:  # one core: nothing to compare
+            return
         agreeing = repeatable_counts(trial, [self.threads, *counts], self._set)
         self.allow(agreeing)
-        self.checked = True
         left_out = sorted(set(counts) - set(agreeing))
         if left_out:
             stays = "stays at" if self.frozen else "keeps to"
@@ -216,14 +222,32 @@ class AdaptiveThreads:
                 "the run repeats bit for bit"
             )
 
+    def keep(self, reason: str) -> None:
+        """Stay at the current count for good (one log line gives ``reason``)."""
+        self.allow([self.threads])
+        self.checked = True
+        self._log(f"training.threads adaptive: stays at {self.threads} thread(s): {reason}")
+
+    @contextmanager
+    def starting_count(self) -> Iterator[None]:
+        """Run the block at the starting count (``max_threads``), then return to the
+        current one. Validation runs in it: scoring is not bit-identical across counts
+        in every model (the demo's validation AUCs move in the ninth digit between 1 and
+        2 threads), and the best checkpoint must not depend on the load."""
+        self._set(self.max_threads)
+        try:
+            yield
+        finally:
+            self._set(self.threads)
+
     def allow(self, counts: list[int]) -> None:
         """Restrict the counts the governor may move to (the current one always stays)."""
         self.allowed = {c for c in counts if 1 <= c <= self.max_threads} | {self.threads}
 
     @property
     def frozen(self) -> bool:
-        """True when no neighbouring count is allowed: the count stays where it is."""
-        return len(self._candidates()) == 1
+        """True when no other count is allowed: the count stays where it is."""
+        return len(self.allowed) == 1
 
     def summary(self) -> dict[str, object]:
         """The count now, the number of changes, and the share of rows at each count."""
@@ -238,11 +262,20 @@ class AdaptiveThreads:
     # ------------------------------------------------------------------ probing
 
     def _candidates(self) -> list[int]:
-        """Half and double the current count (within 1..max), then the current count
-        itself: it is timed last, in the same conditions as its neighbours."""
+        """The allowed neighbours of the current count, then the current count itself (it
+        is timed last, in the same conditions as its neighbours). Below: the largest
+        allowed count up to half the current one (else the largest allowed below it);
+        above: the smallest allowed from double (else the largest allowed above it, as
+        doubling caps at the maximum)."""
         current = self.threads
-        others = {max(1, current // 2), min(self.max_threads, current * 2)} - {current}
-        return [*sorted(others & self.allowed), current]
+        lower = sorted(c for c in self.allowed if c < current)
+        upper = sorted(c for c in self.allowed if c > current)
+        others = []
+        if lower:
+            others.append(max([c for c in lower if c <= current // 2] or [lower[-1]]))
+        if upper:
+            others.append(min([c for c in upper if c >= 2 * current] or [upper[-1]]))
+        return [*others, current]
 
     def _start_probe(self, current_rate: float | None = None) -> None:
         """Time the candidates in turn; ``current_rate``, when given, stands for the

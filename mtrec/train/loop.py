@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -198,7 +199,13 @@ def _train_in(
     st = ledger.state
     watch = LossWatch()
     # threads: adaptive — the count follows the step times (None: fixed by apply_threads)
-    governor = AdaptiveThreads(resolve_threads(tr.threads)) if tr.threads == "adaptive" else None
+    governor = None
+    if tr.threads == "adaptive":
+        governor = AdaptiveThreads(resolve_threads(tr.threads))
+        if tr.compile:
+            governor.keep("training.compile builds its kernels for one thread count")
+    # validation scores at one fixed count, whatever the load (see starting_count)
+    scoring_threads = governor.starting_count if governor is not None else nullcontext
     epochs_this_call = 0
     while ledger.another_epoch(epochs_this_call, stop_after_epochs):
         epoch = st.epoch
@@ -223,9 +230,10 @@ def _train_in(
         ):
             if steps and valid_source is not None and ledger.validate_after(steps):
                 # before this step, not after the last one: the epoch end validates that
-                stop_point = _validate_mid_epoch(
-                    trainer, spec, valid_source, ledger, loss, epoch, steps
-                )
+                with scoring_threads():
+                    stop_point = _validate_mid_epoch(
+                        trainer, spec, valid_source, ledger, loss, epoch, steps
+                    )
                 if stop_point is not None:
                     break
             if governor is None:
@@ -270,7 +278,8 @@ def _train_in(
 
         valid, health = None, None
         if valid_source is not None:
-            with trainer.averaged():  # the weights best.pt would hold: swapped in once
+            # the weights best.pt would hold, swapped in once; at a fixed thread count
+            with scoring_threads(), trainer.averaged():
                 if stop_point is None:
                     valid = evaluate_split(model, spec, valid_source, tr.eval_batch_size)
                 health = block_health(model, spec, valid_source)

@@ -425,8 +425,8 @@ def _worker_body(config: dict[str, Any]) -> dict[str, Any] | None:
             # workers step in lockstep: a worker's step time includes waiting for the
             # slowest, so it cannot tell which thread count is its own fastest
             _log(
-                "training.threads: adaptive follows the load in local training only; "
-                f"each Ray worker keeps {job.threads} thread(s)"
+                f"each Ray worker keeps {job.threads} thread(s) (training.threads: adaptive "
+                "follows the load in local training only)"
             )
         for hint in step.plan_hints():
             _log(f"hint: {hint}")

@@ -110,7 +110,8 @@ class TrainStep:
 
         What :mod:`mtrec.train.adaptive_threads` compares between thread counts; the
         embedding gradient stands for the fused tables' update, which backward applies
-        in place and so cannot be taken without it.
+        in place and so cannot be taken without it (the linear term's per-id weights are
+        looked up inside the task arch: their gradient is not among these).
         """
         rng = torch.get_rng_state()
         buffers = [b.clone() for b in self.model.buffers()]
@@ -121,6 +122,8 @@ class TrainStep:
                     tokens = tokens.detach().requires_grad_()
                 forward = self._task_forward or self.model.task_arch.forward_with_aux
                 logits, aux = forward(tokens, batch.dense, linear_ids)
+            if self.penalties:  # as step() does; taking them also clears what they kept
+                aux = {**aux, **{name: p.take() for name, p in self.penalties.items()}}
             loss = self.loss_fn(logits, batch.labels, aux)
             params = [p for _, p in dense_parameters(self.model)]
             inputs = params if tokens is None else [tokens, *params]
