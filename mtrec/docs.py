@@ -311,7 +311,9 @@ whole. To replace an inherited mapping whole instead of merging into it, tag it
 `!replace` (`chunks: !replace {user: 2}` drops the base's other `chunks` entries); to
 remove an inherited key, tag it `!delete` (`item_id: !delete`). `mtrec train --set
 key.path=value` overrides any key below (the value is read as YAML and replaces the key
-whole: `--set model.multitask.expert_hidden=[64,32]`). Dataset paths may use
+whole: `--set model.multitask.expert_hidden=[64,32]`); a feature or task is addressed
+by its name (`--set features.user_id.deep=false`, `--set tasks.click.weight=2`). Dataset
+paths may use
 `${MTREC_DATA_DIR}` and are resolved relative to the YAML file that sets them (given
 with `--set`, relative to the directory the command runs in).
 

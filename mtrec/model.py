@@ -20,6 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtrec.config import ConfigError, ExperimentConfig
 from mtrec.data.spec import FeatureSpec
+from mtrec.embeddings.feature_select import FeatureSelect
 from mtrec.embeddings.linear import LinearArch, LinearHead
 from mtrec.embeddings.numeric import NumericEmbedding, NumericNormalizer
 from mtrec.embeddings.per_feature import (
@@ -96,19 +97,40 @@ def _chain_steps(logits: torch.Tensor, chain: list[int], num_tasks: int) -> torc
 
 
 class SparseArch(nn.Module):
-    """Sparse features → field tokens: KJT of raw ids → B x F_s x d.
+    """Sparse features → field tokens: KJT of raw ids → B x F_d x d.
 
     Wraps the embedding module (torchrec ``EmbeddingBagCollection`` inside, FBGEMM kernels
     once fused or sharded). :meth:`torch_pooling` gives the same lookup as a torch-only
     module over plain tensors, built from this embedding (same maths, same weights).
 
     Args:
-        embedding: :class:`PerFeatureEmbedding` or :class:`UnifiedEmbedding`.
+        embedding: :class:`PerFeatureEmbedding` or :class:`UnifiedEmbedding` over the F_d
+            features that feed the deep model.
+        select: picks those F_d features out of the model's F_s sparse features (the
+            others have ``deep: false`` and feed only the linear term), or None when all
+            F_s feed the deep model. Serving applies the same module
+            (:class:`~mtrec.export.serving.ServingModule`).
     """
 
-    def __init__(self, embedding: PerFeatureEmbedding | UnifiedEmbedding) -> None:
+    def __init__(
+        self,
+        embedding: PerFeatureEmbedding | UnifiedEmbedding,
+        select: FeatureSelect | None = None,
+    ) -> None:
         super().__init__()
         self.embedding = embedding
+        self.select = select
+
+    def deep_ids(self, sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The KJT of the F_d deep features (``sparse`` itself when all are deep)."""
+        select = self.select
+        if select is None:
+            return sparse
+        batch = sparse.stride()
+        values, lengths = select(sparse.values(), sparse.lengths(), batch)
+        return KeyedJaggedTensor(
+            keys=self.embedding.feature_names, values=values, lengths=lengths, stride=batch
+        )
 
     def forward(
         self,
@@ -116,9 +138,11 @@ class SparseArch(nn.Module):
         filtered: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``filtered``: the ids already through the embedding's ``value_filter`` and their
-        features, or None (the embedding filters them)."""
+        features, or None (the embedding filters them). Never given with ``select``: the
+        linear term then reads other features and filters its own ids."""
         if filtered is None:
-            return self.embedding(sparse)
+            return self.embedding(self.deep_ids(sparse))
+        assert self.select is None, "pre-filtered ids cover every sparse feature"
         return self.embedding(sparse, filtered)
 
     def torch_pooling(self) -> PerFeaturePooling | UnifiedPooling:
@@ -357,7 +381,7 @@ class MultiTaskModel(nn.Module):
         # seen sets, unknown ids and id dropout): then the two share one filter module,
         # and a batch's ids are filtered, and dropped, once for both
         self.shared_filter = False
-        if sparse_arch is not None and linear_arch is not None:
+        if sparse_arch is not None and linear_arch is not None and sparse_arch.select is None:
             mine, theirs = sparse_arch.embedding.value_filter, linear_arch.value_filter
             if mine.same_as(theirs) and torch.equal(mine.drop_p, theirs.drop_p):
                 linear_arch.value_filter = mine
@@ -404,7 +428,7 @@ class MultiTaskModel(nn.Module):
             super().__setattr__(name, value)
 
     def sparse_tokens(self, sparse: KeyedJaggedTensor) -> torch.Tensor | None:
-        """B x F_s x d sparse field tokens (None without sparse features)."""
+        """B x F_d x d sparse field tokens of the deep features (None without any)."""
         if self.sparse_arch is None:
             return None
         return self.sparse_arch(sparse)
@@ -553,26 +577,32 @@ def _deep_parts(
     feature), interaction, block, towers."""
     emb_cfg, mt_cfg = cfg.model.embedding, cfg.model.multitask
     d = emb_cfg.dim
+    # the features with ``deep: false`` feed only the linear term: the deep embedding is
+    # built over the others (their per-feature settings picked from the lists of all)
+    deep = [i for i, f in enumerate(spec.sparse) if f.deep]
+    names = [spec.sparse[i].name for i in deep]
+    buckets, poolings = [buckets[i] for i in deep], [poolings[i] for i in deep]
     sparse: PerFeatureEmbedding | UnifiedEmbedding | None = None
-    if spec.sparse:
+    if deep:
         if emb_cfg.prior_std is not None:  # the prior's use counts beside the id handling
             unknown = {**unknown, "id_uses": _prior_counts(spec, "model.embedding.prior_std")}
+        unknown = {key: [values[i] for i in deep] for key, values in unknown.items()}
         if emb_cfg.type == "unified":
             tables = emb_cfg.num_tables
             sparse = UnifiedEmbedding(
-                spec.sparse_names,
+                names,
                 emb_cfg.rows or -(-sum(buckets) // tables) * tables,
                 d,
                 poolings,
-                chunks=[emb_cfg.chunks.get(f.name, 1) for f in spec.sparse],
+                chunks=[emb_cfg.chunks.get(name, 1) for name in names],
                 chunk_dim=emb_cfg.chunk_dim or d,
                 num_tables=tables,
                 **unknown,
             )
         else:
-            sparse = PerFeatureEmbedding(spec.sparse_names, buckets, d, poolings, **unknown)
+            sparse = PerFeatureEmbedding(names, buckets, d, poolings, **unknown)
     numeric = NumericEmbedding(len(spec.numeric), d, bins) if spec.numeric else None
-    field_names = [f.name for f in spec.sparse] + [f.name for f in spec.numeric]
+    field_names = spec.field_names  # the tokens: deep sparse features, then numeric ones
     num_fields = len(field_names)
     interaction = build_interaction(cfg.model.interaction, num_fields, d)
     if interaction is not None:
@@ -589,4 +619,8 @@ def _deep_parts(
         mt_cfg.activation,
         mt_cfg.dropout,
     )
-    return (None if sparse is None else SparseArch(sparse)), numeric, interaction, block, towers
+    arch = None
+    if sparse is not None:  # None too when every sparse feature is wide-only
+        whole = len(deep) == len(spec.sparse)
+        arch = SparseArch(sparse, None if whole else FeatureSelect(len(spec.sparse), deep))
+    return arch, numeric, interaction, block, towers

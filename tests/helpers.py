@@ -83,16 +83,9 @@ def write_small_config(
     small defaults.
     """
     base = data_dir / "config.yaml"
-    raw = yaml.safe_load(base.read_text())
-    features = []
-    for f in raw["features"]:
-        f = dict(f)
-        if "buckets" in f:
-            f["buckets"] = min(int(f["buckets"]), MAX_BUCKETS)
-        features.append(f)
     doc: dict[str, Any] = {
         "extends": str(base.resolve()),
-        "features": features,
+        "features": small_features(data_dir),
         "model": deep_merge(SMALL_MODEL, model or {}),
         "training": {**SMALL_TRAINING, **(training or {})},
         **top,
@@ -100,6 +93,21 @@ def write_small_config(
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(yaml.safe_dump(doc, sort_keys=False))
     return dest
+
+
+def small_features(data_dir: Path, **changes: dict[str, Any]) -> list[dict[str, Any]]:
+    """``data_dir/config.yaml``'s features, each ``buckets`` capped at :data:`MAX_BUCKETS`,
+    with ``changes[name]`` merged into feature ``name`` (e.g. ``user_id={"deep": False}``);
+    pass the list as ``features=`` to :func:`small_config`."""
+    raw = yaml.safe_load((data_dir / "config.yaml").read_text())
+    out = []
+    for f in raw["features"]:
+        f = dict(f)
+        if "buckets" in f:
+            f["buckets"] = min(int(f["buckets"]), MAX_BUCKETS)
+        f.update(changes.get(f["name"], {}))
+        out.append(f)
+    return out
 
 
 def small_config(

@@ -111,6 +111,30 @@ def test_override_errors(tmp_path: Path) -> None:
         load_config(p, overrides=["training.nope=1"])
 
 
+def test_override_a_named_feature_or_task(tmp_path: Path) -> None:
+    p = write(tmp_path, "base.yaml", BASE)
+    cfg = load_config(
+        p, overrides=["features.a.min_count=5", "tasks.click.weight=2", "model.linear.enabled=true"]
+    )
+    assert cfg.features[0].min_count == 5 and cfg.features[1].min_count is None
+    assert cfg.tasks[0].weight == 2.0
+    cfg = load_config(p, overrides=["features.a.deep=false"])
+    assert [f.deep for f in cfg.features] == [False, True]
+    with pytest.raises(ConfigError, match="features has no item named 'aa'; did you mean 'a'"):
+        load_config(p, overrides=["features.aa.min_count=5"])
+    with pytest.raises(ConfigError, match=r"no item named 'min_count'.*features.NAME.KEY"):
+        load_config(p, overrides=["features.min_count=5"])
+    with pytest.raises(ConfigError, match="set one key at a time"):
+        load_config(p, overrides=["features.a={name: a, kind: numeric}"])
+    # a name with dots: the longest name that leaves a key after it
+    dotted = write(tmp_path, "dotted.yaml", BASE.replace("{name: a, kind", "{name: a.b, kind"))
+    cfg = load_config(dotted, overrides=["features.a.b.min_count=3"])
+    assert cfg.features[0].name == "a.b" and cfg.features[0].min_count == 3
+    # a list of plain values is not addressed by name
+    with pytest.raises(ConfigError, match="is not a mapping"):
+        load_config(p, overrides=["model.multitask.chain=[click]", "model.multitask.chain.x=1"])
+
+
 def test_malformed_and_empty_yaml(tmp_path: Path) -> None:
     p = write(tmp_path, "bad.yaml", "name: [unclosed\n")
     with pytest.raises(ConfigError, match=r"malformed YAML at line"):

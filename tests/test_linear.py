@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from helpers import first_batch, fitted_spec, small_config, small_data_dir
+from helpers import first_batch, fitted_spec, small_config, small_data_dir, small_features
 
 from mtrec.cli import main as cli_main
 from mtrec.config import ConfigError, load_config
@@ -371,6 +371,8 @@ def test_sharded_training_matches_the_local_step_with_the_linear_term(
         # from the sharded forward)
         small_config(data, tmp_path, [*on, "model.linear.prior_std=0.05"]),
         small_config(data, tmp_path, [*on, "model.embedding.prior_std=0.05"]),
+        # a wide-only feature: the deep embedding reads the others (features[].deep)
+        small_config(data, tmp_path, on, features=small_features(data, user_id={"deep": False})),
     ]
     out = tmp_path / "result.pt"
     mp.spawn(_sharded_worker, args=(cfgs, str(tmp_path / "store"), str(out)), nprocs=1, join=True)

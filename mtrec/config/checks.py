@@ -87,6 +87,16 @@ def check_config(cfg: ExperimentConfig, source: str) -> None:
                 f"{source}: features[{i}].slice: only categorical features can be sliced "
                 "by seen / unseen id"
             )
+        if not f.deep and f.kind == "numeric":
+            raise ConfigError(
+                f"{source}: features[{i}].deep: only categorical and multi_hot features can "
+                "be wide-only (deep: false); a numeric feature feeds both parts"
+            )
+        if not f.deep and not cfg.model.linear.enabled:
+            raise ConfigError(
+                f"{source}: features[{i}].deep: false feeds {f.name!r} to the linear term "
+                "only, which is off; set model.linear.enabled: true or drop deep: false"
+            )
         if f.kind != "multi_hot" and f.delimiter is not None:
             raise ConfigError(
                 f"{source}: features[{i}].delimiter: only multi_hot features take a delimiter"
@@ -103,6 +113,12 @@ def check_config(cfg: ExperimentConfig, source: str) -> None:
         )
     _check_interaction(cfg, source)
     _check_multitask(cfg, source)
+    if cfg.model.deep and not any(f.deep for f in cfg.features):
+        raise ConfigError(
+            f"{source}: features: every feature has deep: false, so the deep model reads "
+            "nothing; keep deep: true on at least one feature, or set model.deep: false "
+            "(the linear model alone)"
+        )
     if not cfg.model.deep and not cfg.model.linear.enabled:
         raise ConfigError(
             f"{source}: model.deep: false leaves no model; set model.linear.enabled: true "
@@ -161,6 +177,7 @@ def _check_unified(cfg: ExperimentConfig, source: str) -> None:
         )
     kinds = {f.name: f.kind for f in cfg.features}
     sparse = [f.name for f in cfg.features if f.kind != "numeric"]
+    wide = {f.name for f in cfg.features if not f.deep}
     for name in emb.chunks:
         key = f"model.embedding.chunks.{name}"
         if name not in kinds:
@@ -173,4 +190,9 @@ def _check_unified(cfg: ExperimentConfig, source: str) -> None:
             raise ConfigError(
                 f"{source}: {key}: {name!r} is numeric; only categorical and multi_hot "
                 "features take chunks"
+            )
+        if name in wide:
+            raise ConfigError(
+                f"{source}: {key}: {name!r} has deep: false, so it has no embedding to "
+                "chunk; drop this key or set its deep: true"
             )

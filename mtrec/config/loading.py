@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import os
@@ -310,6 +311,40 @@ def _load_raw(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     return merged
 
 
+def _named_items(node: Any) -> list[str] | None:
+    """The names of a list of named mappings (``features``, ``tasks``), else None."""
+    if not isinstance(node, list) or not node:
+        return None
+    if not all(isinstance(item, dict) and isinstance(item.get("name"), str) for item in node):
+        return None
+    return [item["name"] for item in node]
+
+
+def _named_item(
+    items: list[dict[str, Any]], parts: list[str], start: int, override: str
+) -> tuple[dict[str, Any], int]:
+    """The item of ``items`` named by ``parts[start:]`` and the index of the first part
+    after its name. A name may hold dots (``features.a.b.deep``): the longest name that
+    leaves a key after it wins."""
+    by_name = {item["name"]: item for item in items}
+    for end in range(len(parts) - 1, start, -1):
+        name = ".".join(parts[start:end])
+        if name in by_name:
+            return by_name[name], end
+    where = ".".join(parts[:start])
+    if ".".join(parts[start:]) in by_name:
+        raise ConfigError(
+            f"--set {override!r}: {where} items are set one key at a time "
+            f"({where}.NAME.KEY=VALUE); edit the YAML to replace or remove a whole item"
+        )
+    close = difflib.get_close_matches(parts[start], list(by_name), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(
+        f"--set {override!r}: {where} has no item named {parts[start]!r}{hint} "
+        f"(names: {', '.join(by_name)}); set an item's key as {where}.NAME.KEY=VALUE"
+    )
+
+
 def _apply_override(raw: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"--set {override!r}: expected key.path=value")
@@ -320,15 +355,22 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     except yaml.YAMLError:
         value = text
     node = raw
-    for i, part in enumerate(parts[:-1]):
+    i = 0
+    while i < len(parts) - 1:
+        part = parts[i]
         child = node.get(part)
         if child is None:
             child = node[part] = {}
+        if _named_items(child) is not None:
+            # a list of named items (features, tasks): the next parts name one of them
+            child, i = _named_item(child, parts, i + 1, override)
+            i -= 1  # the index of the name's last part
         if not isinstance(child, dict):
             raise ConfigError(
                 f"--set {override!r}: {'.'.join(parts[: i + 1])} is not a mapping, cannot set {key}"
             )
         node = child
+        i += 1
     if len(parts) == 2 and parts[0] == "dataset" and parts[1] in _PATH_KEYS:
         if isinstance(value, str) and value:
             # a path given on the command line is relative to where the command runs

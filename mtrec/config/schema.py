@@ -178,6 +178,11 @@ class FeatureConfig:
     # categorical only: report metrics separately for rows whose id was seen / unseen in
     # training (None: the highest-cardinality features, unless another feature says true)
     slice: bool | None = None
+    # categorical / multi_hot only; false: a "wide-only" column (Wide & Deep) that feeds
+    # only the first-order term (model.linear), e.g. a user or item id mostly new at
+    # serving: its per-id weights are shrunk by model.linear.prior_std, and the deep
+    # model learns from the features that carry over to new ids
+    deep: bool = True
 
     @property
     def source(self) -> str:

@@ -140,8 +140,10 @@ class FeatureSpec:
 
     @property
     def field_names(self) -> list[str]:
-        """Model fields in token order: sparse features, then numeric features."""
-        return self.sparse_names + self.numeric_names
+        """The deep model's fields in token order: the sparse features it reads (all but
+        those with ``deep: false``, which feed only the linear term), then the numeric
+        features."""
+        return [f.name for f in self.sparse if f.deep] + self.numeric_names
 
     # ------------------------------------------------------------- validation
 

@@ -53,15 +53,22 @@ class ServingModule(nn.Module):
         self.sparse: nn.Module | None = (
             None if model.sparse_arch is None else model.sparse_arch.torch_pooling()
         )
+        # the deep features' share of the ids (features with deep: false feed only the
+        # linear term): the sparse arch's own selection module, or None when all are deep
+        self.select: nn.Module | None = (
+            None if model.sparse_arch is None else model.sparse_arch.select
+        )
         # (values, lengths, B) → B x F_s x W per-task id weights of the linear term
         self.linear: nn.Module | None = (
             None if model.linear_arch is None else model.linear_arch.torch_pooling()
         )
-        # the linear term filters ids as the embedding does (same kept / seen sets): in
-        # eval mode the filter is deterministic, so filter once and pool both from that
+        # the linear term filters ids as the embedding does (same features, kept and
+        # seen sets): in eval mode the filter is deterministic, so filter once and pool
+        # both from that
         self.shared_filter = (
             self.sparse is not None
             and self.linear is not None
+            and self.select is None
             and self.sparse.value_filter.same_as(self.linear.value_filter)
         )
         self.task_arch: TaskArch = model.task_arch  # the trained object, not a copy
@@ -140,7 +147,10 @@ class ServingModule(nn.Module):
             linear_ids = self.linear.forward_filtered(ids, feature_of, lengths, batch)
         else:
             if self.sparse is not None:
-                tokens = self.sparse(values, lengths, batch)
+                deep_values, deep_lengths = values, lengths
+                if self.select is not None:
+                    deep_values, deep_lengths = self.select(values, lengths, batch)
+                tokens = self.sparse(deep_values, deep_lengths, batch)
             if self.linear is not None:
                 linear_ids = self.linear(values, lengths, batch)
         return self.task_arch(tokens, dense.to(torch.float64), linear_ids)

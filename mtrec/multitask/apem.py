@@ -87,7 +87,16 @@ class APEMConfig:
                 "AutoInt); pick a divisor"
             )
         # the same rules the model applies when it is built (one implementation)
-        group_indices([f.name for f in cfg.features], self.field_groups)
+        wide = {f.name for f in cfg.features if not f.deep}
+        for group in self.field_groups:
+            for name in group:
+                if name in wide:
+                    raise ConfigError(
+                        f"model.multitask.apem.field_groups: {name!r} has deep: false, so it "
+                        "is no field of the deep model; drop it from the groups or set its "
+                        "deep: true"
+                    )
+        group_indices([f.name for f in cfg.features if f.deep], self.field_groups)
 
 
 class MultiHeadAttention(nn.Module):
