@@ -266,6 +266,10 @@ def test_trial_gradients_change_nothing_and_steps_repeat_at_1_and_2_threads(
         assert all(
             torch.equal(a, b) for a, b in zip(step.trial_gradients(batch), grads, strict=True)
         )
+        # the loss, then the gradients of the deep tokens and of the linear term's weights
+        # (read after the comparison: this forward draws from the random stream)
+        tokens, linear_ids = step.model.sparse_parts(batch.sparse)
+        assert grads[1].shape == tokens.shape and grads[2].shape == linear_ids.shape
         # and training itself: steps alternating 1 and 2 threads = steps at 2 threads
         states = []
         for plan in ((2, 2, 2, 2), (1, 2, 1, 2)):

@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from mtrec.config.errors import ConfigError
 from mtrec.config.schema import Bounds, ExperimentConfig
 
-__all__ = ["check_bounds", "check_config", "check_names"]
+__all__ = ["check_bounds", "check_config", "check_deep_fields", "check_names"]
 
 
 def check_bounds(obj: Any, source: str, key: str = "") -> None:
@@ -58,6 +59,18 @@ def check_names(source: str, key: str, names: list[str], known: list[str], what:
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(
                 f"{source}: {key}[{i}]: unknown {what} {name!r}{hint} (known: {', '.join(known)})"
+            )
+
+
+def check_deep_fields(cfg: ExperimentConfig, key: str, names: Iterable[str]) -> None:
+    """``key`` names features as fields of the deep model: none may be wide-only
+    (``deep: false``, fed only to the linear term)."""
+    wide = {f.name for f in cfg.features if not f.deep}
+    for name in names:
+        if name in wide:
+            raise ConfigError(
+                f"{key}: {name!r} has deep: false, so it is no field of the deep model; "
+                "drop it here or set its deep: true"
             )
 
 
@@ -177,7 +190,6 @@ def _check_unified(cfg: ExperimentConfig, source: str) -> None:
         )
     kinds = {f.name: f.kind for f in cfg.features}
     sparse = [f.name for f in cfg.features if f.kind != "numeric"]
-    wide = {f.name for f in cfg.features if not f.deep}
     for name in emb.chunks:
         key = f"model.embedding.chunks.{name}"
         if name not in kinds:
@@ -191,8 +203,4 @@ def _check_unified(cfg: ExperimentConfig, source: str) -> None:
                 f"{source}: {key}: {name!r} is numeric; only categorical and multi_hot "
                 "features take chunks"
             )
-        if name in wide:
-            raise ConfigError(
-                f"{source}: {key}: {name!r} has deep: false, so it has no embedding to "
-                "chunk; drop this key or set its deep: true"
-            )
+        check_deep_fields(cfg, f"{source}: {key}", [name])

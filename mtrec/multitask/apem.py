@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mtrec.config.checks import check_deep_fields
 from mtrec.config.errors import ConfigError
 from mtrec.config.schema import MultiTaskConfig, num
 from mtrec.multitask.base import BlockInputs
@@ -87,15 +88,8 @@ class APEMConfig:
                 "AutoInt); pick a divisor"
             )
         # the same rules the model applies when it is built (one implementation)
-        wide = {f.name for f in cfg.features if not f.deep}
-        for group in self.field_groups:
-            for name in group:
-                if name in wide:
-                    raise ConfigError(
-                        f"model.multitask.apem.field_groups: {name!r} has deep: false, so it "
-                        "is no field of the deep model; drop it from the groups or set its "
-                        "deep: true"
-                    )
+        grouped = [name for group in self.field_groups for name in group]
+        check_deep_fields(cfg, "model.multitask.apem.field_groups", grouped)
         group_indices([f.name for f in cfg.features if f.deep], self.field_groups)
 
 

@@ -46,7 +46,7 @@ class EmbeddingPenalty:
     ``model.linear.weight_decay``).
 
     A forward hook on the model's :class:`~mtrec.model.SparseArch` keeps its training
-    output (B x F_s x d); :meth:`take` returns ``weight_decay / 2 * mean_b Σ_{f,j}
+    output (B x F_d x d); :meth:`take` returns ``weight_decay / 2 * mean_b Σ_{f,j}
     tokens²``. Its gradient reaches each looked-up row inside FBGEMM's fused backward, so
     row-wise Adagrad sees ``g + weight_decay * row / B`` per use of the row: an L2 decay
     on exactly the rows a batch touched, strongest on the most used. (FBGEMM's own

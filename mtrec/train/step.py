@@ -86,15 +86,7 @@ class TrainStep:
         if self.schedule is not None:
             # before the forward: FBGEMM's lookup takes the tables' rate when it runs
             self._set_lr(self.schedule.factor(self.steps))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            if self._task_forward is None:
-                logits, aux = self.model.forward_with_aux(batch.sparse, batch.dense)
-            else:  # the same computation as MultiTaskModel.forward_with_aux
-                tokens, linear_ids = self.model.sparse_parts(batch.sparse)
-                logits, aux = self._task_forward(tokens, batch.dense, linear_ids)
-        if self.penalties:
-            aux = {**aux, **{name: p.take() for name, p in self.penalties.items()}}
-        loss = self.loss_fn(logits, batch.labels, aux)
+        loss, _ = self._loss(batch)
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()  # the fused tables step here, at the rate set before the forward
         self.dense_opt.step()
@@ -103,31 +95,43 @@ class TrainStep:
         self.steps += 1
         return loss
 
+    def _loss(
+        self, batch: Batch, lookups_as_leaves: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The training loss of ``batch`` (task losses, auxiliary losses, penalties) and
+        the looked-up tensors it was computed from: the deep tokens and the linear term's
+        per-id weights (those present). ``lookups_as_leaves`` cuts them from the tables,
+        so the loss's gradient stops at them (:meth:`trial_gradients`)."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            # MultiTaskModel.forward_with_aux in its two parts
+            tokens, linear_ids = self.model.sparse_parts(batch.sparse)
+            if lookups_as_leaves:
+                tokens, linear_ids = (
+                    None if t is None else t.detach().requires_grad_() for t in (tokens, linear_ids)
+                )
+            forward = self._task_forward or self.model.task_arch.forward_with_aux
+            logits, aux = forward(tokens, batch.dense, linear_ids)
+        if self.penalties:  # taking them also clears what they kept
+            aux = {**aux, **{name: p.take() for name, p in self.penalties.items()}}
+        lookups = [t for t in (tokens, linear_ids) if t is not None]
+        return self.loss_fn(logits, batch.labels, aux), lookups
+
     def trial_gradients(self, batch: Batch) -> list[torch.Tensor]:
-        """The loss, its gradient with respect to the looked-up embeddings and every dense
-        gradient that :meth:`step` would compute on ``batch``, without training: no
-        parameter, buffer (BatchNorm's running statistics) or random stream changes.
+        """The loss, its gradients with respect to the looked-up tensors (deep tokens and
+        the linear term's per-id weights) and every dense gradient that :meth:`step` would
+        compute on ``batch``, without training: no parameter, buffer (BatchNorm's running
+        statistics) or random stream changes.
 
         What :mod:`mtrec.train.adaptive_threads` compares between thread counts; the
-        embedding gradient stands for the fused tables' update, which backward applies
-        in place and so cannot be taken without it (the linear term's per-id weights are
-        looked up inside the task arch: their gradient is not among these).
+        lookups' gradients stand for the fused tables' update, which backward applies in
+        place and so cannot be taken without it.
         """
         rng = torch.get_rng_state()
         buffers = [b.clone() for b in self.model.buffers()]
         try:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-                tokens, linear_ids = self.model.sparse_parts(batch.sparse)
-                if tokens is not None:  # None without the deep part (the floor)
-                    tokens = tokens.detach().requires_grad_()
-                forward = self._task_forward or self.model.task_arch.forward_with_aux
-                logits, aux = forward(tokens, batch.dense, linear_ids)
-            if self.penalties:  # as step() does; taking them also clears what they kept
-                aux = {**aux, **{name: p.take() for name, p in self.penalties.items()}}
-            loss = self.loss_fn(logits, batch.labels, aux)
+            loss, lookups = self._loss(batch, lookups_as_leaves=True)
             params = [p for _, p in dense_parameters(self.model)]
-            inputs = params if tokens is None else [tokens, *params]
-            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+            grads = torch.autograd.grad(loss, [*lookups, *params], allow_unused=True)
         finally:
             with torch.no_grad():
                 for b, saved in zip(self.model.buffers(), buffers, strict=True):
