@@ -15,15 +15,21 @@ Prints JSON lines (progress on stderr):
   actors, process group); ``worker_setup_s``: then to the first step (sharded model,
   data shards); ``fit_wall_s``: the whole ``train_distributed`` call.
 
-``{"bench": "scaling_summary", "speedup_2_workers", ...}`` — ``samples_per_s`` of 2
-workers over 1 worker (target >= 1.5 on 2 cores, issue #17), and the local loop's samples/s with
-the same threads for reference.
+``{"bench": "scaling_summary", "speedup_2_workers", ...}`` — median ``samples_per_s`` of 2
+workers over that of 1 worker (target >= 1.5 on 2 cores, issue #17), each round's ratio, and
+the local loop's samples/s with the same threads for reference.
 
 ``training.batch_size`` is the global batch (``--batch-size``, default 4096): each of
 N workers takes batch/N rows per step, so both runs do the same steps.
 
+``--rounds R`` (default 2) alternates the two runs R times (1, 2, 1, 2, ...), each round
+a fresh fit: the summary's ``speedup_2_workers`` is the ratio of the medians, with every
+round's ratio beside it (``round_speedups``). On a shared machine one pair of runs moves
+by ±0.15 between minutes (2026-12-07: 0.91-1.19 for four single runs of the same code);
+the spread of the rounds says how far one figure can be trusted.
+
 Usage: ``.venv/bin/python bench/scaling.py [--rows 300000] [--epochs 3] [--threads 1]
-[--preset criteo-like] [--sharding-types column_wise ...] [--set KEY=VALUE ...]``.
+[--rounds 2] [--preset criteo-like] [--sharding-types column_wise ...] [--set KEY=VALUE ...]``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +71,9 @@ def main() -> None:
     parser.add_argument("--preset", default="criteo-like", choices=["default", "criteo-like"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternating pairs of 1- and 2-worker runs"
+    )
     parser.add_argument(
         "--set",
         dest="sets",
@@ -106,37 +116,51 @@ def main() -> None:
         start_local_ray(num_cpus=2)
         C.emit("scaling_ray_init", ray_init_s=round(time.perf_counter() - t0, 2))
 
-        results: dict[int, dict[str, Any]] = {}
-        for workers in (1, 2):
-            C.log(f"{workers} worker(s), {args.threads} thread(s) each")
-            t0 = time.perf_counter()
-            summary = train_distributed(
-                cfg, root / f"w{workers}", workers=workers, sharding_types=args.sharding_types
-            )
-            wall = time.perf_counter() - t0
-            rate, per_worker = steady_samples_per_s(root / f"w{workers}")
-            results[workers] = C.emit(
-                "scaling",
-                workers=workers,
-                threads_per_worker=args.threads,
-                samples_per_s=round(rate, 1),
-                samples_per_s_per_worker=per_worker,
-                workers_start_s=summary.get("workers_start_s"),
-                worker_setup_s=summary.get("worker_setup_s"),
-                fit_wall_s=round(wall, 2),
-                rows=args.rows,
-                preset=args.preset,
-                global_batch=args.batch_size,
-                epochs=args.epochs,
-                valid_mean_auc=round(
-                    sum(m["auc"] for m in summary["valid"].values()) / len(summary["valid"]), 5
-                ),
-            )
+        runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+        for r in range(args.rounds):
+            for workers in (1, 2):
+                C.log(f"round {r + 1}/{args.rounds}: {workers} worker(s), {args.threads} thread(s)")
+                t0 = time.perf_counter()
+                out = root / f"r{r}-w{workers}"
+                summary = train_distributed(
+                    cfg, out, workers=workers, sharding_types=args.sharding_types
+                )
+                wall = time.perf_counter() - t0
+                rate, per_worker = steady_samples_per_s(out)
+                shutil.rmtree(out, ignore_errors=True)
+                runs[workers].append(
+                    C.emit(
+                        "scaling",
+                        round=r + 1,
+                        workers=workers,
+                        threads_per_worker=args.threads,
+                        samples_per_s=round(rate, 1),
+                        samples_per_s_per_worker=per_worker,
+                        workers_start_s=summary.get("workers_start_s"),
+                        worker_setup_s=summary.get("worker_setup_s"),
+                        fit_wall_s=round(wall, 2),
+                        rows=args.rows,
+                        preset=args.preset,
+                        global_batch=args.batch_size,
+                        epochs=args.epochs,
+                        valid_mean_auc=round(
+                            sum(m["auc"] for m in summary["valid"].values())
+                            / len(summary["valid"]),
+                            5,
+                        ),
+                    )
+                )
+        median = {w: statistics.median(x["samples_per_s"] for x in runs[w]) for w in runs}
         C.emit(
             "scaling_summary",
-            speedup_2_workers=round(results[2]["samples_per_s"] / results[1]["samples_per_s"], 3),
-            samples_per_s_1_worker=results[1]["samples_per_s"],
-            samples_per_s_2_workers=results[2]["samples_per_s"],
+            speedup_2_workers=round(median[2] / median[1], 3),
+            round_speedups=[
+                round(two["samples_per_s"] / one["samples_per_s"], 3)
+                for one, two in zip(runs[1], runs[2])
+            ],
+            samples_per_s_1_worker=round(median[1], 1),
+            samples_per_s_2_workers=round(median[2], 1),
+            rounds=args.rounds,
             local_samples_per_s=round(local, 1),
             threads_per_worker=args.threads,
         )

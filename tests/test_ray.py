@@ -30,7 +30,7 @@ from helpers import small_config, small_data_dir, write_small_config
 
 from mtrec.cli import main
 from mtrec.config import ExperimentConfig
-from mtrec.data.batcher import load_encoded
+from mtrec.data.batcher import iter_batches, load_encoded
 from mtrec.data.spec import FeatureSpec
 from mtrec.errors import DivergenceError
 from mtrec.evaluate.predict import evaluate_split
@@ -270,6 +270,59 @@ def _pre_split_names(state: dict[str, Any]) -> dict[str, Any]:
     legacy["sparse_optimizer"] = {rename(k): v for k, v in state["sparse_optimizer"].items()}
     assert any(k.startswith("sparse_embedding.") for k in legacy["sparse_optimizer"])
     return legacy
+
+
+def _field_order_worker(rank: int, world: int, cfg: ExperimentConfig, store: str) -> None:
+    """One rank: the sharded model's logits on this rank's batch beside the local model's
+    (the same initial weights), before any step."""
+    import torch.distributed as dist
+
+    from mtrec.data.fitting import fit_statistics_on_file
+    from mtrec.model import build_model
+    from mtrec.train.distributed import ShardedTrainStep
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    spec = FeatureSpec.from_config(cfg)
+    fit_statistics_on_file(spec, cfg.dataset.train)
+    chunk = load_encoded(spec, cfg.dataset.valid, cfg.dataset.chunk_rows)
+    batch = list(iter_batches(chunk, spec, 128))[rank]
+    step = ShardedTrainStep(cfg, spec, device=torch.device("cpu"), sharding_types=["table_wise"])
+    sharded = step.logits(batch)
+    torch.manual_seed(cfg.seed)
+    local = build_model(cfg, spec).eval()
+    with torch.no_grad():
+        expected = local(batch.sparse, batch.dense)
+    both: list[Any] = [None] * world
+    dist.all_gather_object(both, (sharded, expected))
+    if rank == 0:
+        torch.save({"plan": step.plan_summary(), "logits": both}, Path(store).with_name("out.pt"))
+    dist.barrier()
+    del step
+    dist.destroy_process_group()
+
+
+def test_sharded_forward_reads_fields_in_order_with_tables_on_both_ranks(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A sharded collection returns its features grouped by rank; per-feature tables
+    placed on both ranks must still reach the model in the config's field order (deep
+    tokens and the linear term's per-feature weights), so two workers compute what the
+    unsharded model does."""
+    import torch.multiprocessing as mp
+
+    cfg = small_config(
+        small_data_dir(tmp_path_factory),
+        tmp_path,
+        model={"embedding": {"type": "per_feature", "dim": 8}},
+    )
+    assert cfg.model.linear.enabled
+    mp.spawn(_field_order_worker, args=(2, cfg, str(tmp_path / "store")), nprocs=2, join=True)
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    plan = out["plan"]
+    assert "ranks [0]" in plan and "ranks [1]" in plan, plan  # tables on both ranks
+    for sharded, expected in out["logits"]:
+        torch.testing.assert_close(sharded, expected)
 
 
 def test_column_sharded_state_round_trips(

@@ -10,6 +10,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mtrec.embeddings.keyed import values_in_order
 from mtrec.embeddings.prior import bag_mean, inverse_uses
 
 __all__ = [
@@ -331,7 +332,8 @@ class PerFeatureEmbedding(PerFeatureLayout):
         hashed = KeyedJaggedTensor(
             keys=self.feature_names, values=rows, lengths=lengths, stride=batch
         )
-        pooled = self.ebc(hashed).values().view(-1, self.num_features, self.dim)
+        pooled = values_in_order(self.ebc(hashed), self.feature_names)
+        pooled = pooled.view(-1, self.num_features, self.dim)
         return self.mean_divide(pooled, lengths)
 
     def torch_pooling(self) -> PerFeaturePooling:

@@ -92,6 +92,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mtrec.embeddings.keyed import values_in_order
 from mtrec.embeddings.per_feature import FrequencyFilter
 from mtrec.embeddings.prior import bag_mean, inverse_uses
 from mtrec.nn.layers import GroupedLinear
@@ -514,7 +515,7 @@ class UnifiedEmbedding(UnifiedLayout):
             kjt = KeyedJaggedTensor(
                 keys=self.kjt_keys, values=rows, lengths=lengths, stride=batch * self.num_keys
             )
-            pooled = self.ebc(kjt).values()
+            pooled = values_in_order(self.ebc(kjt), self.kjt_keys)
         if self.num_tables > 1:  # [K·B, n·d_c]: sum the per-table partial pools
             pooled = pooled.view(-1, self.num_tables, self.chunk_dim).sum(1)
         pooled = self.mean_divide(pooled, sparse.lengths(), batch)
