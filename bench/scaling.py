@@ -4,8 +4,9 @@ Prints JSON lines (progress on stderr):
 
 ``{"bench": "scaling_ray_init", "ray_init_s"}`` — start of the embedded Ray instance.
 
-``{"bench": "scaling", "workers": N, ...}`` for N = 1 and 2, each worker with
-``--threads`` intra-op threads (default 1) and one CPU:
+``{"bench": "scaling", "round": r, "workers": N, ...}`` for N = 1 and 2 in each of the
+``--rounds`` rounds, each worker with ``--threads`` intra-op threads (default 1) and one
+CPU:
 
 * ``samples_per_s``: training rows/s of all workers together over the epochs after the
   first (warm-up) one, from the run's ``metrics.jsonl`` (training steps only: no
@@ -90,6 +91,8 @@ def main() -> None:
         help="torchrec sharding types the planner may use (default: all that run on CPU)",
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     data = C.ensure_synthetic(args.cache_dir, args.rows, preset=args.preset)
     overrides = [

@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     import torch.multiprocessing as mp
 
@@ -93,6 +95,12 @@ def main() -> None:
     )
     ctx = mp.get_context("spawn")
     shared = {"queue": ctx.SimpleQueue(), "train_rows": count_rows(spec, cfg.dataset.train)}
+    needed = (WARMUP_STEPS + args.steps) * GLOBAL_BATCH
+    if shared["train_rows"] < needed:
+        parser.error(
+            f"--steps {args.steps} needs {needed:,} training rows (one epoch, no repeats); "
+            f"the split has {shared['train_rows']:,}: raise --rows or lower --steps"
+        )
     rates: dict[int, list[float]] = {1: [], 2: []}
     for r in range(args.rounds):
         for world in (1, 2):

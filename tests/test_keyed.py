@@ -32,3 +32,17 @@ def test_scripted_equals_eager() -> None:
     scripted = torch.jit.script(values_in_order)
     keys = ["f0", "f1", "f2", "f3"]
     assert torch.equal(scripted(_rank_ordered(), keys), values_in_order(_rank_ordered(), keys))
+
+
+def test_gradients_return_to_their_own_columns() -> None:
+    kt = _rank_ordered()
+    source = kt.values().clone().requires_grad_(True)
+    ordered = values_in_order(
+        KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=source),
+        ["f0", "f1", "f2", "f3"],
+    )
+    # weight each output column by its position: f0 f0 f1 f2 f2 f3 → 0 1 2 3 4 5
+    (ordered * torch.arange(6.0)).sum().backward()
+    assert source.grad is not None
+    # source columns are f0 f0 f2 f2 f1 f3: their output positions 0 1 3 4 2 5
+    assert torch.equal(source.grad, torch.tensor([0.0, 1.0, 3.0, 4.0, 2.0, 5.0]).expand(3, -1))

@@ -273,13 +273,15 @@ def _pre_split_names(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _field_order_worker(rank: int, world: int, cfg: ExperimentConfig, store: str) -> None:
-    """One rank: the sharded model's logits on this rank's batch beside the local model's
-    (the same initial weights), before any step."""
+    """One rank: the sharded model's logits on this rank's batch beside the unsharded
+    model's, both loaded with one state whose tables (deep and linear) are random, so
+    every field's weights reach the logits."""
     import torch.distributed as dist
 
     from mtrec.data.fitting import fit_statistics_on_file
     from mtrec.model import build_model
     from mtrec.train.distributed import ShardedTrainStep
+    from mtrec.train.step import TrainStep
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -287,10 +289,17 @@ def _field_order_worker(rank: int, world: int, cfg: ExperimentConfig, store: str
     fit_statistics_on_file(spec, cfg.dataset.train)
     chunk = load_encoded(spec, cfg.dataset.valid, cfg.dataset.chunk_rows)
     batch = list(iter_batches(chunk, spec, 128))[rank]
+    state = TrainStep(cfg, spec).state_dict()
+    noise = torch.Generator().manual_seed(7)  # the same tables on both ranks
+    for key, value in state["model"].items():
+        if ".embedding_bags." in key:  # the linear term's tables start at zero
+            state["model"][key] = 0.3 * torch.randn(value.shape, generator=noise)
     step = ShardedTrainStep(cfg, spec, device=torch.device("cpu"), sharding_types=["table_wise"])
+    step.load_full_state(state)
     sharded = step.logits(batch)
-    torch.manual_seed(cfg.seed)
-    local = build_model(cfg, spec).eval()
+    local = build_model(cfg, spec)
+    local.load_state_dict(state["model"])
+    local.eval()
     with torch.no_grad():
         expected = local(batch.sparse, batch.dense)
     both: list[Any] = [None] * world
@@ -302,13 +311,19 @@ def _field_order_worker(rank: int, world: int, cfg: ExperimentConfig, store: str
     dist.destroy_process_group()
 
 
+def _ranks_in_feature_order(plan: str, module: str, features: list[str]) -> list[int]:
+    """The rank of each feature's table of ``module`` (``t_<feature>``), in feature order."""
+    ranks = dict(re.findall(rf"{re.escape(module)}\.t_(\w+): \w+ on ranks \[(\d+)\]", plan))
+    return [int(ranks[f]) for f in features]
+
+
 def test_sharded_forward_reads_fields_in_order_with_tables_on_both_ranks(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """A sharded collection returns its features grouped by rank; per-feature tables
-    placed on both ranks must still reach the model in the config's field order (deep
-    tokens and the linear term's per-feature weights), so two workers compute what the
-    unsharded model does."""
+    placed on both ranks out of feature order must still reach the model in the config's
+    field order (deep tokens and the linear term's per-feature weights), so two workers
+    compute what the unsharded model does."""
     import torch.multiprocessing as mp
 
     cfg = small_config(
@@ -319,8 +334,11 @@ def test_sharded_forward_reads_fields_in_order_with_tables_on_both_ranks(
     assert cfg.model.linear.enabled
     mp.spawn(_field_order_worker, args=(2, cfg, str(tmp_path / "store")), nprocs=2, join=True)
     out = torch.load(tmp_path / "out.pt", weights_only=True)
-    plan = out["plan"]
-    assert "ranks [0]" in plan and "ranks [1]" in plan, plan  # tables on both ranks
+    sparse = [f.name for f in cfg.features if f.kind != "numeric"]
+    for module in ("sparse_arch.embedding.ebc", "linear_arch.ebc"):
+        ranks = _ranks_in_feature_order(out["plan"], module, sparse)
+        # grouped by rank, this module's fields come back permuted: the case the fix is for
+        assert ranks != sorted(ranks), (module, ranks)
     for sharded, expected in out["logits"]:
         torch.testing.assert_close(sharded, expected)
 

@@ -273,8 +273,8 @@ class PerFeatureEmbedding(PerFeatureLayout):
                 embedding_dim=dim,
                 num_embeddings=rows,
                 feature_names=[name],
-                # always SUM: torchrec's fused collection groups tables by pooling type
-                # and would emit mean-pooled fields out of order; means are taken below
+                # always SUM: means are taken below (``mean_divide``), by the code the
+                # torch-only serving twin runs too
                 pooling=PoolingType.SUM,
             )
             for name, rows in zip(feature_names, buckets)
