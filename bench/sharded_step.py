@@ -2,7 +2,8 @@
 
 The model, data and global batch of ``bench/scaling.py`` (criteo-like planted rows,
 MMoE, 4096 rows per step split over the processes), trained by ``ShardedTrainStep`` in
-``torch.multiprocessing`` processes with one intra-op thread each. Each process builds
+``torch.multiprocessing`` processes with ``--threads`` intra-op threads each (default
+1, as ``bench/scaling.py``). Each process builds
 its batches from its own shard as a Ray worker does (``train_shard`` / ``load_shard`` /
 ``train_batches``). Rounds alternate 1 and 2 processes, so both see the same load.
 
@@ -43,7 +44,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _process(rank: int, world: int, cfg: Any, spec: Any, steps: int, port: int, out: Any) -> None:
+def _process(
+    rank: int, world: int, cfg: Any, spec: Any, steps: int, threads: int, port: int, out: Any
+) -> None:
     """One rank: build the sharded step, warm up, time ``steps`` steps; rank 0 reports."""
     import torch
     import torch.distributed as dist
@@ -52,7 +55,7 @@ def _process(rank: int, world: int, cfg: Any, spec: Any, steps: int, port: int, 
     from mtrec.train.distributed_data import load_shard, train_batches, train_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     batch = GLOBAL_BATCH // world
     step = ShardedTrainStep(cfg, spec, device=torch.device("cpu"), batch_size=batch)
@@ -76,6 +79,7 @@ def _process(rank: int, world: int, cfg: Any, spec: Any, steps: int, port: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.add_common_args(parser)
+    parser.set_defaults(threads=1)
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
@@ -91,7 +95,12 @@ def main() -> None:
     data = C.ensure_synthetic(args.cache_dir, args.rows, preset="criteo-like")
     cfg, spec = C.load_experiment(
         data / "config.yaml",
-        [*MODEL, f"training.batch_size={GLOBAL_BATCH}", "training.threads=1", *args.sets],
+        [
+            *MODEL,
+            f"training.batch_size={GLOBAL_BATCH}",
+            f"training.threads={args.threads}",
+            *args.sets,
+        ],
     )
     ctx = mp.get_context("spawn")
     shared = {"queue": ctx.SimpleQueue(), "train_rows": count_rows(spec, cfg.dataset.train)}
@@ -106,7 +115,7 @@ def main() -> None:
         for world in (1, 2):
             mp.start_processes(
                 _process,
-                args=(world, cfg, spec, args.steps, _free_port(), shared),
+                args=(world, cfg, spec, args.steps, args.threads, _free_port(), shared),
                 nprocs=world,
                 start_method="spawn",
             )

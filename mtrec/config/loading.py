@@ -355,22 +355,20 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     except yaml.YAMLError:
         value = text
     node = raw
-    i = 0
+    i = 0  # parts[:i] name ``node``
     while i < len(parts) - 1:
-        part = parts[i]
-        child = node.get(part)
+        child = node.get(parts[i])
         if child is None:
-            child = node[part] = {}
+            child = node[parts[i]] = {}
+        i += 1
         if _named_items(child) is not None:
             # a list of named items (features, tasks): the next parts name one of them
-            child, i = _named_item(child, parts, i + 1, override)
-            i -= 1  # the index of the name's last part
+            child, i = _named_item(child, parts, i, override)
         if not isinstance(child, dict):
             raise ConfigError(
-                f"--set {override!r}: {'.'.join(parts[: i + 1])} is not a mapping, cannot set {key}"
+                f"--set {override!r}: {'.'.join(parts[:i])} is not a mapping, cannot set {key}"
             )
         node = child
-        i += 1
     if len(parts) == 2 and parts[0] == "dataset" and parts[1] in _PATH_KEYS:
         if isinstance(value, str) and value:
             # a path given on the command line is relative to where the command runs

@@ -54,4 +54,4 @@ class FeatureSelect(nn.Module):
         totals = per_feature.sum(1)
         kept_ids = torch.repeat_interleave(self.keep, totals, output_size=values.numel())
         kept_lengths = per_feature.index_select(0, self.index).reshape(-1)
-        return values[kept_ids], kept_lengths
+        return torch.masked_select(values, kept_ids), kept_lengths

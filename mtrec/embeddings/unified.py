@@ -92,7 +92,6 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mtrec.embeddings.keyed import values_in_order
 from mtrec.embeddings.per_feature import FrequencyFilter
 from mtrec.embeddings.prior import bag_mean, inverse_uses
 from mtrec.nn.layers import GroupedLinear
@@ -515,7 +514,9 @@ class UnifiedEmbedding(UnifiedLayout):
             kjt = KeyedJaggedTensor(
                 keys=self.kjt_keys, values=rows, lengths=lengths, stride=batch * self.num_keys
             )
-            pooled = values_in_order(self.ebc(kjt), self.kjt_keys)
+            # one key per table, read whole: a sharded collection's table order (by rank)
+            # does not matter, as the tables' partial pools are summed below
+            pooled = self.ebc(kjt).values()
         if self.num_tables > 1:  # [K·B, n·d_c]: sum the per-table partial pools
             pooled = pooled.view(-1, self.num_tables, self.chunk_dim).sum(1)
         pooled = self.mean_divide(pooled, sparse.lengths(), batch)
