@@ -378,14 +378,21 @@ class MultiTaskModel(nn.Module):
         self.task_arch = task_arch
         self.linear_arch = linear_arch
         # the linear term filters ids as the embedding does (built from the same kept /
-        # seen sets, unknown ids and id dropout): then the two share one filter module,
-        # and a batch's ids are filtered, and dropped, once for both
+        # seen sets and unknown ids): then a batch's ids are filtered once for both. With
+        # the same id dropout the two share one filter module and the dropped ids too;
+        # when only the embedding drops ids (model.linear.id_dropout off) the linear term
+        # reads the filtered ids before the embedding's dropout
         self.shared_filter = False
+        self.linear_drops = True
         if sparse_arch is not None and linear_arch is not None and sparse_arch.select is None:
             mine, theirs = sparse_arch.embedding.value_filter, linear_arch.value_filter
-            if mine.same_as(theirs) and torch.equal(mine.drop_p, theirs.drop_p):
-                linear_arch.value_filter = mine
-                self.shared_filter = True
+            if mine.same_as(theirs):
+                if torch.equal(mine.drop_p, theirs.drop_p):
+                    linear_arch.value_filter = mine
+                    self.shared_filter = True
+                elif not theirs.dropping:
+                    self.shared_filter = True
+                    self.linear_drops = False
         self.task_names = list(task_arch.task_names)
         # epoch of the checkpoint the weights came from (-1: not loaded from a run)
         self.trained_epoch = -1
@@ -442,11 +449,17 @@ class MultiTaskModel(nn.Module):
     def sparse_parts(
         self, sparse: KeyedJaggedTensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(:meth:`sparse_tokens`, :meth:`linear_ids`), the ids filtered (and, in training,
-        dropped) once for both when they share their filter."""
+        """(:meth:`sparse_tokens`, :meth:`linear_ids`), the ids filtered once for both when
+        they filter alike; in training the embedding's ids are then dropped, and the linear
+        term's too when it drops ids (``model.linear.id_dropout``)."""
         if self.shared_filter and self.sparse_arch is not None and self.linear_arch is not None:
-            filtered = self.linear_arch.value_filter.filter_bags(sparse.values(), sparse.lengths())
-            return self.sparse_arch(sparse, filtered), self.linear_arch(sparse, filtered)
+            value_filter = self.sparse_arch.embedding.value_filter
+            ids, feature_of = value_filter.filter_bags(sparse.values(), sparse.lengths(), False)
+            deep = (ids, feature_of)
+            if self.training:  # one id dropout mask, drawn for the embedding
+                deep = (value_filter.drop(ids, feature_of), feature_of)
+            linear = deep if self.linear_drops else (ids, feature_of)
+            return self.sparse_arch(sparse, deep), self.linear_arch(sparse, linear)
         return self.sparse_tokens(sparse), self.linear_ids(sparse)
 
     def field_tokens(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
@@ -517,8 +530,18 @@ def build_model(cfg: ExperimentConfig, spec: FeatureSpec) -> MultiTaskModel:
             uses = None
             if cfg.model.linear.prior_std is not None:
                 uses = _prior_counts(spec, "model.linear.prior_std")
+            # model.linear.id_dropout off: the linear term keeps every id (the embedding
+            # alone simulates cold ids), so its prior counts each kept id's every use
+            linear_unknown = dict(unknown)
+            if not cfg.model.linear.id_dropout:
+                linear_unknown["id_dropout"] = [0.0] * len(spec.sparse)
             linear_arch = LinearArch(
-                spec.sparse_names, buckets, len(spec.tasks), poolings, **unknown, id_uses=uses
+                spec.sparse_names,
+                buckets,
+                len(spec.tasks),
+                poolings,
+                **linear_unknown,
+                id_uses=uses,
             )
         linear = LinearHead(len(spec.numeric), len(spec.tasks), bins)
     chain = [spec.task_names.index(t) for t in cfg.model.multitask.chain]

@@ -313,13 +313,15 @@ def test_bad_id_dropout_names_the_key(tmp_path_factory, tmp_path: Path, value, m
         )
 
 
+@pytest.mark.parametrize("linear_drops", [False, True])
 @pytest.mark.parametrize("embedding", ["unified", "per_feature"])
-def test_embedding_and_linear_term_filter_and_drop_ids_once(
-    tmp_path_factory, tmp_path: Path, embedding: str
+def test_embedding_and_linear_term_filter_ids_once(
+    tmp_path_factory, tmp_path: Path, embedding: str, linear_drops: bool
 ) -> None:
-    """The deep embedding and the linear term share one filter: a training batch's ids are
-    filtered and dropped once, and both read the same ids (a dropped id is cold for both);
-    in eval mode the logits equal those of filtering separately."""
+    """The deep embedding and the linear term filter a training batch's ids once. With
+    ``model.linear.id_dropout: true`` both read the same dropped ids (a dropped id is cold
+    for both); off (the default) only the embedding's ids are dropped and the linear term
+    reads every kept id. In eval mode the logits equal those of filtering separately."""
     from mtrec.data.batcher import iter_batches
     from mtrec.model import build_model
 
@@ -330,20 +332,24 @@ def test_embedding_and_linear_term_filter_and_drop_ids_once(
             f"model.embedding.type={embedding}",
             "model.embedding.min_count=3",
             "model.linear.enabled=true",
+            f"model.linear.id_dropout={str(linear_drops).lower()}",
         ],
     )
     spec.id_dropout = {name: 0.5 for name in spec.kept_ids}  # drop half of the ids
     torch.manual_seed(0)
     model = build_model(cfg, spec)
     assert model.shared_filter and model.linear_arch is not None and model.sparse_arch is not None
+    assert model.linear_drops is linear_drops
     shared = model.sparse_arch.embedding.value_filter
-    assert model.linear_arch.value_filter is shared and shared.dropping
+    assert shared.dropping
+    assert (model.linear_arch.value_filter is shared) is linear_drops
+    assert model.linear_arch.value_filter.dropping is linear_drops
     batch = next(iter(iter_batches(cfg.dataset.valid, spec, 64, shuffle=False)))
 
     calls: list[torch.Tensor] = []
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     original = shared.filter_bags
-    shared.filter_bags = lambda v, n: calls.append(v) or original(v, n)  # type: ignore[method-assign]
+    shared.filter_bags = lambda v, *rest: calls.append(v) or original(v, *rest)  # type: ignore[method-assign]
     hooks = [
         part.register_forward_pre_hook(lambda m, a, key=key: seen.__setitem__(key, a[1]))
         for key, part in (("deep", model.sparse_arch), ("linear", model.linear_arch))
@@ -352,12 +358,18 @@ def test_embedding_and_linear_term_filter_and_drop_ids_once(
     model.forward_with_aux(batch.sparse, batch.dense)
     for hook in hooks:
         hook.remove()
-    assert len(calls) == 1  # filtered (and dropped) once for both
+    assert len(calls) == 1  # filtered once for both
     deep_ids, linear_ids = seen["deep"][0], seen["linear"][0]
-    assert deep_ids is linear_ids
+    with torch.no_grad():
+        model.eval()
+        filtered = shared.filter_bags(batch.sparse.values(), batch.sparse.lengths())[0]
     raw = batch.sparse.values()
-    dropped = (deep_ids != raw) & (raw != 0)
-    assert 0.2 < float(dropped.double().mean()) < 0.8  # id dropout did run, on both alike
+    dropped = (deep_ids != filtered) & (raw != 0)
+    assert 0.2 < float(dropped.double().mean()) < 0.8  # id dropout did run on the embedding
+    if linear_drops:
+        assert linear_ids is deep_ids
+    else:
+        assert torch.equal(linear_ids, filtered)  # every kept id, none dropped
 
     model.eval()
     with torch.no_grad():

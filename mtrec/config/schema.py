@@ -96,6 +96,9 @@ DEFAULT_CHANGES: list[dict[str, Any]] = [
     {
         "training.ema_decay": None,  # -> 0.95 (issue #16, fourth round)
     },
+    {
+        "model.linear.id_dropout": True,  # new key, off (issue #16, fifth round)
+    },
 ]
 
 #: every changed key with its value before its (first) change
@@ -418,6 +421,13 @@ class LinearConfig:
     # with C = prior_std^2 (times the task weight)
     # Default 0.15, chosen on valid (docs/generalisation.md)
     prior_std: float | None = num(0.15, gt=0)
+    # drop ids here too, as model.embedding.id_dropout does for the embedding. Off
+    # (default): every kept id's weights learn from all of its rows, and an unseen id reads
+    # the unknown row trained by the rare ids only (zero, the prior mean, when none are
+    # rare), as in a logistic regression; the embedding still drops ids, so its unknown row
+    # learns what cold traffic looks like. Off won on the cold-start preset on every seed
+    # (docs/generalisation.md)
+    id_dropout: bool = False
 
 
 @dataclass

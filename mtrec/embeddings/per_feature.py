@@ -170,10 +170,11 @@ class FrequencyFilter(nn.Module):
 
     @torch.jit.export
     def filter_bags(
-        self, values: torch.Tensor, lengths: torch.Tensor
+        self, values: torch.Tensor, lengths: torch.Tensor, dropout: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ids of a feature-major batch as every lookup reads them: filtered, and in
-        training through id dropout. Also returns each id's feature.
+        training through id dropout (unless ``dropout`` is False: the caller drops them
+        with :meth:`drop`). Also returns each id's feature.
 
         Shapes: values [N] int64 raw ids, lengths [F·B] → ids [N] int64, feature_of [N]."""
         feature_of = torch.repeat_interleave(
@@ -181,7 +182,7 @@ class FrequencyFilter(nn.Module):
             lengths.view(self.num_features, -1).sum(1),
         )
         values = self.forward(values, feature_of)
-        if self.training:  # id dropout: the unknown row learns from simulated cold ids
+        if self.training and dropout:  # id dropout: the unknown row learns from cold ids
             values = self.drop(values, feature_of)
         return values, feature_of
 
