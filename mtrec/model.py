@@ -383,7 +383,8 @@ class MultiTaskModel(nn.Module):
         # when only the embedding drops ids (model.linear.id_dropout off) the linear term
         # reads the filtered ids before the embedding's dropout
         self.shared_filter = False
-        self.linear_drops = True
+        # whether the linear term drops ids in training (model.linear.id_dropout)
+        self.linear_drops = linear_arch is not None and linear_arch.value_filter.dropping
         if sparse_arch is not None and linear_arch is not None and sparse_arch.select is None:
             mine, theirs = sparse_arch.embedding.value_filter, linear_arch.value_filter
             if mine.same_as(theirs):
@@ -392,7 +393,6 @@ class MultiTaskModel(nn.Module):
                     self.shared_filter = True
                 elif not theirs.dropping:
                     self.shared_filter = True
-                    self.linear_drops = False
         self.task_names = list(task_arch.task_names)
         # epoch of the checkpoint the weights came from (-1: not loaded from a run)
         self.trained_epoch = -1

@@ -449,7 +449,8 @@ def write_run_files(
         # the ids training saw, for the cold / warm slices of evaluation
         sliced = fit_seen_ids(spec, cfg.dataset.train)
         # id_dropout: auto and the undertrained-unknown-row warning (issue #16)
-        fit_unknown_ids(spec, cfg.dataset.valid, cfg.dataset.chunk_rows, sliced)
+        deep = [f.name for f in spec.sparse if f.deep] if cfg.model.deep else []
+        fit_unknown_ids(spec, cfg.dataset.valid, cfg.dataset.chunk_rows, sliced, deep)
         if spec.kept_ids:
             save_vocab(spec, out / VOCAB_FILE)
         save_seen_ids(sliced, out / SEEN_IDS_FILE)

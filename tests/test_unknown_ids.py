@@ -222,6 +222,11 @@ def test_warning_names_the_feature_and_the_fix(tmp_path_factory, tmp_path: Path)
     spec.id_dropout = {name: 0.0}
     assert unknown_row_warnings(spec, {name: 0.1}) == []  # few unseen ids in valid
     assert WARN_MIN_ROWS > 9
+    # only the deep embedding's unknown rows: the linear term alone (mtrec baseline, or a
+    # wide-only feature) reads an unseen id's weight at the prior mean by design; a
+    # feature without a filter still hashes unseen ids onto other ids' weights there
+    only_linear = unknown_row_warnings(spec, {name: 0.86, "other": 0.5}, deep_features=[])
+    assert len(only_linear) == 1 and "'other'" in only_linear[0]
 
 
 # ------------------------------------------------------------- a run: stored, resumed, exported
@@ -370,6 +375,26 @@ def test_embedding_and_linear_term_filter_ids_once(
         assert linear_ids is deep_ids
     else:
         assert torch.equal(linear_ids, filtered)  # every kept id, none dropped
+    # the embedding's mask is the one draw the old shared filter made: same seed, same ids
+    model.train()
+    torch.manual_seed(7)
+    model.forward_with_aux(batch.sparse, batch.dense)
+    after_forward = torch.rand(1)
+    torch.manual_seed(7)
+    expected = original(batch.sparse.values(), batch.sparse.lengths())[0]
+    assert torch.equal(torch.rand(1), after_forward)  # no other draw in the forward
+    hook = model.sparse_arch.register_forward_pre_hook(lambda m, a: seen.__setitem__("again", a[1]))
+    torch.manual_seed(7)
+    model.forward_with_aux(batch.sparse, batch.dense)
+    hook.remove()
+    assert torch.equal(seen["again"][0], expected)
+    # the linear term's prior counts every use of a kept id when it keeps them: its
+    # 1 / uses per row are those of a model without id dropout
+    spec.id_dropout = {name: 0.0 for name in spec.kept_ids}
+    undropped = build_model(cfg, spec).linear_arch
+    assert undropped is not None and undropped.inverse_uses is not None
+    same = torch.equal(model.linear_arch.inverse_uses, undropped.inverse_uses)
+    assert same is not linear_drops
 
     model.eval()
     with torch.no_grad():

@@ -423,10 +423,10 @@ class LinearConfig:
     prior_std: float | None = num(0.15, gt=0)
     # drop ids here too, as model.embedding.id_dropout does for the embedding. Off
     # (default): every kept id's weights learn from all of its rows, and an unseen id reads
-    # the unknown row trained by the rare ids only (zero, the prior mean, when none are
-    # rare), as in a logistic regression; the embedding still drops ids, so its unknown row
-    # learns what cold traffic looks like. Off won on the cold-start preset on every seed
-    # (docs/generalisation.md)
+    # an unknown row that no dropped id trains (it stays at zero, the prior mean, unless
+    # rare ids or hash collisions reach it), as in a logistic regression; the embedding
+    # still drops ids, so its unknown row learns what cold traffic looks like. Off won on
+    # the cold-start preset on every seed (docs/generalisation.md)
     id_dropout: bool = False
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -86,10 +87,14 @@ def fit_id_dropout(spec: FeatureSpec, shares: dict[str, float]) -> None:
         log.info("%s: id_dropout auto = %.4f", name, spec.id_dropout[name])
 
 
-def unknown_row_warnings(spec: FeatureSpec, shares: dict[str, float]) -> list[str]:
+def unknown_row_warnings(
+    spec: FeatureSpec, shares: dict[str, float], deep_features: Collection[str] | None = None
+) -> list[str]:
     """One message per feature whose valid ids are mostly unseen while the row they read
     is trained on few ids (rare training ids + expected dropped ids per epoch), or, for a
-    feature without a filter, reads rows trained for other ids."""
+    feature without a filter, reads rows trained for other ids. The first only for the
+    features the deep embedding reads (``deep_features``; None: all): the linear term keeps
+    an unseen id's weight at the prior mean by design (``model.linear.id_dropout``)."""
     out: list[str] = []
     fix = (
         "set model.embedding.id_dropout: auto (or a probability) so the row unseen ids "
@@ -103,6 +108,8 @@ def unknown_row_warnings(spec: FeatureSpec, shares: dict[str, float]) -> list[st
                 f"feature {name!r}: {share:.0%} of the valid ids are unseen in training and "
                 "hash onto rows trained for other ids; " + fix
             )
+            continue
+        if deep_features is not None and name not in deep_features:
             continue
         census = spec.id_census[name]
         p = spec.id_dropout.get(name, 0.0)
@@ -122,10 +129,12 @@ def fit_unknown_ids(
     valid: str | Path | None,
     chunk_rows: int,
     extra_seen: dict[str, np.ndarray] | None = None,
+    deep_features: Collection[str] | None = None,
 ) -> dict[str, float]:
     """At the start of a new run: the valid unseen share of every filtered feature (and of
     ``extra_seen``'s features, e.g. the sliced ones), ``auto`` id dropout resolved into
-    ``spec.id_dropout``, and a :class:`DataWarning` per undertrained unknown row. Returns
+    ``spec.id_dropout``, and a :class:`DataWarning` per undertrained unknown row (of the
+    ``deep_features``, see :func:`unknown_row_warnings`). Returns
     the shares."""
     seen = {n: c.seen for n, c in spec.id_census.items()}
     seen |= {n: v for n, v in (extra_seen or {}).items() if n not in seen}
@@ -133,6 +142,6 @@ def fit_unknown_ids(
     if valid and seen:
         shares = valid_unseen_shares(spec, seen, valid, chunk_rows)
     fit_id_dropout(spec, shares)
-    for msg in unknown_row_warnings(spec, shares):
+    for msg in unknown_row_warnings(spec, shares, deep_features):
         warnings.warn(msg, DataWarning, stacklevel=2)
     return shares
