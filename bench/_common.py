@@ -25,6 +25,7 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -65,6 +66,18 @@ def loadavg() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:  # pragma: no cover - not on Linux
         return []
+
+
+def paired_speedup(one: list[float], two: list[float]) -> dict[str, Any]:
+    """Alternating rounds of a 1- and a 2-way run (rates in the order they ran): the ratio
+    of the medians, each round's ratio, and the two medians."""
+    median_one, median_two = statistics.median(one), statistics.median(two)
+    return {
+        "speedup": round(median_two / median_one, 3),
+        "round_speedups": [round(b / a, 3) for a, b in zip(one, two, strict=True)],
+        "median_1": round(median_one, 1),
+        "median_2": round(median_two, 1),
+    }
 
 
 def emit(bench: str, **fields: Any) -> dict[str, Any]:

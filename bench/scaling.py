@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -153,16 +152,15 @@ def main() -> None:
                         ),
                     )
                 )
-        median = {w: statistics.median(x["samples_per_s"] for x in runs[w]) for w in runs}
+        paired = C.paired_speedup(
+            [x["samples_per_s"] for x in runs[1]], [x["samples_per_s"] for x in runs[2]]
+        )
         C.emit(
             "scaling_summary",
-            speedup_2_workers=round(median[2] / median[1], 3),
-            round_speedups=[
-                round(two["samples_per_s"] / one["samples_per_s"], 3)
-                for one, two in zip(runs[1], runs[2])
-            ],
-            samples_per_s_1_worker=round(median[1], 1),
-            samples_per_s_2_workers=round(median[2], 1),
+            speedup_2_workers=paired["speedup"],
+            round_speedups=paired["round_speedups"],
+            samples_per_s_1_worker=paired["median_1"],
+            samples_per_s_2_workers=paired["median_2"],
             rounds=args.rounds,
             local_samples_per_s=round(local, 1),
             threads_per_worker=args.threads,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import time
 from typing import Any
 
@@ -129,13 +128,13 @@ def main() -> None:
                 samples_per_s=round(GLOBAL_BATCH / seconds, 1),
             )
             C.log(f"{world} process(es), plan: {plan}")
-    median = {w: statistics.median(v) for w, v in rates.items()}
+    paired = C.paired_speedup(rates[1], rates[2])
     C.emit(
         "sharded_step_summary",
-        speedup_2_processes=round(median[2] / median[1], 3),
-        round_speedups=[round(b / a, 3) for a, b in zip(rates[1], rates[2])],
-        samples_per_s_1_process=round(median[1], 1),
-        samples_per_s_2_processes=round(median[2], 1),
+        speedup_2_processes=paired["speedup"],
+        round_speedups=paired["round_speedups"],
+        samples_per_s_1_process=paired["median_1"],
+        samples_per_s_2_processes=paired["median_2"],
         rounds=args.rounds,
         steps=args.steps,
     )

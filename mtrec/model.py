@@ -387,12 +387,10 @@ class MultiTaskModel(nn.Module):
         self.linear_drops = linear_arch is not None and linear_arch.value_filter.dropping
         if sparse_arch is not None and linear_arch is not None and sparse_arch.select is None:
             mine, theirs = sparse_arch.embedding.value_filter, linear_arch.value_filter
-            if mine.same_as(theirs):
-                if torch.equal(mine.drop_p, theirs.drop_p):
-                    linear_arch.value_filter = mine
-                    self.shared_filter = True
-                elif not theirs.dropping:
-                    self.shared_filter = True
+            same_drops = torch.equal(mine.drop_p, theirs.drop_p)
+            self.shared_filter = mine.same_as(theirs) and (same_drops or not self.linear_drops)
+            if self.shared_filter and same_drops:  # one module: its id sets stored once
+                linear_arch.value_filter = mine
         self.task_names = list(task_arch.task_names)
         # epoch of the checkpoint the weights came from (-1: not loaded from a run)
         self.trained_epoch = -1

@@ -52,6 +52,6 @@ class FeatureSelect(nn.Module):
         per_feature = lengths.view(self.num_features, batch)
         # feature of every id: the features are contiguous runs of the values
         totals = per_feature.sum(1)
-        kept_ids = torch.repeat_interleave(self.keep, totals, output_size=values.numel())
+        keep_id = torch.repeat_interleave(self.keep, totals, output_size=values.numel())
         kept_lengths = per_feature.index_select(0, self.index).reshape(-1)
-        return torch.masked_select(values, kept_ids), kept_lengths
+        return torch.masked_select(values, keep_id), kept_lengths
