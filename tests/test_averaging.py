@@ -14,11 +14,9 @@ import torch
 from helpers import assert_same_weights, fitted_spec, small_config, small_data_dir
 from torch import nn
 
-from mtrec.config import ConfigError
 from mtrec.run import load_trained_model
 from mtrec.train.averaging import DenseAverage
 from mtrec.train.loop import train
-from mtrec.train.ray_trainer import local_only_keys, train_distributed
 from mtrec.train.schedule import LrSchedule, planned_steps
 
 SHORT = {"epochs": 2, "max_steps_per_epoch": 5}
@@ -187,22 +185,14 @@ def test_a_decaying_schedule_lowers_the_rates(data: Path, tmp_path: Path) -> Non
         training={"lr_schedule": "linear", "lr_schedule_embeddings": True, "lr_final_ratio": 0.0},
     )
     step = TrainStep(cfg, fitted_spec(cfg), planned_steps=4)
-    step._set_lr(step.schedule.factor(2))  # halfway
-    groups = step._scheduled_groups()
+    assert step.rates is not None
+    step.rates.apply(2)  # halfway
+    groups = step.rates.groups()
     assert len(groups) > len(step.dense_opt.param_groups)  # the tables' groups too
-    for group, base in zip(groups, step._base_lrs, strict=True):
+    for group, base in zip(groups, step.rates.base, strict=True):
         assert math.isclose(group["lr"], base / 2)
     for module in step.fused.values():
         (lr,) = {g["lr"] for g in module.fused_optimizer().param_groups}
         # what FBGEMM's backward applies (torchrec keeps the kernel in each sub-optimizer)
         for _, sub in module.fused_optimizer()._optims:
             assert math.isclose(sub._emb_module.get_learning_rate(), lr, rel_tol=1e-6)
-
-
-def test_ray_training_refuses_the_local_only_keys(data: Path, tmp_path: Path) -> None:
-    cfg = small_config(data, tmp_path, training={"ema_decay": 0.99, "lr_schedule": "cosine"})
-    # the dense average runs under Ray too (every rank averages its replica)
-    assert local_only_keys(cfg) == ["training.lr_schedule: cosine"]
-    with pytest.raises(ConfigError, match="local training only"):
-        train_distributed(cfg, tmp_path / "run", workers=1)
-    assert not (tmp_path / "run").exists()

@@ -44,6 +44,7 @@ from mtrec.train.distributed_data import (
 )
 from mtrec.train.loop import load_trained_model, train
 from mtrec.train.ray_trainer import FAULT_ENV, start_local_ray, train_distributed
+from mtrec.train.schedule import LrSchedule
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS = 3
@@ -71,10 +72,17 @@ def mean_auc(summary: dict[str, Any]) -> float:
     return sum(aucs) / len(aucs)
 
 
+# the learning-rate schedule on, the tables' rates too: the runs below check that the
+# workers decay the rates as the local loop does, and resume the schedule's clock
+SCHEDULE = {"lr_schedule": "cosine", "lr_schedule_embeddings": True, "lr_final_ratio": 0.1}
+
+
 @pytest.fixture(scope="module")
 def cfg(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
-    """20k planted rows, small tables, 3 epochs."""
-    return small_config(synth_dir, tmp_path_factory.mktemp("ray_cfg"), training={"epochs": EPOCHS})
+    """20k planted rows, small tables, 3 epochs, a cosine learning-rate schedule."""
+    return small_config(
+        synth_dir, tmp_path_factory.mktemp("ray_cfg"), training={"epochs": EPOCHS, **SCHEDULE}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -422,7 +430,7 @@ def test_bad_cluster_input_fails_fast_with_one_line(
 # ------------------------------------------------------------------ training under Ray
 
 
-def test_one_worker_reproduces_the_local_loop(runs: dict[str, Any]) -> None:
+def test_one_worker_reproduces_the_local_loop(runs: dict[str, Any], cfg: ExperimentConfig) -> None:
     local, w1 = Path(runs["local"]["run_dir"]), Path(runs["w1"]["run_dir"])
     assert runs["w1"]["best_epoch"] == runs["local"]["best_epoch"]
     for a, b in zip(read_metrics(local), read_metrics(w1)):
@@ -443,6 +451,15 @@ def test_one_worker_reproduces_the_local_loop(runs: dict[str, Any]) -> None:
     assert x["dense_average"]["updates"] == y["dense_average"]["updates"] > 0
     for key, value in x["dense_average"]["average"].items():
         torch.testing.assert_close(value, y["dense_average"]["average"][key], atol=1e-5, rtol=0)
+    # training.lr_schedule: the worker took the local loop's steps at its decayed rates
+    # (the last step's: the plan's factor after all steps but one)
+    steps = x["steps"]
+    assert y["steps"] == steps == x["dense_average"]["updates"]
+    factor = LrSchedule("cosine", steps, 0.1).factor(steps - 1)
+    assert 0.1 < factor < 0.11
+    (rest, *_), (rest_w1, *_) = (s["dense_optimizer"]["param_groups"] for s in (x, y))
+    assert rest["lr"] == pytest.approx(factor * cfg.training.learning_rate, rel=1e-9)
+    assert rest_w1["lr"] == pytest.approx(rest["lr"], rel=1e-12)
 
 
 def test_two_workers_match_one_worker_and_leave_a_local_run_layout(

@@ -460,7 +460,8 @@ class TrainingConfig:
     # ends a run before the end of the plan). constant: the rates as configured. linear /
     # cosine: every dense parameter group's rate times 1 - (1 - r) p, or
     # r + (1 - r) (1 + cos(pi p)) / 2, at progress p = steps taken / steps planned and
-    # r = lr_final_ratio (mtrec/train/schedule.py). Local training only
+    # r = lr_final_ratio (mtrec/train/schedule.py). Ray workers decay theirs alike, over
+    # the steps of their shard
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     # the learning-rate factor lr_schedule reaches at the end of the plan
     lr_final_ratio: float = num(0.0, ge=0, le=1)

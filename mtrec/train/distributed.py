@@ -60,6 +60,7 @@ from mtrec.model import MultiTaskModel, build_model, remap_legacy_train_state
 from mtrec.train.averaging import DenseAverage
 from mtrec.train.losses import WeightedBCELoss, sparse_penalties
 from mtrec.train.optim import dense_param_groups, sparse_settings
+from mtrec.train.schedule import scheduled_rates
 
 __all__ = [
     "CPU_SHARDING_TYPES",
@@ -164,6 +165,9 @@ class ShardedTrainStep:
         sharding_types: allowed sharding types (see :func:`check_sharding_types`).
         batch_size: per-rank batch size the planner costs the plan with.
         local_world_size: ranks per machine (default: all of them on one).
+        planned_steps: the steps each rank will take (``training.lr_schedule`` decays the
+            rates over them, as :class:`~mtrec.train.step.TrainStep` does; every rank steps
+            in lockstep, so all hold the same rates).
 
     ``step(batch)`` trains on this rank's batch (every rank must call it the same number
     of times); ``logits(batch)`` runs the forward only (also collective).
@@ -178,6 +182,7 @@ class ShardedTrainStep:
         sharding_types: Sequence[str] | None = None,
         batch_size: int | None = None,
         local_world_size: int | None = None,
+        planned_steps: int | None = None,
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("ShardedTrainStep needs an initialised torch.distributed group")
@@ -224,6 +229,10 @@ class ShardedTrainStep:
             weight_decay=tr.weight_decay,
             fused=True,
         )
+        self.steps = 0  # optimizer steps taken (the schedule's clock, as TrainStep's)
+        self.rates = scheduled_rates(
+            tr, planned_steps, self.dense_opt, [self.model.fused_optimizer]
+        )
         # training.ema_decay: the dense parameters are replicated (DDP keeps them equal on
         # every rank), so each rank averages its own copy and all hold the same average;
         # named by their key in the plain model's state dict, as TrainStep's
@@ -257,6 +266,8 @@ class ShardedTrainStep:
     def step(self, batch: Batch) -> torch.Tensor:
         """Forward, backward (FBGEMM updates the looked-up rows), Adam step; the loss."""
         sparse, dense, labels = self._inputs(batch)
+        if self.rates is not None:  # before the forward, as TrainStep.step
+            self.rates.apply(self.steps)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits, aux = self.model(sparse, dense)
         if self.penalties:
@@ -270,6 +281,7 @@ class ShardedTrainStep:
         self.dense_opt.step()
         if self.average is not None:
             self.average.update()
+        self.steps += 1
         return loss
 
     def averaged(self) -> AbstractContextManager[None]:
@@ -321,15 +333,25 @@ class ShardedTrainStep:
             "model": model,
             "sparse_optimizer": sparse,
             "dense_optimizer": copy.deepcopy(self.dense_opt.state_dict()),
-            **self._average_state(),
+            **self._options_state(),
         }
 
-    def _average_state(self) -> dict[str, Any]:
-        """``{"dense_average": ...}`` with ``training.ema_decay`` (the key ``last.pt``
-        has in ``TrainStep.state_dict``), else nothing."""
-        return {} if self.average is None else {"dense_average": self.average.state_dict()}
+    def _options_state(self) -> dict[str, Any]:
+        """The keys ``TrainStep.state_dict`` adds for the options that are on:
+        ``dense_average`` (``training.ema_decay``) and ``steps`` (``training.lr_schedule``)."""
+        state: dict[str, Any] = {}
+        if self.rates is not None:
+            state["steps"] = self.steps
+        if self.average is not None:
+            state["dense_average"] = self.average.state_dict()
+        return state
 
-    def _load_average(self, state: dict[str, Any]) -> None:
+    def _load_options(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`_options_state` (after the optimizers: their loaded groups carry
+        the saved rates, which the schedule then sets from the step count)."""
+        self.steps = int(state.get("steps", 0))
+        if self.rates is not None:
+            self.rates.apply(self.steps)
         if self.average is None:
             return
         if "dense_average" not in state:
@@ -375,7 +397,7 @@ class ShardedTrainStep:
                         v.copy_(saved)
             self.model.fused_optimizer.load_state_dict(fused)
         self.dense_opt.load_state_dict(state["dense_optimizer"])
-        self._load_average(state)
+        self._load_options(state)
 
     # ------------------------------------------------------------------ full state
 
@@ -455,7 +477,7 @@ class ShardedTrainStep:
             "model": model,
             "dense_optimizer": copy.deepcopy(self.dense_opt.state_dict()),
             "sparse_optimizer": sparse,
-            **self._average_state(),
+            **self._options_state(),
         }
 
     def _gather_shards(
@@ -512,7 +534,7 @@ class ShardedTrainStep:
                         v.copy_(full)
             self.model.fused_optimizer.load_state_dict(fused)
         self.dense_opt.load_state_dict(state["dense_optimizer"])
-        self._load_average(state)
+        self._load_options(state)
 
     def _load_tensors(self, full: dict[str, torch.Tensor]) -> None:
         """Copy whole tensors (keys as in the DMP state dict) into this rank's parameters

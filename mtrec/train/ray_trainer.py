@@ -84,12 +84,12 @@ from mtrec.train.ledger import (
 )
 from mtrec.train.ledger import log as _log
 from mtrec.train.loop import train
+from mtrec.train.schedule import planned_steps
 
 __all__ = [
     "FAULT_ENV",
     "ClusterError",
     "cluster_address",
-    "local_only_keys",
     "start_local_ray",
     "train_distributed",
 ]
@@ -126,16 +126,6 @@ class _Job:
 # ---------------------------------------------------------------------------- driver
 
 
-def local_only_keys(cfg: ExperimentConfig) -> list[str]:
-    """The settings of ``cfg`` that only the local loop implements (the learning-rate
-    schedule), as ``key: value``, when set away from their defaults."""
-    tr = cfg.training
-    keys = []
-    if tr.lr_schedule != "constant":
-        keys.append(f"training.lr_schedule: {tr.lr_schedule}")
-    return keys
-
-
 def train_distributed(
     cfg: ExperimentConfig,
     out: str | Path | None = None,
@@ -163,12 +153,6 @@ def train_distributed(
     set_ray_env()
     if workers < 1:
         raise ClusterError(f"--workers {workers}: must be at least 1")
-    local_only = local_only_keys(cfg)
-    if local_only:
-        raise ConfigError(
-            f"{', '.join(local_only)}: supported by local training only (mtrec train without "
-            "--workers); Ray workers would ignore it. Leave it at its default for a Ray run"
-        )
     if cfg.training.batch_size < workers:
         raise ConfigError(
             f"training.batch_size: {cfg.training.batch_size} is the global batch, split over "
@@ -413,6 +397,13 @@ def _worker_body(config: dict[str, Any]) -> dict[str, Any] | None:
             sharding_types=job.sharding_types,
             batch_size=job.rank_batch,
             local_world_size=ctx.get_local_world_size(),
+            # training.lr_schedule's clock: every rank takes its shard's steps, in lockstep
+            planned_steps=planned_steps(
+                train_shard(job.train_rows, rank, world).rows,
+                job.rank_batch,
+                tr.epochs,
+                tr.max_steps_per_epoch,
+            ),
         )
     st, resumed_at, source = _restore(step, job, rank)
     if rank == 0:

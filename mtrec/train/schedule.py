@@ -21,9 +21,15 @@ ends a run before the plan's end, at a factor above ``r``.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
-__all__ = ["LrSchedule", "ScheduleKind", "planned_steps"]
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+    from mtrec.config.schema import TrainingConfig
+
+__all__ = ["LrSchedule", "ScheduleKind", "ScheduledRates", "planned_steps", "scheduled_rates"]
 
 ScheduleKind = Literal["constant", "linear", "cosine"]
 
@@ -60,3 +66,62 @@ class LrSchedule:
         if self.kind == "linear":
             return 1.0 - (1.0 - r) * p
         return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+class ScheduledRates:
+    """An :class:`LrSchedule` applied to optimizer parameter groups: :meth:`apply` sets each
+    group's rate to its configured rate (read once, when built) times the schedule's factor.
+
+    Args:
+        schedule: the factor per step.
+        groups: returns the groups to scale, in a fixed order (called on every
+            :meth:`apply`: loading an optimizer's state replaces its group dicts).
+        push: called after the rates are set, for optimizers that read a group's rate only
+            in their own ``step`` (torchrec's fused tables hand it to FBGEMM's kernel there).
+    """
+
+    def __init__(
+        self,
+        schedule: LrSchedule,
+        groups: Callable[[], list[dict[str, Any]]],
+        push: Callable[[], None] | None = None,
+    ) -> None:
+        self.schedule = schedule
+        self.groups = groups
+        self.push = push
+        self.base = [float(group["lr"]) for group in groups()]
+
+    def apply(self, steps: int) -> None:
+        """The rates of the step taken after ``steps`` steps."""
+        factor = self.schedule.factor(steps)
+        for group, base in zip(self.groups(), self.base, strict=True):
+            group["lr"] = base * factor
+        if self.push is not None:
+            self.push()
+
+
+def scheduled_rates(
+    training: TrainingConfig,
+    planned: int | None,
+    dense: Optimizer,
+    tables: Sequence[Any] = (),
+) -> ScheduledRates | None:
+    """``training.lr_schedule`` over ``planned`` steps for the dense optimizer and, with
+    ``training.lr_schedule_embeddings``, the fused ``tables`` optimizers (torchrec keyed
+    optimizers, whose ``step()`` hands the new rate to FBGEMM); None when constant. Local
+    and sharded training build theirs here, so both decay the same rates alike."""
+    if training.lr_schedule == "constant":
+        return None
+    if planned is None:
+        raise ValueError(f"training.lr_schedule: {training.lr_schedule} needs the planned steps")
+    fused = list(tables) if training.lr_schedule_embeddings else []
+
+    def groups() -> list[dict[str, Any]]:
+        return [*dense.param_groups, *(g for table in fused for g in table.param_groups)]
+
+    def push() -> None:
+        for table in fused:
+            table.step()
+
+    schedule = LrSchedule(training.lr_schedule, planned, training.lr_final_ratio)
+    return ScheduledRates(schedule, groups, push if fused else None)

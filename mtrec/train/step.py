@@ -22,7 +22,7 @@ from mtrec.train.optim import (
     make_dense_optimizer,
     sparse_optimizers,
 )
-from mtrec.train.schedule import LrSchedule
+from mtrec.train.schedule import scheduled_rates
 
 __all__ = ["TrainStep"]
 
@@ -57,14 +57,9 @@ class TrainStep:
         self.dense_opt = make_dense_optimizer(self.model, cfg)
         self.fused = sparse_optimizers(self.model)
         self.steps = 0  # optimizer steps taken (the schedule's clock)
-        self.schedule: LrSchedule | None = None
-        if tr.lr_schedule != "constant":
-            if planned_steps is None:
-                raise ValueError(f"training.lr_schedule: {tr.lr_schedule} needs planned_steps")
-            self.schedule = LrSchedule(tr.lr_schedule, planned_steps, tr.lr_final_ratio)
-        self._schedule_tables = tr.lr_schedule_embeddings
-        # the configured rates the schedule scales (loading a state replaces the groups)
-        self._base_lrs = [float(g["lr"]) for g in self._scheduled_groups()]
+        self.rates = scheduled_rates(
+            tr, planned_steps, self.dense_opt, [m.fused_optimizer() for m in self.fused.values()]
+        )
         self.average = (
             DenseAverage(dense_parameters(self.model), tr.ema_decay)
             if tr.ema_decay is not None
@@ -83,9 +78,9 @@ class TrainStep:
 
     def step(self, batch: Batch) -> torch.Tensor:
         """Forward, backward (updates looked-up embedding rows), Adam step; returns the loss."""
-        if self.schedule is not None:
+        if self.rates is not None:
             # before the forward: FBGEMM's lookup takes the tables' rate when it runs
-            self._set_lr(self.schedule.factor(self.steps))
+            self.rates.apply(self.steps)
         loss, _ = self._loss(batch)
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()  # the fused tables step here, at the rate set before the forward
@@ -139,23 +134,6 @@ class TrainStep:
             torch.set_rng_state(rng)
         return [loss.detach(), *(g for g in grads if g is not None)]
 
-    def _scheduled_groups(self) -> list[dict[str, Any]]:
-        """The parameter groups the schedule scales: the dense optimizer's, then (with
-        ``training.lr_schedule_embeddings``) each fused table collection's."""
-        groups = list(self.dense_opt.param_groups)
-        if self._schedule_tables:
-            for module in self.fused.values():
-                groups += module.fused_optimizer().param_groups
-        return groups
-
-    def _set_lr(self, factor: float) -> None:
-        for group, base in zip(self._scheduled_groups(), self._base_lrs, strict=True):
-            group["lr"] = base * factor
-        if self._schedule_tables:
-            for module in self.fused.values():
-                # torchrec hands a fused group's rate to the FBGEMM kernel in step()
-                module.fused_optimizer().step()
-
     def averaged(self) -> AbstractContextManager[None]:
         """A context in which the model holds the weights it is validated with: the
         dense average when ``training.ema_decay`` is set, else the raw weights."""
@@ -177,7 +155,7 @@ class TrainStep:
             },
         }
         # only with the options on: a last.pt without them is the layout Ray workers share
-        if self.schedule is not None:
+        if self.rates is not None:
             state["steps"] = self.steps
         if self.average is not None:
             state["dense_average"] = self.average.state_dict()
@@ -190,8 +168,8 @@ class TrainStep:
         for name, module in self.fused.items():
             module.fused_optimizer().load_state_dict(state["sparse_optimizer"][name])
         self.steps = int(state.get("steps", 0))
-        if self.schedule is not None:
-            self._set_lr(self.schedule.factor(self.steps))
+        if self.rates is not None:
+            self.rates.apply(self.steps)
         if self.average is not None:
             if "dense_average" not in state:
                 raise ValueError("this state holds no dense average (training.ema_decay)")
