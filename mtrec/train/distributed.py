@@ -61,6 +61,7 @@ from mtrec.train.averaging import DenseAverage
 from mtrec.train.losses import WeightedBCELoss, sparse_penalties
 from mtrec.train.optim import dense_param_groups, sparse_settings
 from mtrec.train.schedule import scheduled_rates
+from mtrec.train.step_options import load_options_state, options_state
 
 __all__ = [
     "CPU_SHARDING_TYPES",
@@ -333,30 +334,8 @@ class ShardedTrainStep:
             "model": model,
             "sparse_optimizer": sparse,
             "dense_optimizer": copy.deepcopy(self.dense_opt.state_dict()),
-            **self._options_state(),
+            **options_state(self.steps, self.rates, self.average),
         }
-
-    def _options_state(self) -> dict[str, Any]:
-        """The keys ``TrainStep.state_dict`` adds for the options that are on:
-        ``dense_average`` (``training.ema_decay``) and ``steps`` (``training.lr_schedule``)."""
-        state: dict[str, Any] = {}
-        if self.rates is not None:
-            state["steps"] = self.steps
-        if self.average is not None:
-            state["dense_average"] = self.average.state_dict()
-        return state
-
-    def _load_options(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`_options_state` (after the optimizers: their loaded groups carry
-        the saved rates, which the schedule then sets from the step count)."""
-        self.steps = int(state.get("steps", 0))
-        if self.rates is not None:
-            self.rates.apply(self.steps)
-        if self.average is None:
-            return
-        if "dense_average" not in state:
-            raise ValueError("this state holds no dense average (training.ema_decay)")
-        self.average.load_state_dict(state["dense_average"])
 
     def layout_matches(self, state: dict[str, Any]) -> bool:
         """Whether :meth:`sharded_state` ``state`` has this rank's shards (same world size,
@@ -397,7 +376,7 @@ class ShardedTrainStep:
                         v.copy_(saved)
             self.model.fused_optimizer.load_state_dict(fused)
         self.dense_opt.load_state_dict(state["dense_optimizer"])
-        self._load_options(state)
+        self.steps = load_options_state(state, self.rates, self.average)
 
     # ------------------------------------------------------------------ full state
 
@@ -477,7 +456,7 @@ class ShardedTrainStep:
             "model": model,
             "dense_optimizer": copy.deepcopy(self.dense_opt.state_dict()),
             "sparse_optimizer": sparse,
-            **self._options_state(),
+            **options_state(self.steps, self.rates, self.average),
         }
 
     def _gather_shards(
@@ -534,7 +513,7 @@ class ShardedTrainStep:
                         v.copy_(full)
             self.model.fused_optimizer.load_state_dict(fused)
         self.dense_opt.load_state_dict(state["dense_optimizer"])
-        self._load_options(state)
+        self.steps = load_options_state(state, self.rates, self.average)
 
     def _load_tensors(self, full: dict[str, torch.Tensor]) -> None:
         """Copy whole tensors (keys as in the DMP state dict) into this rank's parameters

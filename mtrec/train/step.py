@@ -23,6 +23,7 @@ from mtrec.train.optim import (
     sparse_optimizers,
 )
 from mtrec.train.schedule import scheduled_rates
+from mtrec.train.step_options import load_options_state, options_state
 
 __all__ = ["TrainStep"]
 
@@ -155,11 +156,7 @@ class TrainStep:
             },
         }
         # only with the options on: a last.pt without them is the layout Ray workers share
-        if self.rates is not None:
-            state["steps"] = self.steps
-        if self.average is not None:
-            state["dense_average"] = self.average.state_dict()
-        return state
+        return {**state, **options_state(self.steps, self.rates, self.average)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = remap_legacy_train_state(state)  # a last.pt from before the model split
@@ -167,13 +164,7 @@ class TrainStep:
         self.dense_opt.load_state_dict(state["dense_optimizer"])
         for name, module in self.fused.items():
             module.fused_optimizer().load_state_dict(state["sparse_optimizer"][name])
-        self.steps = int(state.get("steps", 0))
-        if self.rates is not None:
-            self.rates.apply(self.steps)
-        if self.average is not None:
-            if "dense_average" not in state:
-                raise ValueError("this state holds no dense average (training.ema_decay)")
-            self.average.load_state_dict(state["dense_average"])
+        self.steps = load_options_state(state, self.rates, self.average)
 
     def embedding_rows(self) -> int:
         """Total rows over every embedding table of the model."""

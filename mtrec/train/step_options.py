@@ -1,0 +1,43 @@
+"""What the optional training features add to a step's state (``last.pt``, the Ray
+checkpoints): the step count that drives ``training.lr_schedule`` and the dense average
+of ``training.ema_decay``. Shared by the local and the sharded step, so a run resumes
+across them either way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mtrec.train.averaging import DenseAverage
+from mtrec.train.schedule import ScheduledRates
+
+__all__ = ["load_options_state", "options_state"]
+
+
+def options_state(
+    steps: int, rates: ScheduledRates | None, average: DenseAverage | None
+) -> dict[str, Any]:
+    """``{"steps": ...}`` with a schedule, ``{"dense_average": ...}`` with the average; no
+    key for an option that is off (a state without them is the layout of runs without)."""
+    state: dict[str, Any] = {}
+    if rates is not None:
+        state["steps"] = steps
+    if average is not None:
+        state["dense_average"] = average.state_dict()
+    return state
+
+
+def load_options_state(
+    state: dict[str, Any], rates: ScheduledRates | None, average: DenseAverage | None
+) -> int:
+    """Restore :func:`options_state` into ``rates`` and ``average``; the step count.
+
+    Call it after loading the optimizers: their loaded groups carry the saved rates, which
+    the schedule then sets from the step count."""
+    steps = int(state.get("steps", 0))
+    if rates is not None:
+        rates.apply(steps)
+    if average is not None:
+        if "dense_average" not in state:
+            raise ValueError("this state holds no dense average (training.ema_decay)")
+        average.load_state_dict(state["dense_average"])
+    return steps
