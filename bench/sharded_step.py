@@ -57,8 +57,12 @@ def _process(
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     batch = GLOBAL_BATCH // world
-    step = ShardedTrainStep(cfg, spec, device=torch.device("cpu"), batch_size=batch)
     rows = train_shard(out["train_rows"], rank, world)
+    # the steps timed here, as the plan of a --set training.lr_schedule
+    plan = WARMUP_STEPS + steps
+    step = ShardedTrainStep(
+        cfg, spec, device=torch.device("cpu"), batch_size=batch, planned_steps=plan
+    )
     shard = load_shard(spec, cfg.dataset.train, rows, cfg.dataset.chunk_rows)
     batches = train_batches(shard, spec, batch, rank, cfg.dataset.chunk_rows)
     for _ in range(WARMUP_STEPS):
