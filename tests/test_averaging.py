@@ -196,3 +196,26 @@ def test_a_decaying_schedule_lowers_the_rates(data: Path, tmp_path: Path) -> Non
         # what FBGEMM's backward applies (torchrec keeps the kernel in each sub-optimizer)
         for _, sub in module.fused_optimizer()._optims:
             assert math.isclose(sub._emb_module.get_learning_rate(), lr, rel_tol=1e-6)
+
+
+def test_a_resume_under_another_plan_keeps_the_schedules_progress(
+    data: Path, tmp_path: Path
+) -> None:
+    """A Ray run resumed with another worker count plans other steps per epoch: the saved
+    step count is rescaled, so the rates continue from the same point of the decay."""
+    from mtrec.train.step import TrainStep
+
+    cfg = small_config(data, tmp_path, training={"lr_schedule": "cosine"})
+    spec = fitted_spec(cfg)
+    first = TrainStep(cfg, spec, planned_steps=10)
+    first.steps = 5
+    state = first.state_dict()
+    assert (state["steps"], state["planned_steps"]) == (5, 10)
+    resumed = TrainStep(cfg, spec, planned_steps=30)
+    resumed.load_state_dict(state)
+    assert resumed.steps == 15
+    (group, *_) = resumed.dense_opt.param_groups
+    assert math.isclose(group["lr"], cfg.training.learning_rate * 0.5)  # cosine at p = 1/2
+    same = TrainStep(cfg, spec, planned_steps=10)
+    same.load_state_dict(state)
+    assert same.steps == 5

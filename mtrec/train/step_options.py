@@ -16,11 +16,13 @@ __all__ = ["load_options_state", "options_state"]
 def options_state(
     steps: int, rates: ScheduledRates | None, average: DenseAverage | None
 ) -> dict[str, Any]:
-    """``{"steps": ...}`` with a schedule, ``{"dense_average": ...}`` with the average; no
-    key for an option that is off (a state without them is the layout of runs without)."""
+    """``{"steps": ..., "planned_steps": ...}`` with a schedule, ``{"dense_average": ...}``
+    with the average; no key for an option that is off (a state without them is the layout
+    of runs without)."""
     state: dict[str, Any] = {}
     if rates is not None:
         state["steps"] = steps
+        state["planned_steps"] = rates.schedule.total
     if average is not None:
         state["dense_average"] = average.state_dict()
     return state
@@ -32,8 +34,13 @@ def load_options_state(
     """Restore :func:`options_state` into ``rates`` and ``average``; the step count.
 
     Call it after loading the optimizers: their loaded groups carry the saved rates, which
-    the schedule then sets from the step count."""
+    the schedule then sets from the step count. A run resumed under another plan (another
+    worker count, whose shards take other steps per epoch) keeps its progress through the
+    plan: the saved count is rescaled to this one."""
     steps = int(state.get("steps", 0))
+    saved_plan = state.get("planned_steps")
+    if rates is not None and saved_plan and int(saved_plan) != rates.schedule.total:
+        steps = round(steps * rates.schedule.total / int(saved_plan))
     if rates is not None:
         rates.apply(steps)
     if average is not None:
