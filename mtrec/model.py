@@ -453,9 +453,9 @@ class MultiTaskModel(nn.Module):
         if self.shared_filter and self.sparse_arch is not None and self.linear_arch is not None:
             value_filter = self.sparse_arch.embedding.value_filter
             ids, feature_of = value_filter.filter_bags(sparse.values(), sparse.lengths(), False)
-            deep = (ids, feature_of)
-            if self.training:  # one id dropout mask, drawn for the embedding
-                deep = (value_filter.drop(ids, feature_of), feature_of)
+            # one id dropout mask, drawn for the embedding
+            dropped = value_filter.drop(ids, feature_of) if self.training else ids
+            deep = (dropped, feature_of)
             linear = deep if self.linear_drops else (ids, feature_of)
             return self.sparse_arch(sparse, deep), self.linear_arch(sparse, linear)
         return self.sparse_tokens(sparse), self.linear_ids(sparse)

@@ -388,6 +388,7 @@ def _worker_body(config: dict[str, Any]) -> dict[str, Any] | None:
     # seconds from fit() to this function (actors, process group), then to training
     # (sharded model, data shards): the fixed cost of a distributed run
     timing = {"workers_start_s": round(entered - config["submitted"], 2)}
+    rows = train_shard(job.train_rows, rank, world)
 
     with _quiet_root_logger():
         step = ShardedTrainStep(
@@ -399,10 +400,7 @@ def _worker_body(config: dict[str, Any]) -> dict[str, Any] | None:
             local_world_size=ctx.get_local_world_size(),
             # training.lr_schedule's clock: every rank takes its shard's steps, in lockstep
             planned_steps=planned_steps(
-                train_shard(job.train_rows, rank, world).rows,
-                job.rank_batch,
-                tr.epochs,
-                tr.max_steps_per_epoch,
+                rows.rows, job.rank_batch, tr.epochs, tr.max_steps_per_epoch
             ),
         )
     st, resumed_at, source = _restore(step, job, rank)
@@ -424,7 +422,6 @@ def _worker_body(config: dict[str, Any]) -> dict[str, Any] | None:
         if resumed_at:
             _log(f"restarted from {source} after epoch {st.epoch}")
 
-    rows = train_shard(job.train_rows, rank, world)
     train_source: EncodedChunk | tuple[str, RowRange] = (cfg.dataset.train, rows)
     if tr.cache_in_memory:
         train_source = load_shard(spec, cfg.dataset.train, rows, cfg.dataset.chunk_rows)

@@ -38,10 +38,10 @@ def load_options_state(
     worker count, whose shards take other steps per epoch) keeps its progress through the
     plan: the saved count is rescaled to this one."""
     steps = int(state.get("steps", 0))
-    saved_plan = state.get("planned_steps")
-    if rates is not None and saved_plan and int(saved_plan) != rates.schedule.total:
-        steps = round(steps * rates.schedule.total / int(saved_plan))
     if rates is not None:
+        plan, saved_plan = rates.schedule.total, int(state.get("planned_steps") or 0)
+        if saved_plan and saved_plan != plan:
+            steps = round(steps * plan / saved_plan)
         rates.apply(steps)
     if average is not None:
         if "dense_average" not in state:
