@@ -156,6 +156,7 @@ def config_hashes(cfg: ExperimentConfig | dict[str, Any]) -> set[str]:
                     value = getattr(value, part)
                 # before the change a key was left out exactly when it held the old default
                 _set_path(raw, key.split("."), value, present=value != old)
+        raw.setdefault("training", {})  # kept even when empty (_hashed_dict), not pruned
         hashes.add(hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16])
     return hashes
 

@@ -235,6 +235,23 @@ def test_every_generation_of_default_changes_is_accepted(
     assert len(accepted) == 1 + len(schema.DEFAULT_CHANGES)  # each generation its own hash
 
 
+def test_a_training_section_left_empty_by_an_old_default_is_still_accepted(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose training keys are all at their defaults (bar run-length keys), written
+    before a training default changed: the older mtrec hashed an empty training section,
+    which undoing the change must not prune."""
+    from mtrec.config import schema
+    from mtrec.run import config_hashes
+
+    last = len(schema.DEFAULT_CHANGES) - 1
+    (key, old), *_ = schema.DEFAULT_CHANGES[last].items()
+    assert key.startswith("training.")  # the case: the newest change set is a training key
+    defaults = {"batch_size": 1024, "learning_rate": 1e-3, key.split(".", 1)[1]: old}
+    cfg = small_config(data, tmp_path, training=defaults)
+    assert _hash_before_the_default_changes(cfg, monkeypatch, last) in config_hashes(cfg)
+
+
 @pytest.mark.parametrize("stored", ["with_the_keys", "before_the_keys_existed"])
 def test_a_run_from_before_a_default_change_still_loads_and_resumes(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stored: str
