@@ -271,6 +271,7 @@ def test_a_run_from_before_a_default_change_still_loads_and_resumes(
         "model.linear.learning_rate=0.05",
         "training.ema_decay=null",
         "model.linear.id_dropout=true",
+        "training.reset_embeddings_each_epoch=false",
     ]
     cfg = small_config(data, tmp_path, old_defaults, training={"epochs": 1})
     out = tmp_path / "run"

@@ -58,6 +58,7 @@ from mtrec.data.batch import Batch
 from mtrec.data.spec import FeatureSpec
 from mtrec.model import MultiTaskModel, build_model, remap_legacy_train_state
 from mtrec.train.averaging import DenseAverage
+from mtrec.train.embedding_reset import fresh_tables
 from mtrec.train.losses import WeightedBCELoss, sparse_penalties
 from mtrec.train.optim import dense_param_groups, sparse_settings
 from mtrec.train.schedule import scheduled_rates
@@ -195,7 +196,11 @@ class ShardedTrainStep:
         model = build_model(cfg, spec)
         # the local loop's initial weights; each rank copies its shards after planning
         init = {_PREFIX + k: v for k, v in model.state_dict().items()}
-        self.collections = list(_embedding_collections(model))
+        # every collection's table configs (MEDA draws whole tables from them)
+        self.tables = {
+            path: ebc.embedding_bag_configs() for path, ebc in _embedding_collections(model).items()
+        }
+        self.seed = cfg.seed
         _to_meta(model, cfg)
         wrapped = _WithAux(model)
         # torchrec's floor for column shards (128 wide) keeps usual tables whole: on CPU
@@ -515,12 +520,30 @@ class ShardedTrainStep:
         self.dense_opt.load_state_dict(state["dense_optimizer"])
         self.steps = load_options_state(state, self.rates, self.average)
 
-    def _load_tensors(self, full: dict[str, torch.Tensor]) -> None:
+    def reset_embeddings(self, epoch: int) -> None:
+        """MEDA before ``epoch`` (0-based), as :meth:`TrainStep.reset_embeddings`: every
+        rank draws the whole deep tables alike and copies its shards, and zeroes the
+        row-wise Adagrad state of its shards. Not collective."""
+        fresh = {_PREFIX + k: v for k, v in fresh_tables(self.tables, self.seed, epoch).items()}
+        self._load_tensors(fresh, partial=True)
+        with torch.no_grad():
+            fused = self.model.fused_optimizer.state_dict()
+            for key, states in fused["state"].items():
+                if key not in fresh:  # the linear term's tables keep their state
+                    continue
+                for v in states.values():
+                    for _, tensor in _shards(v) if isinstance(v, ShardedTensor) else [([], v)]:
+                        tensor.zero_()
+            self.model.fused_optimizer.load_state_dict(fused)
+
+    def _load_tensors(self, full: dict[str, torch.Tensor], partial: bool = False) -> None:
         """Copy whole tensors (keys as in the DMP state dict) into this rank's parameters
-        and shards."""
+        and shards; ``partial``: only those ``full`` has."""
         with torch.no_grad():
             for key, value in self.model.state_dict().items():
                 if key not in full:
+                    if partial:
+                        continue
                     raise KeyError(f"model state has no '{_strip(key)}'")
                 src = full[key]
                 if isinstance(value, ShardedTensor):

@@ -210,6 +210,8 @@ def _train_in(
     while ledger.another_epoch(epochs_this_call, stop_after_epochs):
         epoch = st.epoch
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout stream of this epoch
+        if epoch > 0 and tr.reset_embeddings_each_epoch:
+            trainer.reset_embeddings(epoch)  # MEDA: this epoch's embeddings learn from one pass
         model.train()
         seen, steps = 0, 0
         loss_sum = torch.zeros(())

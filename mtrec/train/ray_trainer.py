@@ -510,6 +510,8 @@ def _epochs(
         epoch = st.epoch
         seed = cfg.seed * 1000 + epoch + rank * _RANK_SEED_STRIDE
         torch.manual_seed(seed)  # this rank's dropout stream of this epoch
+        if epoch > 0 and tr.reset_embeddings_each_epoch:
+            step.reset_embeddings(epoch)  # MEDA: this epoch's embeddings learn from one pass
         seen, steps = 0, 0
         loss_sum = torch.zeros((), device=step.device)  # read once per epoch (a GPU sync)
         first_loss = float("nan")

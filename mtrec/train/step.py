@@ -15,6 +15,7 @@ from mtrec.data.batch import Batch
 from mtrec.data.spec import FeatureSpec
 from mtrec.model import MultiTaskModel, build_model, remap_legacy_train_state
 from mtrec.train.averaging import DenseAverage
+from mtrec.train.embedding_reset import clear_sparse_state, deep_tables, fresh_tables
 from mtrec.train.losses import WeightedBCELoss, sparse_penalties
 from mtrec.train.optim import (
     dense_parameters,
@@ -46,6 +47,9 @@ class TrainStep:
     with ``training.ema_decay`` the dense parameters' moving average
     (:mod:`mtrec.train.averaging`) is updated after every step: :meth:`averaged` applies
     it for validation and :meth:`eval_model_state` is the state ``best.pt`` holds.
+
+    With ``training.reset_embeddings_each_epoch`` the loop calls :meth:`reset_embeddings`
+    at the start of every epoch after the first (MEDA, :mod:`mtrec.train.embedding_reset`).
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class TrainStep:
     ) -> None:
         torch.manual_seed(cfg.seed)
         tr = cfg.training
+        self.seed = cfg.seed
         self.model: MultiTaskModel = build_model(cfg, spec)
         fuse_sparse_optimizer(self.model, cfg)
         self.dense_opt = make_dense_optimizer(self.model, cfg)
@@ -90,6 +95,21 @@ class TrainStep:
             self.average.update()
         self.steps += 1
         return loss
+
+    def reset_embeddings(self, epoch: int) -> None:
+        """MEDA before ``epoch`` (0-based): the deep embedding tables drawn afresh and their
+        row-wise Adagrad state zeroed; the linear term's tables and the dense parameters
+        are left as they are."""
+        deep = {path: self.fused[path] for path in deep_tables(self.fused)}
+        fresh = fresh_tables(
+            {path: m.embedding_bag_configs() for path, m in deep.items()}, self.seed, epoch
+        )
+        with torch.no_grad():
+            for path, module in deep.items():
+                # the fused module's state dict holds views of FBGEMM's weights
+                for key, weight in module.state_dict().items():
+                    weight.copy_(fresh[f"{path}.{key}"])
+                clear_sparse_state(module.fused_optimizer().state.values())
 
     def _loss(
         self, batch: Batch, lookups_as_leaves: bool = False

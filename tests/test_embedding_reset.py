@@ -1,0 +1,138 @@
+"""MEDA (``training.reset_embeddings_each_epoch``): what a reset changes and what it
+leaves, the draw, and when the loop resets. The Ray worker's reset (the sharded tables)
+is covered by ``tests/test_ray.py``, whose runs train with the default (on): one worker
+reproduces the local loop's weights, a resumed run the uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_same_weights, first_batch, fitted_spec, small_config, small_data_dir
+
+from mtrec.train.embedding_reset import deep_tables, fresh_tables
+from mtrec.train.loop import train
+from mtrec.train.optim import LINEAR_PREFIX
+from mtrec.train.step import TrainStep
+
+SHORT = {"epochs": 3, "max_steps_per_epoch": 5, "early_stopping_patience": 0}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_data_dir(tmp_path_factory)
+
+
+def sparse_state(step: TrainStep, path: str) -> list[torch.Tensor]:
+    """Copies of every tensor in the fused optimizer state of collection ``path``, read
+    afresh from FBGEMM."""
+    state = step.fused[path].fused_optimizer().state_dict()["state"]
+    return [v.clone() for s in state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+
+
+def test_only_the_linear_terms_collections_are_not_deep() -> None:
+    paths = ["sparse_arch.embedding.ebc", LINEAR_PREFIX + "ebc", "other.ebc"]
+    assert deep_tables(paths) == ["sparse_arch.embedding.ebc", "other.ebc"]
+
+
+@pytest.mark.parametrize("embedding", ["unified", "per_feature"])
+def test_a_reset_draws_the_deep_tables_afresh_and_leaves_the_rest(
+    data: Path, tmp_path: Path, embedding: str
+) -> None:
+    cfg = small_config(data, tmp_path, model={"embedding": {"type": embedding}})
+    spec = fitted_spec(cfg)
+    step = TrainStep(cfg, spec)
+    batch = first_batch(cfg, spec, "train", rows=256)
+    for _ in range(3):
+        step.step(batch)
+    (deep,) = deep_tables(step.fused)
+    (linear,) = [p for p in step.fused if p != deep]
+    assert any(bool(t.abs().sum() > 0) for t in sparse_state(step, deep))  # trained
+    before = {k: v.clone() for k, v in step.model.state_dict().items()}
+    linear_state = sparse_state(step, linear)
+    rng = torch.get_rng_state()
+
+    step.reset_embeddings(1)
+
+    configs = {deep: step.fused[deep].embedding_bag_configs()}
+    fresh = fresh_tables(configs, cfg.seed, 1)
+    after = step.model.state_dict()
+    assert sorted(fresh) == sorted(k for k in after if k.startswith(deep + "."))
+    for key, value in after.items():
+        if key in fresh:
+            assert torch.equal(value, fresh[key]), key
+            assert not torch.equal(value, before[key]), key
+        else:  # dense parameters, buffers and the linear term's per-id weights
+            assert torch.equal(value, before[key]), key
+    assert all(bool(t.abs().sum() == 0) for t in sparse_state(step, deep))
+    for got, kept in zip(sparse_state(step, linear), linear_state, strict=True):
+        assert torch.equal(got, kept)
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout's stream is not touched
+
+
+def test_the_draw_depends_on_the_seed_and_epoch_and_keeps_the_initial_range(
+    data: Path, tmp_path: Path
+) -> None:
+    cfg = small_config(data, tmp_path)
+    step = TrainStep(cfg, fitted_spec(cfg))
+    configs = {p: m.embedding_bag_configs() for p, m in step.fused.items()}
+    a = fresh_tables(configs, 7, 1)
+    assert all(torch.equal(v, w) for v, w in zip(a.values(), fresh_tables(configs, 7, 1).values()))
+    assert not torch.equal(next(iter(a.values())), next(iter(fresh_tables(configs, 7, 2).values())))
+    assert not torch.equal(next(iter(a.values())), next(iter(fresh_tables(configs, 8, 1).values())))
+    # no linear table; each drawn in its table's initial range, not as the tables started
+    assert not any(k.startswith(LINEAR_PREFIX) for k in a)
+    for path in deep_tables(configs):
+        for table in configs[path]:
+            weight = a[f"{path}.embedding_bags.{table.name}.weight"]
+            assert weight.shape == (table.num_embeddings, table.embedding_dim)
+            low, high = table.get_weight_init_min(), table.get_weight_init_max()
+            assert low <= float(weight.min()) and float(weight.max()) <= high
+            assert float(weight.std()) == pytest.approx((high - low) / 12**0.5, rel=0.05)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_loop_resets_before_every_epoch_but_the_first(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    original = TrainStep.reset_embeddings
+
+    def spy(self: TrainStep, epoch: int) -> None:
+        calls.append(epoch)
+        original(self, epoch)
+
+    monkeypatch.setattr(TrainStep, "reset_embeddings", spy)
+    runs = {}
+    for on in (True, False):
+        cfg = small_config(
+            data, tmp_path / str(on), training={**SHORT, "reset_embeddings_each_epoch": on}
+        )
+        train(cfg, tmp_path / str(on) / "run")
+        runs[on] = metrics(tmp_path / str(on) / "run")
+    assert calls == [1, 2]  # the run with it on only
+    # the first epoch trains alike; from the second on the tables differ
+    assert runs[True][0]["valid"] == runs[False][0]["valid"]
+    assert runs[True][1]["loss"] != runs[False][1]["loss"]
+
+
+def test_a_resumed_run_resets_as_the_uninterrupted_one(data: Path, tmp_path: Path) -> None:
+    cfg = small_config(data, tmp_path, training=SHORT)
+    assert cfg.training.reset_embeddings_each_epoch  # the default
+    train(cfg, tmp_path / "a")
+    train(cfg, tmp_path / "b", stop_after_epochs=1)
+    train(cfg, tmp_path / "b", resume=True)
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["valid"] for r in a] == [r["valid"] for r in b]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    for name in ("best.pt", "last.pt"):
+        ca, cb = (
+            torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
+            for run in (tmp_path / "a", tmp_path / "b")
+        )
+        assert_same_weights(ca["model"], cb["model"])
