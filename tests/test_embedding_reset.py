@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import assert_same_weights, first_batch, fitted_spec, small_config, small_data_dir
 
+from mtrec.data.batch import Batch
+from mtrec.train.distributed import uvm_cached_deep_tables
 from mtrec.train.embedding_reset import deep_tables, fresh_tables
 from mtrec.train.loop import train
 from mtrec.train.optim import LINEAR_PREFIX
@@ -57,7 +60,7 @@ def test_a_reset_draws_the_deep_tables_afresh_and_leaves_the_rest(
     step.reset_embeddings(1)
 
     configs = {deep: step.fused[deep].embedding_bag_configs()}
-    fresh = fresh_tables(configs, cfg.seed, 1)
+    fresh = dict(fresh_tables(configs, cfg.seed, 1))
     after = step.model.state_dict()
     assert sorted(fresh) == sorted(k for k in after if k.startswith(deep + "."))
     for key, value in after.items():
@@ -72,16 +75,50 @@ def test_a_reset_draws_the_deep_tables_afresh_and_leaves_the_rest(
     assert torch.equal(torch.get_rng_state(), rng)  # dropout's stream is not touched
 
 
+def _row_steps(step: TrainStep, batch: Batch, path: str) -> torch.Tensor:
+    """RMS over its columns of each deep-table row's change in one step (rows the step
+    moved)."""
+    (key,) = step.fused[path].state_dict()
+    before = step.fused[path].state_dict()[key].clone()
+    step.step(batch)
+    change = step.fused[path].state_dict()[key] - before
+    moved = change.abs().sum(1) > 0
+    return change[moved].pow(2).mean(1).sqrt()
+
+
+def test_after_a_reset_the_tables_step_as_new_ones(data: Path, tmp_path: Path) -> None:
+    """Row-wise Adagrad's first step moves a row by exactly its learning rate (RMS over
+    the row: lr · g / sqrt(mean g²)); once its accumulator holds earlier steps, by less.
+    So FBGEMM's own accumulators, not a copy, are what the reset zeroes. (An epsilon far
+    below every row's gradient keeps the first step exact.)"""
+    cfg = small_config(data, tmp_path, ["model.embedding.eps=1e-30"])
+    spec = fitted_spec(cfg)
+    step = TrainStep(cfg, spec)
+    batch = first_batch(cfg, spec, "train", rows=256)
+    (deep,) = deep_tables(step.fused)
+    lr = cfg.model.embedding.learning_rate
+    first = _row_steps(step, batch, deep)
+    torch.testing.assert_close(first, torch.full_like(first, lr), rtol=1e-3, atol=0)
+    for _ in range(2):
+        step.step(batch)
+    assert float(_row_steps(step, batch, deep).median()) < 0.5 * lr  # accumulated
+    step.reset_embeddings(1)
+    again = _row_steps(step, batch, deep)
+    torch.testing.assert_close(again, torch.full_like(again, lr), rtol=1e-3, atol=0)
+
+
 def test_the_draw_depends_on_the_seed_and_epoch_and_keeps_the_initial_range(
     data: Path, tmp_path: Path
 ) -> None:
     cfg = small_config(data, tmp_path)
     step = TrainStep(cfg, fitted_spec(cfg))
     configs = {p: m.embedding_bag_configs() for p, m in step.fused.items()}
-    a = fresh_tables(configs, 7, 1)
-    assert all(torch.equal(v, w) for v, w in zip(a.values(), fresh_tables(configs, 7, 1).values()))
-    assert not torch.equal(next(iter(a.values())), next(iter(fresh_tables(configs, 7, 2).values())))
-    assert not torch.equal(next(iter(a.values())), next(iter(fresh_tables(configs, 8, 1).values())))
+    a = dict(fresh_tables(configs, 7, 1))
+    assert all(
+        torch.equal(v, w) for v, w in zip(a.values(), dict(fresh_tables(configs, 7, 1)).values())
+    )
+    for other in (fresh_tables(configs, 7, 2), fresh_tables(configs, 8, 1)):
+        assert not torch.equal(next(iter(a.values())), next(other)[1])
     # no linear table; each drawn in its table's initial range, not as the tables started
     assert not any(k.startswith(LINEAR_PREFIX) for k in a)
     for path in deep_tables(configs):
@@ -136,3 +173,16 @@ def test_a_resumed_run_resets_as_the_uninterrupted_one(data: Path, tmp_path: Pat
             for run in (tmp_path / "a", tmp_path / "b")
         )
         assert_same_weights(ca["model"], cb["model"])
+
+
+def test_tables_on_the_uvm_cache_are_named() -> None:
+    """A GPU plan with a deep table on FBGEMM's UVM cache (whose cached rows a reset
+    cannot reach) is refused by ``ShardedTrainStep``: the tables it names."""
+    plan = {
+        "model.sparse_arch.embedding.ebc": {
+            "unified": SimpleNamespace(compute_kernel="fused_uvm_caching"),
+            "other": SimpleNamespace(compute_kernel="fused"),
+        },
+        "model.linear_arch.ebc": {"user_id": SimpleNamespace(compute_kernel="fused_uvm_caching")},
+    }
+    assert uvm_cached_deep_tables(plan) == ["sparse_arch.embedding.ebc.unified"]

@@ -43,6 +43,7 @@ from mtrec.train.distributed_data import (
     train_shard,
 )
 from mtrec.train.loop import load_trained_model, train
+from mtrec.train.optim import LINEAR_PREFIX
 from mtrec.train.ray_trainer import FAULT_ENV, start_local_ray, train_distributed
 from mtrec.train.schedule import LrSchedule
 
@@ -173,6 +174,7 @@ def _column_wise_worker(rank: int, world: int, cfg: ExperimentConfig, store: str
 
     from mtrec.data.fitting import fit_statistics_on_file
     from mtrec.train.distributed import ShardedTrainStep
+    from mtrec.train.embedding_reset import fresh_tables
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -210,6 +212,9 @@ def _column_wise_worker(rank: int, world: int, cfg: ExperimentConfig, store: str
     old = ShardedTrainStep(cfg, spec, device=torch.device("cpu"), sharding_types=["column_wise"])
     old.load_full_state(_pre_split_names(box[0]))
     from_legacy = old.full_state()
+    # MEDA's reset: each rank copies its columns of the whole tables' draw
+    step.reset_embeddings(1)
+    reset = step.full_state()
     if rank == 0:
         assert full is not None and again is not None
         torch.save(
@@ -222,6 +227,8 @@ def _column_wise_worker(rank: int, world: int, cfg: ExperimentConfig, store: str
                 "again": again,
                 "from_legacy": from_legacy,
                 "momentum_checks": momentum_checks,
+                "reset": reset,
+                "fresh": dict(fresh_tables(step.tables, cfg.seed, 1)),
             },
             Path(store).with_name("result.pt"),
         )
@@ -355,7 +362,9 @@ def test_column_sharded_state_round_trips(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Two gloo processes, tables split by columns over both: a rank's shards reload
-    exactly, and the gathered unsharded state (last.pt layout) loads back unchanged."""
+    exactly, the gathered unsharded state (last.pt layout) loads back unchanged, and
+    MEDA's reset gives the deep tables the whole draw and zero accumulators and leaves the
+    rest as it was."""
     import torch.multiprocessing as mp
 
     cfg = small_config(
@@ -380,6 +389,18 @@ def test_column_sharded_state_round_trips(
                 for name, value in tensors.items():
                     got = again["sparse_optimizer"][module]["state"][param][name]
                     torch.testing.assert_close(got, value, rtol=0, atol=0, msg=name)
+    reset, fresh = result["reset"], result["fresh"]
+    assert fresh and all(key in full["model"] for key in fresh)
+    for key, value in full["model"].items():
+        expected = fresh.get(key, value)  # a deep table's draw, else unchanged
+        torch.testing.assert_close(reset["model"][key], expected, rtol=0, atol=0, msg=key)
+    for module, states in full["sparse_optimizer"].items():
+        deep = not module.startswith(LINEAR_PREFIX)
+        for param, tensors in states["state"].items():
+            for name, value in tensors.items():
+                got = reset["sparse_optimizer"][module]["state"][param][name]
+                expected = torch.zeros_like(value) if deep else value
+                torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
 
 
 # ------------------------------------------------------------------ bad cluster input

@@ -244,11 +244,13 @@ def test_a_training_section_left_empty_by_an_old_default_is_still_accepted(
     from mtrec.config import schema
     from mtrec.run import config_hashes
 
-    last = len(schema.DEFAULT_CHANGES) - 1
-    (key, old), *_ = schema.DEFAULT_CHANGES[last].items()
-    assert key.startswith("training.")  # the case: the newest change set is a training key
-    defaults = {"batch_size": 1024, "learning_rate": 1e-3, key.split(".", 1)[1]: old}
-    cfg = small_config(data, tmp_path, training=defaults)
+    # the newest change set with a training key, every later one's keys at their old
+    # values too (so that no later model key keeps a section non-empty)
+    last = max(
+        i for i, c in enumerate(schema.DEFAULT_CHANGES) if any(k.startswith("training.") for k in c)
+    )
+    olds = [f"{k}={json.dumps(v)}" for c in schema.DEFAULT_CHANGES[last:] for k, v in c.items()]
+    cfg = small_config(data, tmp_path, olds, training={"batch_size": 1024, "learning_rate": 1e-3})
     assert _hash_before_the_default_changes(cfg, monkeypatch, last) in config_hashes(cfg)
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -60,7 +60,7 @@ from mtrec.model import MultiTaskModel, build_model, remap_legacy_train_state
 from mtrec.train.averaging import DenseAverage
 from mtrec.train.embedding_reset import fresh_tables
 from mtrec.train.losses import WeightedBCELoss, sparse_penalties
-from mtrec.train.optim import dense_param_groups, sparse_settings
+from mtrec.train.optim import LINEAR_PREFIX, dense_param_groups, sparse_settings
 from mtrec.train.schedule import scheduled_rates
 from mtrec.train.step_options import load_options_state, options_state
 
@@ -140,6 +140,14 @@ def _owner(meta: Any, default: int) -> int:
 
 def _shards(t: ShardedTensor) -> list[tuple[list[int], torch.Tensor]]:
     return [(list(s.metadata.shard_offsets), s.tensor) for s in t.local_shards()]
+
+
+def _local_parts(value: torch.Tensor) -> list[tuple[list[int], torch.Tensor]]:
+    """This rank's parts of a state tensor with their offsets: a sharded tensor's local
+    shards, or a replicated tensor whole."""
+    if isinstance(value, ShardedTensor):
+        return _shards(value)
+    return [([0] * value.dim(), value)]
 
 
 def _region(offsets: Sequence[int], tensor: torch.Tensor) -> tuple[slice, ...]:
@@ -223,6 +231,14 @@ class ShardedTrainStep:
             debug=False,
         )
         self.plan = planner.collective_plan(wrapped, get_default_sharders(), dist.GroupMember.WORLD)
+        cached = uvm_cached_deep_tables(self.plan.plan)
+        if cfg.training.reset_embeddings_each_epoch and cached:
+            raise ValueError(
+                f"training.reset_embeddings_each_epoch: the sharding planner put {cached} on "
+                "FBGEMM's UVM cache (fused_uvm_caching), whose cached rows a reset cannot "
+                "reach; set training.reset_embeddings_each_epoch=false, or give the tables "
+                "device memory (fewer rows, more workers)"
+            )
         self.model = DistributedModelParallel(wrapped, device=device, plan=self.plan)
         self._load_tensors(init)
         # dense parameters in the order of the plain model, so the optimizer state has the
@@ -522,28 +538,34 @@ class ShardedTrainStep:
 
     def reset_embeddings(self, epoch: int) -> None:
         """MEDA before ``epoch`` (0-based), as :meth:`TrainStep.reset_embeddings`: every
-        rank draws the whole deep tables alike and copies its shards, and zeroes the
-        row-wise Adagrad state of its shards. Not collective."""
-        fresh = {_PREFIX + k: v for k, v in fresh_tables(self.tables, self.seed, epoch).items()}
-        self._load_tensors(fresh, partial=True)
+        rank draws the whole deep tables alike, one at a time, and copies its shards, and
+        zeroes the row-wise Adagrad state of its shards. Not collective."""
+        model = self.model.state_dict()
+        reset: set[str] = set()
         with torch.no_grad():
+            for key, weight in fresh_tables(self.tables, self.seed, epoch):
+                key = _PREFIX + key
+                if key not in model:  # a silent no-op would train on the old tables
+                    raise KeyError(f"embedding reset: the sharded model has no '{_strip(key)}'")
+                for offsets, tensor in _local_parts(model[key]):
+                    tensor.copy_(weight[_region(offsets, tensor)])
+                reset.add(key)
+            # a rank holds the state of the tables it has shards of only
             fused = self.model.fused_optimizer.state_dict()
             for key, states in fused["state"].items():
-                if key not in fresh:  # the linear term's tables keep their state
+                if key not in reset:  # the linear term's tables keep their state
                     continue
                 for v in states.values():
-                    for _, tensor in _shards(v) if isinstance(v, ShardedTensor) else [([], v)]:
+                    for _, tensor in _local_parts(v):
                         tensor.zero_()
             self.model.fused_optimizer.load_state_dict(fused)
 
-    def _load_tensors(self, full: dict[str, torch.Tensor], partial: bool = False) -> None:
+    def _load_tensors(self, full: dict[str, torch.Tensor]) -> None:
         """Copy whole tensors (keys as in the DMP state dict) into this rank's parameters
-        and shards; ``partial``: only those ``full`` has."""
+        and shards."""
         with torch.no_grad():
             for key, value in self.model.state_dict().items():
                 if key not in full:
-                    if partial:
-                        continue
                     raise KeyError(f"model state has no '{_strip(key)}'")
                 src = full[key]
                 if isinstance(value, ShardedTensor):
@@ -569,6 +591,19 @@ class ShardedTrainStep:
             for name, p in params.items():  # type: ignore[union-attr]
                 out.append((f"{module}.{name}", str(p.sharding_type), sorted(set(p.ranks or []))))
         return out
+
+
+def uvm_cached_deep_tables(plan: Mapping[str, Any]) -> list[str]:
+    """``module.table`` of the deep embedding's tables that a plan (module path →
+    table → ``ParameterSharding``) puts on FBGEMM's UVM cache: a GPU kernel that keeps
+    hot rows in a device cache, which writing the tables (MEDA's reset) does not update."""
+    return [
+        f"{_strip(module)}.{name}"
+        for module, params in plan.items()
+        if not _strip(module).startswith(LINEAR_PREFIX)
+        for name, p in params.items()
+        if "caching" in str(p.compute_kernel)
+    ]
 
 
 def plan_hints(placements: Sequence[tuple[str, str, list[int]]], world_size: int) -> list[str]:

@@ -24,7 +24,7 @@ alike.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -49,8 +49,9 @@ def _generator(seed: int, epoch: int) -> torch.Generator:
 
 def fresh_tables(
     collections: Mapping[str, Iterable[EmbeddingBagConfig]], seed: int, epoch: int
-) -> dict[str, torch.Tensor]:
-    """New weights of the deep tables for ``epoch``.
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """New weights of the deep tables for ``epoch``, one table at a time (one table's
+    memory at once, not all of them).
 
     Args:
         collections: module path → the collection's table configs, in the model's order
@@ -58,18 +59,16 @@ def fresh_tables(
         seed: the experiment's seed.
         epoch: the 0-based epoch about to start.
 
-    Returns:
-        ``"{path}.embedding_bags.{table}.weight"`` (the collection's state-dict key under
-        the model) → float32 ``num_embeddings x embedding_dim``.
+    Yields:
+        ``("{path}.embedding_bags.{table}.weight"`` (the collection's state-dict key under
+        the model), float32 ``num_embeddings x embedding_dim``).
     """
     gen = _generator(seed, epoch)
-    out: dict[str, torch.Tensor] = {}
     for path in deep_tables(collections):
         for table in collections[path]:
             weight = torch.empty(table.num_embeddings, table.embedding_dim)
             weight.uniform_(table.get_weight_init_min(), table.get_weight_init_max(), generator=gen)
-            out[f"{path}.embedding_bags.{table.name}.weight"] = weight
-    return out
+            yield f"{path}.embedding_bags.{table.name}.weight", weight
 
 
 def clear_sparse_state(states: Iterable[Mapping[str, object]]) -> None:

@@ -101,15 +101,16 @@ class TrainStep:
         row-wise Adagrad state zeroed; the linear term's tables and the dense parameters
         are left as they are."""
         deep = {path: self.fused[path] for path in deep_tables(self.fused)}
-        fresh = fresh_tables(
-            {path: m.embedding_bag_configs() for path, m in deep.items()}, self.seed, epoch
-        )
+        # the fused modules' state dicts hold views of FBGEMM's weights
+        views = {f"{p}.{k}": w for p, m in deep.items() for k, w in m.state_dict().items()}
+        configs = {path: m.embedding_bag_configs() for path, m in deep.items()}
         with torch.no_grad():
-            for path, module in deep.items():
-                # the fused module's state dict holds views of FBGEMM's weights
-                for key, weight in module.state_dict().items():
-                    weight.copy_(fresh[f"{path}.{key}"])
+            for key, weight in fresh_tables(configs, self.seed, epoch):
+                views.pop(key).copy_(weight)
+            for module in deep.values():
                 clear_sparse_state(module.fused_optimizer().state.values())
+        if views:  # every table has its config: a table left out would keep training
+            raise RuntimeError(f"embedding reset drew no weights for {sorted(views)}")
 
     def _loss(
         self, batch: Batch, lookups_as_leaves: bool = False
