@@ -486,8 +486,9 @@ class TrainingConfig:
     # and the linear term's per-id weights keep training. Id embeddings over-fit from the
     # second pass on; the layers above meet a new embedding space each epoch instead
     # (mtrec/train/embedding_reset.py). Best valid AUC on the cold-start preset (+0.0018 at
-    # 1M rows, 3 of 3 seeds), the 60k planted preset (+0.0009) and census (+0.0005);
-    # runs then train for more epochs (census: best epoch 14-22 against 6-9);
+    # 1M rows, 3 of 3 seeds), the 60k planted preset (+0.0014), census (+0.0008) and the
+    # demo's data; runs then train for more epochs (census: best epoch 14-26 against 6-9).
+    # With lr_schedule_embeddings, late epochs start fresh tables at a decayed rate;
     # docs/generalisation.md
     reset_embeddings_each_epoch: bool = True
     # also validate every this many training steps inside an epoch (null: at epoch ends only).
