@@ -1,5 +1,6 @@
 """The dense weight average (``training.ema_decay``) and the learning-rate schedule
-(``training.lr_schedule``): the maths, what best.pt / last.pt hold, resume, and that the
+(``training.lr_schedule``): the maths, what best.pt / last.pt hold, resume (also with the
+embedding reset, ``training.reset_embeddings_each_epoch``), and that the
 defaults reproduce today's training exactly."""
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ def test_decay_zero_trains_exactly_like_no_average(data: Path, tmp_path: Path) -
     [
         {"ema_decay": 0.9},
         {"lr_schedule": "cosine", "lr_schedule_embeddings": True, "lr_final_ratio": 0.1},
+        {"reset_embeddings_each_epoch": True},
     ],
-    ids=["ema", "cosine"],
+    ids=["ema", "cosine", "embedding_reset"],
 )
 def test_resume_restores_the_average_and_the_schedule(
     data: Path, tmp_path: Path, extra: dict

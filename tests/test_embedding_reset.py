@@ -1,7 +1,8 @@
 """MEDA (``training.reset_embeddings_each_epoch``): what a reset changes and what it
 leaves, the draw, and when the loop resets. The Ray worker's reset (the sharded tables)
 is covered by ``tests/test_ray.py``, whose runs train with the default (on): one worker
-reproduces the local loop's weights, a resumed run the uninterrupted one."""
+reproduces the local loop's weights, a resumed run the uninterrupted one; a resumed local
+run resetting as the uninterrupted one is ``tests/test_averaging.py``'s resume test."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import assert_same_weights, first_batch, fitted_spec, small_config, small_data_dir
+from helpers import first_batch, fitted_spec, small_config, small_data_dir
 
 from mtrec.data.batch import Batch
 from mtrec.train.distributed import uvm_cached_deep_tables
@@ -156,23 +157,6 @@ def test_the_loop_resets_before_every_epoch_but_the_first(
     # the first epoch trains alike; from the second on the tables differ
     assert runs[True][0]["valid"] == runs[False][0]["valid"]
     assert runs[True][1]["loss"] != runs[False][1]["loss"]
-
-
-def test_a_resumed_run_resets_as_the_uninterrupted_one(data: Path, tmp_path: Path) -> None:
-    cfg = small_config(data, tmp_path, training=SHORT)
-    assert cfg.training.reset_embeddings_each_epoch  # the default
-    train(cfg, tmp_path / "a")
-    train(cfg, tmp_path / "b", stop_after_epochs=1)
-    train(cfg, tmp_path / "b", resume=True)
-    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
-    assert [r["valid"] for r in a] == [r["valid"] for r in b]
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    for name in ("best.pt", "last.pt"):
-        ca, cb = (
-            torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
-            for run in (tmp_path / "a", tmp_path / "b")
-        )
-        assert_same_weights(ca["model"], cb["model"])
 
 
 def test_tables_on_the_uvm_cache_are_named() -> None:
