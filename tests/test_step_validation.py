@@ -138,6 +138,41 @@ def test_patience_counts_validation_points_and_stops_mid_epoch(data: Path, tmp_p
     assert snapshot(tmp_path / "run") == before
 
 
+@pytest.mark.parametrize("reset", [True, False])
+def test_after_an_embedding_reset_patience_waits_for_the_epochs_end(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reset: bool
+) -> None:
+    """With ``training.reset_embeddings_each_epoch`` a point early in the second epoch
+    judges freshly drawn tables: patience may run out there, but the run goes on to the
+    epoch's end (and stops there); without the reset it stops at that point."""
+    from mtrec.train.ledger import EpochLedger
+
+    judged = EpochLedger.judge
+
+    def only_the_first_point_improves(self: EpochLedger, record: dict, metrics: dict) -> bool:
+        bad = self.state.bad_epochs
+        improved = judged(self, record, metrics)
+        if record["step"] == EVERY:
+            return improved
+        self.state.bad_epochs = bad + 1
+        return False
+
+    monkeypatch.setattr(EpochLedger, "judge", only_the_first_point_improves)
+    training = {
+        "epochs": 3,
+        "max_steps_per_epoch": STEPS,
+        "early_stopping_patience": 4,  # runs out at the second point of epoch 2 (step 10)
+        "validate_every_steps": EVERY,
+        "reset_embeddings_each_epoch": reset,
+    }
+    cfg = small_config(data, tmp_path, training=training)
+    summary = train(cfg, tmp_path / "run")
+    assert summary["stopped_early"] is True and summary["epochs_run"] == 2
+    steps = [r["step"] for r in read_metrics(tmp_path / "run")]
+    assert steps == ([2, 4, 6, 8, 10, 12] if reset else [2, 4, 6, 8, 10])
+    assert load(tmp_path / "run" / "checkpoints" / "best.pt")["step"] == EVERY
+
+
 def test_resume_redoes_an_interrupted_epoch(runs: dict[str, Path], tmp_path: Path) -> None:
     """last.pt stays at epoch ends: a run cut inside epoch 2 (its mid-epoch lines written)
     resumes from epoch 1's end and writes exactly the uninterrupted run."""

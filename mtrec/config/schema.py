@@ -488,7 +488,9 @@ class TrainingConfig:
     # (mtrec/train/embedding_reset.py). Best valid AUC on the cold-start preset (+0.0018 at
     # 1M rows, 3 of 3 seeds), the 60k planted preset (+0.0014), census (+0.0008) and the
     # demo's data; runs then train for more epochs (census: best epoch 14-26 against 6-9).
-    # With lr_schedule_embeddings, late epochs start fresh tables at a decayed rate;
+    # With lr_schedule_embeddings, late epochs start fresh tables at a decayed rate. With
+    # validate_every_steps, patience ends a run at epoch ends only from the second epoch on
+    # (a point early in an epoch judges tables that have seen part of one pass);
     # docs/generalisation.md
     reset_embeddings_each_epoch: bool = True
     # also validate every this many training steps inside an epoch (null: at epoch ends only).

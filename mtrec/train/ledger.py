@@ -11,11 +11,12 @@ With ``training.validate_every_steps`` set, validation also runs inside an epoch
 every that many steps (a point that falls on the epoch's last step is the epoch-end one):
 each point may write ``best.pt`` and writes its own ``metrics.jsonl`` line (``epoch``:
 the epoch in progress, ``step``: training steps since the run began), and patience
-counts validation points. ``last.pt``, the resume point, is written at epoch ends only,
-so a resumed run redoes the interrupted epoch (its mid-epoch lines are dropped and
-written again, identically). When patience runs out at a mid-epoch point, the epoch ends
-there: that point's line is the epoch's line and ``last.pt`` is written, so the finished
-run resumes to nothing.
+counts validation points (with ``training.reset_embeddings_each_epoch``, from the second
+epoch on it ends a run at epoch ends only, :meth:`EpochLedger.stops_mid_epoch`).
+``last.pt``, the resume point, is written at epoch ends only, so a resumed run redoes
+the interrupted epoch (its mid-epoch lines are dropped and written again, identically).
+When patience runs out at a mid-epoch point, the epoch ends there: that point's line is
+the epoch's line and ``last.pt`` is written, so the finished run resumes to nothing.
 
 :class:`LossWatch` reads the loss as training goes: a running mean two orders of
 magnitude above its lowest warns; a non-finite value, or a running mean six orders of
@@ -207,6 +208,16 @@ class EpochLedger:
     def out_of_patience(self) -> bool:
         """Whether ``early_stopping_patience`` validations in a row brought no improvement."""
         return self.state.bad_epochs >= self.cfg.training.early_stopping_patience > 0
+
+    def stops_mid_epoch(self, epoch: int) -> bool:
+        """Whether patience ends the run at a mid-epoch validation point of ``epoch``
+        (0-based). Not in an epoch that began with fresh embedding tables
+        (``training.reset_embeddings_each_epoch``: every epoch but the first): its early
+        points judge tables that have seen part of one pass, so there patience is checked
+        at the epoch's end (:meth:`another_epoch`)."""
+        if self.cfg.training.reset_embeddings_each_epoch and epoch > 0:
+            return False
+        return self.out_of_patience()
 
     def validate_after(self, steps: int) -> bool:
         """Whether a mid-epoch validation falls after the epoch's ``steps``-th step (it runs

@@ -319,7 +319,7 @@ def _validate_mid_epoch(
     with trainer.averaged():  # the weights best.pt would hold
         metrics = evaluate_split(trainer.model, spec, valid, ledger.cfg.training.eval_batch_size)
     improved = ledger.judge(record, metrics)
-    if ledger.out_of_patience():
+    if ledger.stops_mid_epoch(epoch):
         return record, improved
     ledger.note(record, improved, trainer.eval_model_state())
     return None

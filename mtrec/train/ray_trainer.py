@@ -645,7 +645,7 @@ def _validate_mid_epoch(
     improved, st_dict, record = decision[0]
     for key, value in st_dict.items():
         setattr(st, key, value)
-    if ledger.out_of_patience():
+    if ledger.stops_mid_epoch(epoch):
         return record, improved
     full = step.full_state() if improved else None  # collective; the whole state on rank 0
     if rank == 0:
