@@ -60,8 +60,9 @@ def fresh_tables(
         epoch: the 0-based epoch about to start.
 
     Yields:
-        ``("{path}.embedding_bags.{table}.weight"`` (the collection's state-dict key under
-        the model), float32 ``num_embeddings x embedding_dim``).
+        ``(key, weight)``: ``key`` is ``{path}.embedding_bags.{table}.weight`` (the
+        table's state-dict key under the model), ``weight`` a float32
+        ``num_embeddings x embedding_dim`` tensor.
     """
     gen = _generator(seed, epoch)
     for path in deep_tables(collections):
