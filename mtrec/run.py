@@ -98,10 +98,19 @@ _RECORDED_RUN_LENGTH_KEYS = ("epochs", "early_stopping_patience", "threads", "ev
 # ---------------------------------------------------------------------- config hash
 
 
-def _hashed_dict(cfg: ExperimentConfig, drop_defaults: bool) -> dict[str, Any]:
-    raw = config_to_dict(cfg, drop_defaults=drop_defaults)
+def _hash_view(raw: dict[str, Any]) -> dict[str, Any]:
+    """What the hash reads of a config dict: everything but the run-length keys, with a
+    ``training`` section even when empty."""
     raw["training"] = {k: v for k, v in raw.get("training", {}).items() if k not in RUN_LENGTH_KEYS}
     return raw
+
+
+def _hashed_dict(cfg: ExperimentConfig, drop_defaults: bool) -> dict[str, Any]:
+    return _hash_view(config_to_dict(cfg, drop_defaults=drop_defaults))
+
+
+def _digest(raw: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def config_hash(cfg: ExperimentConfig | dict[str, Any]) -> str:
@@ -113,8 +122,7 @@ def config_hash(cfg: ExperimentConfig | dict[str, Any]) -> str:
     """
     if not isinstance(cfg, ExperimentConfig):
         cfg = parse_config(dict(cfg), source=CONFIG_FILE)
-    blob = json.dumps(_hashed_dict(cfg, drop_defaults=True), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return _digest(_hashed_dict(cfg, drop_defaults=True))
 
 
 def run_config_hash(run_dir: str | Path) -> str:
@@ -148,7 +156,7 @@ def config_hashes(cfg: ExperimentConfig | dict[str, Any]) -> set[str]:
         cfg = parse_config(dict(cfg), source=CONFIG_FILE)
     hashes = {config_hash(cfg)}
     for first in range(len(DEFAULT_CHANGES)):
-        raw = _hashed_dict(cfg, drop_defaults=True)
+        raw = config_to_dict(cfg, drop_defaults=True)
         for changes in DEFAULT_CHANGES[first:]:
             for key, old in changes.items():
                 value: Any = cfg
@@ -156,8 +164,7 @@ def config_hashes(cfg: ExperimentConfig | dict[str, Any]) -> set[str]:
                     value = getattr(value, part)
                 # before the change a key was left out exactly when it held the old default
                 _set_path(raw, key.split("."), value, present=value != old)
-        raw.setdefault("training", {})  # kept even when empty (_hashed_dict), not pruned
-        hashes.add(hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16])
+        hashes.add(_digest(_hash_view(raw)))
     return hashes
 
 

@@ -5,14 +5,13 @@ defaults reproduce today's training exactly."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import assert_same_weights, fitted_spec, small_config, small_data_dir
+from helpers import assert_same_weights, fitted_spec, read_metrics, small_config, small_data_dir
 from torch import nn
 
 from mtrec.run import load_trained_model
@@ -26,10 +25,6 @@ SHORT = {"epochs": 2, "max_steps_per_epoch": 5}
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return small_data_dir(tmp_path_factory)
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def checkpoint(run: Path, name: str) -> dict:
@@ -119,7 +114,7 @@ def test_validation_reads_the_averaged_weights(data: Path, tmp_path: Path) -> No
     cfg2, spec, model = load_trained_model(out)
     valid = load_encoded(spec, cfg2.dataset.valid, cfg2.dataset.chunk_rows)
     got = evaluate_split(model, spec, valid, cfg2.training.eval_batch_size)
-    recorded = metrics(out)[-1]["valid"]
+    recorded = read_metrics(out)[-1]["valid"]
     for task, m in recorded.items():
         assert math.isclose(got[task]["auc"], m["auc"], abs_tol=1e-6), task
 
@@ -134,7 +129,7 @@ def assert_trained_alike(
         cfg = small_config(data, tmp_path / tag, training={**SHORT, **extra})
         train(cfg, tmp_path / tag / "run")
         runs.append(tmp_path / tag / "run")
-    a, b = metrics(runs[0]), metrics(runs[1])
+    a, b = read_metrics(runs[0]), read_metrics(runs[1])
     assert [r["valid"] for r in a] == [r["valid"] for r in b]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert_same_weights(checkpoint(runs[0], ckpt)["model"], checkpoint(runs[1], ckpt)["model"])
@@ -160,7 +155,7 @@ def test_resume_restores_the_average_and_the_schedule(
     train(cfg, tmp_path / "a")
     train(cfg, tmp_path / "b", stop_after_epochs=1)
     train(cfg, tmp_path / "b", resume=True)
-    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["valid"] for r in a] == [r["valid"] for r in b]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     for name in ("best.pt", "last.pt"):

@@ -6,13 +6,12 @@ run resetting as the uninterrupted one is ``tests/test_averaging.py``'s resume t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import first_batch, fitted_spec, small_config, small_data_dir
+from helpers import first_batch, fitted_spec, read_metrics, small_config, small_data_dir
 
 from mtrec.data.batch import Batch
 from mtrec.train.distributed import uvm_cached_deep_tables
@@ -131,10 +130,6 @@ def test_the_draw_depends_on_the_seed_and_epoch_and_keeps_the_initial_range(
             assert float(weight.std()) == pytest.approx((high - low) / 12**0.5, rel=0.05)
 
 
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_the_loop_resets_before_every_epoch_but_the_first(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -152,7 +147,7 @@ def test_the_loop_resets_before_every_epoch_but_the_first(
             data, tmp_path / str(on), training={**SHORT, "reset_embeddings_each_epoch": on}
         )
         train(cfg, tmp_path / str(on) / "run")
-        runs[on] = metrics(tmp_path / str(on) / "run")
+        runs[on] = read_metrics(tmp_path / str(on) / "run")
     assert calls == [1, 2]  # the run with it on only
     # the first epoch trains alike; from the second on the tables differ
     assert runs[True][0]["valid"] == runs[False][0]["valid"]

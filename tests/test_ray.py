@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import small_config, small_data_dir, write_small_config
+from helpers import read_metrics, small_config, small_data_dir, write_small_config
 
 from mtrec.cli import main
 from mtrec.config import ExperimentConfig
@@ -62,10 +62,6 @@ def one_error_line(err: str) -> str:
     lines = [ln for ln in err.strip().splitlines() if not _RAY_LINE.match(ln)]
     assert len(lines) == 1 and lines[0].startswith("mtrec: error: "), err
     return lines[0]
-
-
-def read_metrics(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def mean_auc(summary: dict[str, Any]) -> float:

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_weights, fitted_spec, small_config, small_data_dir, snapshot
+from helpers import (
+    assert_same_weights,
+    fitted_spec,
+    read_metrics,
+    small_config,
+    small_data_dir,
+    snapshot,
+)
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
@@ -23,10 +30,6 @@ from mtrec.train.losses import EmbeddingPenalty
 
 STEPS = 6  # steps per epoch (max_steps_per_epoch)
 EVERY = 2  # validate_every_steps
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def load(path: Path) -> dict:

@@ -13,6 +13,7 @@ import torch
 from helpers import (
     assert_same_weights,
     copy_run,
+    read_metrics,
     small_config,
     small_data_dir,
     snapshot,
@@ -36,10 +37,6 @@ RECORD_KEYS = {
     "valid_mean_auc",
 }
 SUMMARY_KEYS = {"run_dir", "best_epoch", "valid", "samples_per_s", "wall_s"}
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -58,9 +58,9 @@ from mtrec.data.batch import Batch
 from mtrec.data.spec import FeatureSpec
 from mtrec.model import MultiTaskModel, build_model, remap_legacy_train_state
 from mtrec.train.averaging import DenseAverage
-from mtrec.train.embedding_reset import fresh_tables
+from mtrec.train.embedding_reset import deep_tables, fresh_tables
 from mtrec.train.losses import WeightedBCELoss, sparse_penalties
-from mtrec.train.optim import LINEAR_PREFIX, dense_param_groups, sparse_settings
+from mtrec.train.optim import dense_param_groups, sparse_settings
 from mtrec.train.schedule import scheduled_rates
 from mtrec.train.step_options import load_options_state, options_state
 
@@ -597,10 +597,11 @@ def uvm_cached_deep_tables(plan: Mapping[str, Any]) -> list[str]:
     """``module.table`` of the deep embedding's tables that a plan (module path →
     table → ``ParameterSharding``) puts on FBGEMM's UVM cache: a GPU kernel that keeps
     hot rows in a device cache, which writing the tables (MEDA's reset) does not update."""
+    deep = set(deep_tables(_strip(m) for m in plan))
     return [
         f"{_strip(module)}.{name}"
         for module, params in plan.items()
-        if not _strip(module).startswith(LINEAR_PREFIX)
+        if _strip(module) in deep
         for name, p in params.items()
         if "caching" in str(p.compute_kernel)
     ]
