@@ -284,6 +284,10 @@ class Trainer:
         """One training step; returns the (unread) loss tensor."""
         return self._step.step(batch)
 
+    def reset_embeddings(self, epoch: int) -> None:
+        """MEDA's reset before ``epoch`` (``training.reset_embeddings_each_epoch``)."""
+        self._step.reset_embeddings(epoch)
+
     def trial_gradients(self, batch: Any) -> Any:
         """One batch's gradients without training (what ``threads: adaptive`` compares)."""
         return self._step.trial_gradients(batch)
