@@ -33,7 +33,16 @@ BLOCKS = ["apem", "home", "mmoe", "ple", "shared_bottom", "task_expert"]
 
 INTERACTIONS = {
     "none": None,
-    "autoint": {"type": "autoint", "layers": 2, "attention_dim": 8, "heads": 2},
+    # AutoInt+ as the references were computed: the DNN and LayerNorm pinned here, not
+    # inherited from the planted preset's config (which narrows its DNN for speed)
+    "autoint": {
+        "type": "autoint",
+        "layers": 2,
+        "attention_dim": 8,
+        "heads": 2,
+        "dnn": [256, 128],
+        "layer_norm": True,
+    },
     "autoint_moh": {
         "type": "autoint",
         "layers": 2,

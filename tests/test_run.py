@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -298,7 +299,10 @@ def test_a_run_from_before_a_default_change_still_loads_and_resumes(
     # a config.yaml edited after training is still caught
     stored = (out / "config.yaml").read_text()
     assert "dim: 8" in stored
-    (out / "config.yaml").write_text(stored.replace("dim: 8", "dim: 9"))
+    # the embedding width (not attention_dim, which must stay divisible by the heads)
+    edited = re.sub(r"^(\s+)dim: 8$", r"\1dim: 9", stored, count=1, flags=re.M)
+    assert edited != stored
+    (out / "config.yaml").write_text(edited)
     with pytest.raises(CheckpointError, match="config hash differs"):
         load_trained_model(out)
 

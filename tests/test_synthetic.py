@@ -16,6 +16,8 @@ import mtrec.data.synthetic as synthetic
 from mtrec.config import load_config
 from mtrec.data.synthetic import (
     CRITEO_LIKE_NOMINAL_VOCABS,
+    LARGE_BATCH_ROWS,
+    batch_size_for,
     criteo_like_vocab_sizes,
     default_vocab_sizes,
     oracle_auc,
@@ -169,16 +171,32 @@ def test_config_loads_and_names_existing_columns(run: str, request: pytest.Fixtu
         assert cfg.model.interaction.type == "none"
         assert cfg.model.multitask.type == "mmoe"
     assert cfg.model.multitask.num_experts == 4
-    # HoME (the grouped presets) at half the experts' width: same AUC, 1.38x the speed
-    assert cfg.model.multitask.expert_hidden == ([64, 32] if run == "default_run" else [128, 64])
+    # HoME (the grouped presets) at a quarter of the experts' width, behind a narrower
+    # AutoInt+ (docs/generalisation.md, "The default experiment's widths")
+    assert cfg.model.multitask.expert_hidden == ([32, 16] if run == "default_run" else [128, 64])
+    if run == "default_run":
+        assert cfg.model.interaction.attention_dim == 8
+        assert cfg.model.interaction.dnn == [128, 64]
     assert cfg.model.multitask.tower_hidden == [64]
     assert cfg.training.early_stopping_patience == 1
+
+
+def test_batch_size_grows_with_the_full_stacks_data() -> None:
+    """The default preset's config trains on 2048-row batches from LARGE_BATCH_ROWS rows
+    (the demo's 1M), 1024 below (60k rows keep 47 steps an epoch); the other presets keep
+    theirs whatever the rows."""
+    assert batch_size_for("default", 60_000) == 1024
+    assert batch_size_for("default", LARGE_BATCH_ROWS - 1) == 1024
+    assert batch_size_for("default", LARGE_BATCH_ROWS) == 2048
+    assert batch_size_for("default", 1_000_000) == 2048
+    assert batch_size_for("cold-start", 1_000_000) == 1024
+    assert batch_size_for("criteo-like", 1_000) == batch_size_for("criteo-like", 10**6) == 4096
 
 
 def test_default_config_features(default_run: tuple[Path, dict[str, Any]]) -> None:
     cfg = load_config(default_run[0] / "config.yaml")
     assert cfg.group_key == "user_id"
-    assert cfg.training.batch_size == 1024
+    assert cfg.training.batch_size == batch_size_for("default", ROWS) == 1024
     kinds = {f.name: f.kind for f in cfg.features}
     assert [n for n, k in kinds.items() if k == "categorical"] == ["user_id"] + [
         f"c{i}" for i in range(8)

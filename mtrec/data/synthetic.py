@@ -81,8 +81,10 @@ __all__ = [
     "CHUNK_ROWS",
     "CRITEO_LIKE_NOMINAL_VOCABS",
     "DEFAULT_TASK_NAMES",
+    "LARGE_BATCH_ROWS",
     "ROW_GROUP_ROWS",
     "SPLITS",
+    "batch_size_for",
     "criteo_like_vocab_sizes",
     "default_vocab_sizes",
     "oracle_auc",
@@ -756,8 +758,29 @@ def _write_split(
     return label_sum, np.empty((0, 0)), np.empty((0, 0))
 
 
-def _config_dict(preset_name: str, preset: _Preset, seed: int) -> dict[str, Any]:
-    """The experiment config (``mtrec.config`` schema) of the written data."""
+#: rows from which the full stack's default experiment trains on batches of 2048
+LARGE_BATCH_ROWS = 500_000
+
+
+def batch_size_for(preset: str, rows: int) -> int:
+    """``training.batch_size`` of the config a preset writes for ``rows`` rows (all splits).
+
+    ``criteo-like``: 4096. ``default`` (the full stack, ``make demo``): 2048 from
+    :data:`LARGE_BATCH_ROWS` rows, which spreads the step's fixed cost (its many small
+    ops) over twice the rows at the same test AUC (the demo's 1M rows: 0.8208 vs 0.8209
+    at 1024); 1024 below, where an epoch of 2048 would be a few dozen steps (60k rows:
+    23). ``cold-start``: 1024.
+    """
+    if preset == "criteo-like":
+        return 4096
+    if preset == "default" and rows >= LARGE_BATCH_ROWS:
+        return 2048
+    return 1024
+
+
+def _config_dict(preset_name: str, preset: _Preset, seed: int, rows: int) -> dict[str, Any]:
+    """The experiment config (``mtrec.config`` schema) of the written data (``rows``: all
+    splits together)."""
     features: list[dict[str, Any]] = []
     for c in preset.schema.cats:
         features.append(
@@ -814,21 +837,26 @@ def _config_dict(preset_name: str, preset: _Preset, seed: int) -> dict[str, Any]
         cfg["model"]["interaction"] = {
             "type": "autoint",
             "layers": 2,
-            "attention_dim": 16,
+            # 8 wide (4 per head) and the DNN at [128, 64]: HoME's first level reads the
+            # attention's F x 8 and the DNN's 64 (176 wide instead of 352), the level whose
+            # S x B x in feature gates dominate a step (widths below: docs/generalisation.md)
+            "attention_dim": 8,
             "heads": 2,
             "layer_norm": True,
             # AutoInt+: the parallel DNN branch (measured on this data, 3 seeds: mean AUC
             # 0.8166 vs 0.8139 DNN-only; the attention alone feeding a block: 0.8113-0.8128)
-            "dnn": [256, 128],
+            "dnn": [128, 64],
         }
         cfg["model"]["multitask"]["type"] = "home"
         cfg["model"]["multitask"]["home"] = {"task_groups": groups}
-        # HoME's experts at half the MMoE width: the same AUC on this data (60k rows, 3
-        # seeds: best valid mean AUC 0.8001 vs 0.7994; the demo's 1M rows: test 0.8180 vs
-        # 0.8179) for 1.38x the training speed (bench/ab.py, 1 thread)
-        cfg["model"]["multitask"]["expert_hidden"] = [64, 32]
+        # HoME's experts at a quarter of the MMoE width. With the narrower AutoInt+ above
+        # and batches of 2048 from 500k rows: the demo's 1M rows train 1.66-1.81x faster
+        # (2 threads) at test mean AUC 0.8214 vs 0.8209; 60k rows (batch 1024): gap to the
+        # oracle 0.0290 vs 0.0273, 3 seeds (docs/generalisation.md, "The default
+        # experiment's widths")
+        cfg["model"]["multitask"]["expert_hidden"] = [32, 16]
     cfg["training"] = {
-        "batch_size": 4096 if criteo else 1024,
+        "batch_size": batch_size_for(preset_name, rows),
         "eval_batch_size": 16384 if criteo else 8192,
         "epochs": 3 if criteo else 4,
         "learning_rate": 0.001,
@@ -979,7 +1007,7 @@ def synthesize(
             "positive_rate": {t: float(label_sums[i] / rows) for i, t in enumerate(spec.tasks)},
             "oracle_auc": aucs,
         }
-        cfg = _config_dict(preset, spec, seed)
+        cfg = _config_dict(preset, spec, seed, rows)
         _write_config(tmp / "config.yaml", _config_text(cfg, spec, summary, float(vocab_scale)))
         _publish(tmp, out)
     finally:
@@ -1005,7 +1033,7 @@ def _synthesize_cold_start(
             "preset": "cold-start",
             **fields,
         }
-        cfg = _config_dict("cold-start", layout, seed)  # type: ignore[arg-type]
+        cfg = _config_dict("cold-start", layout, seed, rows)  # type: ignore[arg-type]
         text = _config_text(cfg, layout, summary, vocab_scale)  # type: ignore[arg-type]
         unseen = summary["unseen_test_fraction"]
         text = text.replace(
