@@ -769,7 +769,7 @@ def batch_size_for(preset: str, rows: int) -> int:
     :data:`LARGE_BATCH_ROWS` rows, which spreads the step's fixed cost (its many small
     ops) over twice the rows at the same test AUC (the demo's 1M rows: 0.8208 vs 0.8209
     at 1024); 1024 below, where an epoch of 2048 would be a few dozen steps (60k rows:
-    23). ``cold-start``: 1024.
+    24). ``cold-start``: 1024.
     """
     if preset == "criteo-like":
         return 4096
