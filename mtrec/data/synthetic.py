@@ -762,7 +762,7 @@ def _write_split(
 LARGE_BATCH_ROWS = 500_000
 
 
-def batch_size_for(preset: str, rows: int) -> int:
+def batch_size_for(preset: Preset, rows: int) -> int:
     """``training.batch_size`` of the config a preset writes for ``rows`` rows (all splits).
 
     ``criteo-like``: 4096. ``default`` (the full stack, ``make demo``): 2048 from
@@ -778,7 +778,7 @@ def batch_size_for(preset: str, rows: int) -> int:
     return 1024
 
 
-def _config_dict(preset_name: str, preset: _Preset, seed: int, rows: int) -> dict[str, Any]:
+def _config_dict(preset_name: Preset, preset: _Preset, seed: int, rows: int) -> dict[str, Any]:
     """The experiment config (``mtrec.config`` schema) of the written data (``rows``: all
     splits together)."""
     features: list[dict[str, Any]] = []

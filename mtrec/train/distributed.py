@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.types import (
@@ -593,6 +594,13 @@ class ShardedTrainStep:
         return out
 
 
+# compute kernels that keep hot rows in a device cache (GPU plans only)
+_CACHING_KERNELS = {
+    EmbeddingComputeKernel.FUSED_UVM_CACHING.value,
+    EmbeddingComputeKernel.QUANT_UVM_CACHING.value,
+}
+
+
 def uvm_cached_deep_tables(plan: Mapping[str, Any]) -> list[str]:
     """``module.table`` of the deep embedding's tables that a plan (module path →
     table → ``ParameterSharding``) puts on FBGEMM's UVM cache: a GPU kernel that keeps
@@ -603,7 +611,7 @@ def uvm_cached_deep_tables(plan: Mapping[str, Any]) -> list[str]:
         for module, params in plan.items()
         if _strip(module) in deep
         for name, p in params.items()
-        if "caching" in str(p.compute_kernel)
+        if p.compute_kernel in _CACHING_KERNELS
     ]
 
 
